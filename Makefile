@@ -1,0 +1,36 @@
+# `make demo` and `make test` do all the set-up on a fresh machine: a virtual environment in .venv,
+# torch, then the project with its test extra. Set PYTHON=... to choose the interpreter (3.11+).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+# Tests and the demo never touch the network.
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test test-slow bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH_PINS)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) -m pipeline demo
+
+test: install
+	$(PY) -m pytest -q
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+bench: install
+	$(PY) -m pipeline.benchmarks.rnn
+	$(PY) -m pipeline.benchmarks.decode
+	$(PY) -m pipeline.benchmarks.extract
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,67 @@
+"""The `eleatt` command line (also `python -m pipeline`).
+
+`fit|validate|test|predict` go to the LightningCLI (`pipeline.lit_cli`); every other subcommand has its own
+parser in its own module, imported only when that subcommand runs so that `eleatt --help` stays fast.
+Each subcommand's `main(argv) -> int` returns the design's exit codes: 0 all done, 3 some inputs failed,
+2 usage errors and refused runs.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+LIGHTNING_COMMANDS = {
+    "fit": "train an EleAtt classifier on a feature folder (Lightning CLI: --config configs/<name>.yaml)",
+    "validate": "score a checkpoint on the validation list (writes scores_val.npz and a confusion matrix)",
+    "test": "score a checkpoint on the test list (writes scores_test.npz and a confusion matrix)",
+    "predict": "score a checkpoint on an unlabelled list (writes scores_predict.npz)",
+}
+
+# name -> (module, function, one-line help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "prepare": ("preprocessing.splits", "main", "write train/val/test lists and classes.txt (official splits, folders, synthetic)"),
+    "extract": ("preprocessing.extract", "main", "extract per-frame timm backbone features into a feature folder (resumable)"),
+    "classify": ("pipeline.inference", "main", "classify video files with a trained checkpoint"),
+    "demo": ("pipeline.demo", "main", "run the RGB pipeline end to end on a generated dataset"),
+}
+
+EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED = 0, 2, 3
+
+
+def usage() -> str:
+    lines = ["usage: eleatt <command> [options]   (eleatt <command> --help for each)", "", "commands:"]
+    for name, text in LIGHTNING_COMMANDS.items():
+        lines.append(f"  {name:<10} {text}")
+    for name, (_, _, text) in COMMANDS.items():
+        lines.append(f"  {name:<10} {text}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return EXIT_OK if argv else EXIT_USAGE
+    command, rest = argv[0], argv[1:]
+    if command in LIGHTNING_COMMANDS:
+        from pipeline.lit_cli import main as lightning_main
+
+        return lightning_main(argv)
+    if command not in COMMANDS:
+        print(f"eleatt: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return EXIT_USAGE
+    module, function, _ = COMMANDS[command]
+    entry = getattr(importlib.import_module(module), function)
+    try:
+        return int(entry(rest) or 0)
+    except (ValueError, FileNotFoundError) as err:
+        # Bad user input: one clear line (the message names the file and the fix), no traceback.
+        print(f"eleatt {command}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"eleatt {command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Reading and shaping data: decoding, sampling, transforms, lists, feature folders. No model code."""

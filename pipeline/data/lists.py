@@ -1,0 +1,102 @@
+"""The list format shared by every stage: one video a line, `<relative path> <label>`, and `classes.txt` beside it.
+
+The path is everything before the last whitespace (so it may contain spaces) and is relative to the root given to
+the command; it may name a raw-frame folder. Labels are 0-based, `-1` when unknown. `#` comments and blank lines
+are ignored; CRLF line ends are tolerated.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+
+@dataclass(frozen=True)
+class ListEntry:
+    """One line of a list: `path` relative to the video/feature root, 0-based `label` (-1 = unknown)."""
+
+    path: str
+    label: int = -1
+
+
+def read_list(path: str | os.PathLike) -> list[ListEntry]:
+    """Reads a list file; raises ValueError naming `file:line` on a malformed line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"list file '{path}' not found (write one with `eleatt prepare ...`)")
+    entries = []
+    with open(path, encoding="utf-8", newline=None) as f:  # universal newlines: CRLF tolerated
+        for number, raw in enumerate(f, 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.rsplit(maxsplit=1)
+            if len(parts) != 2:
+                raise ValueError(
+                    f"{path}:{number}: expected '<relative path> <label>', got {line!r} "
+                    "(use -1 as the label of a video whose class is unknown)"
+                )
+            video, label_text = parts
+            try:
+                label = int(label_text)
+            except ValueError:
+                raise ValueError(
+                    f"{path}:{number}: label {label_text!r} is not an integer "
+                    "(labels are 0-based class indices into classes.txt, -1 when unknown)"
+                ) from None
+            if label < -1:
+                raise ValueError(f"{path}:{number}: label {label} is negative (only -1, 'unknown', is allowed)")
+            entries.append(ListEntry(video, label))
+    return entries
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_list(path: str | os.PathLike, entries: Iterable[ListEntry | tuple[str, int]]) -> None:
+    """Writes a list file atomically (a temporary file, then a rename)."""
+    lines = []
+    for entry in entries:
+        video, label = (entry.path, entry.label) if isinstance(entry, ListEntry) else entry
+        if not video or "\n" in video or video != video.strip():
+            raise ValueError(f"cannot write video path {video!r} to a list: empty, or leading/trailing whitespace")
+        lines.append(f"{video} {int(label)}\n")
+    _atomic_write_text(Path(path), "".join(lines))
+
+
+def read_classes(path: str | os.PathLike) -> list[str]:
+    """Reads `classes.txt`: one class name a line, in label order."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"class file '{path}' not found (it is written beside the lists by `eleatt prepare`)")
+    with open(path, encoding="utf-8", newline=None) as f:
+        names = [line.strip() for line in f]
+    while names and not names[-1]:
+        names.pop()
+    if any(not name for name in names):
+        raise ValueError(f"{path}: blank line among the class names (one name a line, in label order)")
+    return names
+
+
+def write_classes(path: str | os.PathLike, names: Iterable[str]) -> None:
+    """Writes `classes.txt` atomically."""
+    names = list(names)
+    if any(not n.strip() or "\n" in n for n in names):
+        raise ValueError(f"class names must be non-empty single lines, got {names!r}")
+    _atomic_write_text(Path(path), "".join(f"{n.strip()}\n" for n in names))
+
+
+def classes_path_for(list_path: str | os.PathLike) -> Path:
+    """`classes.txt` beside a list file."""
+    return Path(list_path).with_name("classes.txt")

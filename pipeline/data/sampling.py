@@ -1,0 +1,163 @@
+"""Pure frame-index samplers: (number of frames, settings, train/test, rng) -> int64 indices into a video.
+
+Every sampler returns a 1-D ``np.ndarray`` of dtype int64 with values in ``[0, num_frames)``, in temporal order
+(non-decreasing, except where ``pad="loop"`` wraps around). Randomness comes only from the ``rng`` argument
+(a ``np.random.Generator``); test mode (``train=False``) is deterministic and ignores ``rng``. Videos shorter than
+asked never crash: segment samplers repeat frames, clip samplers follow an explicit ``pad`` policy.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+
+__all__ = ["Pad", "PAD_POLICIES", "segment_indices", "clip_indices", "fps_indices", "sequence_indices"]
+
+Pad = Literal["loop", "repeat_last"]
+PAD_POLICIES: tuple[str, ...] = ("loop", "repeat_last")
+
+
+def _check_count(name: str, value: int, minimum: int = 1) -> int:
+    """`value` as an int >= minimum, or a ValueError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        what = "video/sequence is empty" if name in ("num_frames", "length") else "nothing to sample"
+        raise ValueError(f"{name} must be >= {minimum}, got {value} ({what}; check the input or the setting)")
+    return int(value)
+
+
+def _train_rng(rng: np.random.Generator | None, fn: str) -> np.random.Generator:
+    if rng is None:
+        raise ValueError(
+            f"{fn}(train=True) needs a random generator: pass rng=np.random.default_rng(seed) "
+            "(or train=False for deterministic test-mode sampling)"
+        )
+    return rng
+
+
+def segment_indices(
+    num_frames: int, num_segments: int, train: bool, rng: np.random.Generator | None = None
+) -> np.ndarray:
+    """TSN segment sampling: split ``[0, num_frames)`` into ``num_segments`` equal spans, one frame from each.
+
+    Training draws a uniformly random frame inside each span; testing takes each span's centre frame
+    (TSN's ``int(tick / 2 + tick * k)``). Spans are real-valued, so a video with fewer frames than segments
+    still works: neighbouring segments then share (repeat) frames, and the result stays non-decreasing.
+
+    Returns:
+        int64 ``(num_segments,)``, non-decreasing, values in ``[0, num_frames)``.
+    """
+    num_frames = _check_count("num_frames", num_frames)
+    num_segments = _check_count("num_segments", num_segments)
+    span = num_frames / num_segments
+    starts = np.arange(num_segments, dtype=np.float64) * span
+    if train:
+        offsets = _train_rng(rng, "segment_indices").random(num_segments) * span  # in [0, span)
+    else:
+        offsets = np.full(num_segments, span / 2.0)
+    idx = np.floor(starts + offsets).astype(np.int64)
+    # floor(start + u * span) < end <= num_frames mathematically; the clip guards float round-off only.
+    return np.clip(idx, 0, num_frames - 1)
+
+
+def clip_indices(
+    num_frames: int,
+    clip_len: int,
+    frame_interval: int = 1,
+    num_clips: int = 1,
+    train: bool = False,
+    rng: np.random.Generator | None = None,
+    pad: Pad = "loop",
+) -> np.ndarray:
+    """Dense clips (mmaction2 ``SampleFrames``): ``num_clips`` clips of ``clip_len`` frames, ``frame_interval`` apart.
+
+    A clip spans ``(clip_len - 1) * frame_interval + 1`` frames. The valid start range ``[0, num_frames - span]``
+    is cut into ``num_clips`` equal slots; training draws a random start inside each slot (one random start over
+    the whole video when ``num_clips == 1``), testing takes each slot's centre (evenly spaced clips, the middle
+    clip when ``num_clips == 1``).
+
+    A video shorter than one clip follows ``pad``: ``"loop"`` wraps around to the first frame
+    (``index % num_frames``; training also draws a random start frame), ``"repeat_last"`` reads the whole video
+    from frame 0 and repeats its last frame.
+
+    Returns:
+        int64 ``(num_clips * clip_len,)``, clip after clip, values in ``[0, num_frames)``.
+    """
+    num_frames = _check_count("num_frames", num_frames)
+    clip_len = _check_count("clip_len", clip_len)
+    frame_interval = _check_count("frame_interval", frame_interval)
+    num_clips = _check_count("num_clips", num_clips)
+    if pad not in PAD_POLICIES:
+        raise ValueError(f"pad must be one of {PAD_POLICIES}, got {pad!r}")
+    steps = np.arange(clip_len, dtype=np.int64) * frame_interval  # (clip_len,)
+    span = int(steps[-1]) + 1
+
+    if num_frames >= span:
+        slot = (num_frames - span + 1) / num_clips  # width of each clip's start slot, > 0
+        base = np.arange(num_clips, dtype=np.float64) * slot
+        if train:
+            offsets = _train_rng(rng, "clip_indices").random(num_clips) * slot
+        else:
+            offsets = np.full(num_clips, slot / 2.0)
+        starts = np.minimum(np.floor(base + offsets).astype(np.int64), num_frames - span)
+        return (starts[:, None] + steps[None, :]).reshape(-1)
+
+    # Shorter than one clip: every clip covers the whole video, padded by the policy.
+    if pad == "loop":
+        if train:
+            starts = _train_rng(rng, "clip_indices").integers(0, num_frames, size=num_clips)
+        else:
+            starts = np.zeros(num_clips, dtype=np.int64)
+        idx = (starts[:, None] + steps[None, :]) % num_frames
+    else:  # repeat_last
+        idx = np.broadcast_to(np.minimum(steps, num_frames - 1), (num_clips, clip_len))
+    return np.ascontiguousarray(idx, dtype=np.int64).reshape(-1)
+
+
+def fps_indices(num_frames: int, src_fps: float, target_fps: float | None = None) -> np.ndarray:
+    """All frames resampled to ``target_fps``: the frame shown at each time ``k / target_fps`` of the video.
+
+    ``target_fps`` None or 0 keeps every frame; a target at or above ``src_fps`` also keeps every frame
+    (frames are never duplicated to raise the rate). Otherwise returns
+    ``ceil(num_frames * target_fps / src_fps)`` indices ``floor(k * src_fps / target_fps)``, strictly increasing.
+
+    Returns:
+        int64 ``(T',)``, strictly increasing, values in ``[0, num_frames)``.
+    """
+    num_frames = _check_count("num_frames", num_frames)
+    if target_fps is None or target_fps == 0:
+        return np.arange(num_frames, dtype=np.int64)
+    if not (isinstance(target_fps, (int, float, np.number)) and math.isfinite(target_fps) and target_fps > 0):
+        raise ValueError(f"target_fps must be a positive number (or None/0 for all frames), got {target_fps!r}")
+    if not (isinstance(src_fps, (int, float, np.number)) and math.isfinite(src_fps) and src_fps > 0):
+        raise ValueError(
+            f"src_fps must be a positive number, got {src_fps!r} (the video reports no usable frame rate; "
+            "sample all frames with target_fps=None or re-encode the video with a frame rate)"
+        )
+    if target_fps >= src_fps:
+        return np.arange(num_frames, dtype=np.int64)
+    step = float(src_fps) / float(target_fps)  # > 1 source frames per output frame
+    # The 1e-9 keeps exact multiples (30 -> 10 fps: 0, 3, 6, ...) from flooring one frame early.
+    count = math.ceil(num_frames / step - 1e-9)
+    idx = np.floor(np.arange(count, dtype=np.float64) * step + 1e-9).astype(np.int64)
+    return idx[idx < num_frames]
+
+
+def sequence_indices(
+    length: int, num_steps: int, train: bool, rng: np.random.Generator | None = None
+) -> np.ndarray:
+    """``num_steps`` steps from a stored ``(T, D)`` feature sequence of ``length`` rows, segment-style.
+
+    The same rule as :func:`segment_indices`: a random row per span in training, the span centres in testing;
+    sequences shorter than ``num_steps`` repeat rows (non-decreasing, so temporal order is kept).
+
+    Returns:
+        int64 ``(num_steps,)``, values in ``[0, length)``.
+    """
+    length = _check_count("length", length)
+    num_steps = _check_count("num_steps", num_steps)
+    if train:
+        _train_rng(rng, "sequence_indices")
+    return segment_indices(length, num_steps, train, rng)

@@ -1,0 +1,729 @@
+"""`eleatt prepare`: official split files, NTU file names, class folders or the generated dataset -> the lists.
+
+Every dataset ends as `train.txt`, `val.txt`, `test.txt` and `classes.txt` in `--out` (the list format of
+pipeline/data/lists.py). Where the protocol has no validation split, `val.txt` holds `--val-fraction` of the
+training videos, drawn by `--seed` in whole source groups (UCF101 `gNN`, NTU performers, HMDB51/JHMDB source
+videos), so that no source straddles train and val and model selection never looks at the test split.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import re
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from pipeline.data.lists import ListEntry, write_classes, write_list
+
+EXIT_OK, EXIT_USAGE, EXIT_INCOMPLETE = 0, 2, 3
+MAX_LISTED = 20  # problems printed to the terminal; all of them go to a file in --out
+
+# NTU RGB+D cross-subject training performers (Shahroudy et al. 2016; Liu et al. 2019 adds the second row).
+NTU60_TRAIN_SUBJECTS = frozenset({1, 2, 4, 5, 8, 9, 13, 14, 15, 16, 17, 18, 19, 25, 27, 28, 31, 34, 35, 38})
+NTU120_TRAIN_SUBJECTS = NTU60_TRAIN_SUBJECTS | {
+    45, 46, 47, 49, 50, 52, 53, 54, 55, 56, 57, 58, 59, 70, 74, 78, 80, 81, 82, 83, 84, 85, 86, 89, 91, 92, 93,
+    94, 95, 97, 98, 100, 103,
+}
+NTU60_CV_TRAIN_CAMERAS = frozenset({2, 3})
+NTU_NAME = re.compile(r"^S(\d{3})C(\d{3})P(\d{3})R(\d{3})A(\d{3})")
+# Action names A1..A120 as in the dataset's README (github.com/shahroudy/NTURGB-D); A1..A60 are NTU RGB+D 60.
+NTU_ACTIONS: tuple[str, ...] = (
+    "drink water", "eat meal/snack", "brushing teeth", "brushing hair", "drop", "pickup", "throw", "sitting down",
+    "standing up (from sitting position)", "clapping", "reading", "writing", "tear up paper", "wear jacket",
+    "take off jacket", "wear a shoe", "take off a shoe", "wear on glasses", "take off glasses", "put on a hat/cap",
+    "take off a hat/cap", "cheer up", "hand waving", "kicking something",
+    "put something inside pocket / take out something from pocket", "hopping (one foot jumping)", "jump up",
+    "make a phone call/answer phone", "playing with phone/tablet", "typing on a keyboard",
+    "pointing to something with finger", "taking a selfie", "check time (from watch)", "rub two hands together",
+    "nod head/bow", "shake head", "wipe face", "salute", "put the palms together", "cross hands in front (say stop)",
+    "sneeze/cough", "staggering", "falling", "touch head (headache)", "touch chest (stomachache/heart pain)",
+    "touch back (backache)", "touch neck (neckache)", "nausea or vomiting condition",
+    "use a fan (with hand or paper)/feeling warm", "punching/slapping other person", "kicking other person",
+    "pushing other person", "pat on back of other person", "point finger at the other person",
+    "hugging other person", "giving something to other person", "touch other person's pocket", "handshaking",
+    "walking towards each other", "walking apart from each other",
+    # NTU RGB+D 120 only
+    "put on headphone", "take off headphone", "shoot at the basket", "bounce ball", "tennis bat swing",
+    "juggling table tennis balls", "hush (quite)", "flick hair", "thumb up", "thumb down", "make ok sign",
+    "make victory sign", "staple book", "counting money", "cutting nails", "cutting paper (using scissors)",
+    "snapping fingers", "open bottle", "sniff (smell)", "squat down", "toss a coin", "fold paper", "ball up paper",
+    "play magic cube", "apply cream on face", "apply cream on hand back", "put on bag", "take off bag",
+    "put something into a bag", "take something out of a bag", "open a box", "move heavy objects", "shake fist",
+    "throw up cap/hat", "hands up (both hands)", "cross arms", "arm circles", "arm swings", "running on the spot",
+    "butt kicks (kick backward)", "cross toe touch", "side kick", "yawn", "stretch oneself", "blow nose",
+    "hit other person with something", "wield knife towards other person",
+    "knock over other person (hit with body)", "grab other person's stuff", "shoot at other person with a gun",
+    "step on foot", "high-five", "cheers and drink", "carry something with other person",
+    "take a photo of other person", "follow other person", "whisper in other person's ear",
+    "exchange things with other person", "support somebody with one's hand (someone is sick, help him to walk)",
+    "finger-guessing game (playing rock-paper-scissors)",
+)
+assert len(NTU_ACTIONS) == 120
+NTU_BENCHMARKS = {"ntu60": (60, 17), "ntu120": (120, 32)}  # (actions, setups)
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg")
+FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+@dataclass
+class Prepared:
+    """A dataset's lists before writing. `val is None` means: hold out part of `train` by `group_of`."""
+
+    title: str
+    classes: list[str]
+    train: list[ListEntry]
+    test: list[ListEntry]
+    val: list[ListEntry] | None = None
+    group_of: Callable[[ListEntry], str] | None = None
+    group_kind: str = "videos"
+    notes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # inputs that were skipped: exit 3, each listed
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+def _read_lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, stripped text) of the non-blank lines; CRLF and a UTF-8 BOM are tolerated."""
+    with open(path, encoding="utf-8-sig", newline=None) as f:
+        return [(n, line.strip()) for n, line in enumerate(f, 1) if line.strip()]
+
+
+def _require_file(path: Path, what: str, fix: str) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} '{path}' not found ({fix})")
+    return path
+
+
+def _with_ext(path: str, ext: str | None) -> str:
+    """`path` with its extension replaced by `ext` ('' drops it, e.g. for raw-frame folders); None keeps it."""
+    return path if ext is None else str(PurePosixPath(path).with_suffix(ext))
+
+
+def _check_ext(ext: str | None) -> str | None:
+    if ext is not None and ext != "" and (not ext.startswith(".") or "/" in ext or len(ext) < 2):
+        raise ValueError(f"--ext {ext!r}: give an extension with its dot (e.g. .mp4), or '' for raw-frame folders")
+    return ext
+
+
+def ucf101_group(entry: ListEntry) -> str:
+    """UCF101's group `gNN` from `.../v_<Class>_gNN_cMM.avi` (the same gNN across classes is one group, as in
+    the official splits, which hold out whole gNN ranges); a name without it is its own group."""
+    m = re.search(r"_g(\d+)_c\d+", PurePosixPath(entry.path).name)
+    return f"g{int(m.group(1)):02d}" if m else entry.path
+
+
+# HMDB51 clip names: <source>_<class>_<body part>_<camera motion>_<people>_<viewpoint>_<quality>_<clip number>,
+# e.g. April_09_brush_hair_u_nm_np1_ba_goo_0.avi; JHMDB keeps the HMDB names.
+_HMDB_TAGS = re.compile(r"_[a-z]+_[a-z]+_np\d+_[a-z]+_[a-z]+_\d+$", re.IGNORECASE)
+
+
+def hmdb_source(entry: ListEntry) -> str:
+    """The source video of an HMDB51/JHMDB clip: its name without the meta tags, the clip number and the class
+    name (`April_09_brush_hair_u_nm_np1_ba_goo_0.avi` in `brush_hair/` -> `april_09`). The key is compared across
+    classes, so clips of one movie in several classes stay on one side. Names without HMDB tags lose only a
+    trailing `_<number>`."""
+    path = PurePosixPath(entry.path)
+    stem = path.stem if path.suffix.lower() in VIDEO_EXTENSIONS else path.name
+    tagged = _HMDB_TAGS.search(stem)
+    source = stem[: tagged.start()] if tagged else re.sub(r"_\d+$", "", stem)
+    class_name = path.parent.name
+    if tagged and class_name and source.lower().endswith("_" + class_name.lower()):
+        source = source[: -len(class_name) - 1]
+    return source.lower() or stem.lower()
+
+
+def ntu_performer(entry: ListEntry) -> str:
+    m = NTU_NAME.match(PurePosixPath(entry.path).name)
+    assert m, entry.path  # only matching names become entries
+    return f"P{m.group(3)}"
+
+
+def _pick_groups(sizes: list[tuple[str, int]], fraction: float, rng: np.random.Generator, keep_one: bool) -> set[str]:
+    """Shuffles the (group, size) pairs and returns the prefix whose total is closest to `fraction` of the whole
+    (at least one group when `fraction > 0`, never all of them when `keep_one`)."""
+    if fraction <= 0 or not sizes:
+        return set()
+    order = [sizes[i] for i in rng.permutation(len(sizes))]
+    total = sum(n for _, n in sizes)
+    target = fraction * total
+    limit = len(order) - 1 if keep_one else len(order)
+    cumulative, best_k, best_err = 0, 0, float("inf")
+    for k in range(1, limit + 1):
+        cumulative += order[k - 1][1]
+        err = abs(cumulative - target)
+        if err < best_err:
+            best_k, best_err = k, err
+        if cumulative >= target:
+            break
+    return {name for name, _ in order[:best_k]}
+
+
+def grouped_holdout(
+    entries: Sequence[ListEntry], fraction: float, seed: int, group_of: Callable[[ListEntry], str]
+) -> tuple[list[ListEntry], list[ListEntry], dict]:
+    """Splits `entries` into (kept, held out) with about `fraction` of them held out, in whole groups.
+
+    When every group lies within one class (per-video groups, HMDB sources of one class), the draw is stratified:
+    each class holds out about `fraction` of its own videos (at least one group where it has two or more). When
+    groups span classes (UCF101 gNN, NTU performers), whole groups are drawn across all classes. Deterministic by
+    `seed`; order within each part is the input order. Returns also {"groups", "held_groups", "stratified"}.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"holdout fraction {fraction}: must be in [0, 1) (0 leaves the held-out list empty)")
+    groups: dict[str, Counter] = defaultdict(Counter)
+    for e in entries:
+        groups[group_of(e)][e.label] += 1
+    names = sorted(groups)  # sorted first: the draw must not depend on hash or file order
+    rng = np.random.default_rng(seed)
+    stratified = all(len(groups[g]) == 1 for g in names)
+    held: set[str] = set()
+    if fraction > 0 and len(names) < 2:
+        raise ValueError(
+            f"cannot hold out {fraction:.0%} of {len(entries)} videos in whole groups: they form {len(names)} "
+            "group(s) (use --val-fraction 0, or name groups with a finer key)"
+        )
+    if stratified:
+        by_class: dict[int, list[tuple[str, int]]] = defaultdict(list)
+        for g in names:
+            (label, n), = groups[g].items()
+            by_class[label].append((g, n))
+        for label in sorted(by_class):
+            if len(by_class[label]) >= 2:
+                held |= _pick_groups(by_class[label], fraction, rng, keep_one=True)
+    else:
+        held = _pick_groups([(g, sum(groups[g].values())) for g in names], fraction, rng, keep_one=True)
+    kept = [e for e in entries if group_of(e) not in held]
+    out = [e for e in entries if group_of(e) in held]
+    return kept, out, {"groups": len(names), "held_groups": len(held), "stratified": stratified}
+
+
+def missing_under(root: Path, entries: Iterable[ListEntry]) -> list[str]:
+    """List paths (files or raw-frame folders) that do not exist under `root`, in list order."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"--check-root '{root}' is not a folder (give the folder the list paths start from)")
+    return [e.path for e in entries if not (root / e.path).exists()]
+
+
+# --------------------------------------------------------------------------------------------------- parsers
+def parse_ucf101(splits_dir: str | os.PathLike, split: int, ext: str | None = None) -> Prepared:
+    """UCF101 from `ucfTrainTestlist/`: labels from `classInd.txt` (1-based, in its own order), train lines
+    `<Class>/<video>.avi <id>`, test lines `<Class>/<video>.avi` labelled through their folder. Paths are kept
+    exactly as written (`HandstandPushups/v_HandStandPushups_g01_c01.avi`)."""
+    d = Path(splits_dir)
+    fix = "--splits-dir is the ucfTrainTestlist folder with classInd.txt, trainlist0N.txt and testlist0N.txt"
+    class_file = _require_file(d / "classInd.txt", "UCF101 class index", fix)
+    train_file = _require_file(d / f"trainlist{split:02d}.txt", f"UCF101 split {split} train list", fix)
+    test_file = _require_file(d / f"testlist{split:02d}.txt", f"UCF101 split {split} test list", fix)
+
+    ids: dict[int, str] = {}
+    for n, line in _read_lines(class_file):
+        parts = line.split()
+        if len(parts) != 2 or not parts[0].isdigit():
+            raise ValueError(f"{class_file}:{n}: expected '<1-based id> <ClassName>', got {line!r}")
+        if int(parts[0]) in ids:
+            raise ValueError(f"{class_file}:{n}: class id {parts[0]} appears twice")
+        ids[int(parts[0])] = parts[1]
+    if sorted(ids) != list(range(1, len(ids) + 1)):
+        raise ValueError(f"{class_file}: class ids must run 1..{len(ids)} without gaps, got {sorted(ids)[:5]}...")
+    classes = [ids[i] for i in range(1, len(ids) + 1)]
+    exact = {name: i for i, name in enumerate(classes)}
+    folded = {name.lower(): i for i, name in enumerate(classes)}
+
+    def label_of_folder(path: str, where: str) -> int:
+        folder = PurePosixPath(path).parts[0] if len(PurePosixPath(path).parts) > 1 else ""
+        label = exact.get(folder, folded.get(folder.lower()))
+        if label is None:
+            raise ValueError(
+                f"{where}: video {path!r} is not in a class folder named in {class_file.name} "
+                f"(its folder {folder!r} is none of the {len(classes)} classes)"
+            )
+        return label
+
+    def read(path: Path, with_labels: bool) -> list[ListEntry]:
+        entries = []
+        for n, line in _read_lines(path):
+            parts = line.split()
+            where = f"{path}:{n}"
+            if len(parts) not in (1, 2) or (with_labels and len(parts) != 2):
+                raise ValueError(f"{where}: expected '<Class>/<video> <1-based id>' or '<Class>/<video>', got {line!r}")
+            label = label_of_folder(parts[0], where)
+            if len(parts) == 2:
+                if not parts[1].isdigit() or int(parts[1]) not in ids:
+                    raise ValueError(f"{where}: class id {parts[1]!r} is not in {class_file.name} (1..{len(ids)})")
+                if int(parts[1]) - 1 != label:
+                    raise ValueError(
+                        f"{where}: id {parts[1]} is {classes[int(parts[1]) - 1]!r} in {class_file.name}, "
+                        f"but the video lies in the folder of {classes[label]!r}"
+                    )
+            entries.append(ListEntry(_with_ext(parts[0], ext), label))
+        return entries
+
+    return Prepared(
+        title=f"ucf101 split {split}",
+        classes=classes,
+        train=read(train_file, with_labels=True),
+        test=read(test_file, with_labels=False),
+        group_of=ucf101_group,
+        group_kind="gNN groups",
+    )
+
+
+def parse_hmdb(splits_dir: str | os.PathLike, split: int, dataset: str = "hmdb51", ext: str | None = None) -> Prepared:
+    """HMDB51 / JHMDB from `<class>_test_split<N>.txt` files (lines `<video>.avi <id>`: 1 train, 2 test,
+    0 unused); classes in sorted order of their names; list paths `<class>/<video>.avi`."""
+    d = Path(splits_dir)
+    suffix = f"_test_split{split}.txt"
+    files = sorted(p for p in d.glob(f"*{suffix}") if p.is_file()) if d.is_dir() else []
+    if not files:
+        raise FileNotFoundError(
+            f"no '<class>{suffix}' files in '{d}' (--splits-dir is the folder of the official {dataset} split files, "
+            "e.g. testTrainMulti_7030_splits/ for HMDB51 or splits/ for JHMDB)"
+        )
+    classes = sorted(p.name[: -len(suffix)] for p in files)
+    train, test, unused = [], [], 0
+    for label, name in enumerate(classes):
+        path = d / f"{name}{suffix}"
+        for n, line in _read_lines(path):
+            parts = line.split()
+            if len(parts) != 2 or parts[1] not in ("0", "1", "2"):
+                raise ValueError(f"{path}:{n}: expected '<video> <0|1|2>' (0 unused, 1 train, 2 test), got {line!r}")
+            entry = ListEntry(_with_ext(f"{name}/{parts[0]}", ext), label)
+            if parts[1] == "1":
+                train.append(entry)
+            elif parts[1] == "2":
+                test.append(entry)
+            else:
+                unused += 1
+    notes = [f"{unused} videos marked 0 (unused in split {split}) left out"] if unused else []
+    return Prepared(
+        title=f"{dataset} split {split}",
+        classes=classes,
+        train=train,
+        test=test,
+        group_of=hmdb_source,
+        group_kind="source videos",
+        notes=notes,
+    )
+
+
+def scan_ntu(
+    videos: str | os.PathLike, benchmark: str = "ntu60", protocol: str = "cs", suffix: str = "_rgb.avi"
+) -> Prepared:
+    """NTU RGB+D 60/120 from the names `SsssCcccPpppRrrrAaaa<suffix>` found under `videos` (label A-1).
+
+    cs: the cross-subject training performers train; cv (NTU 60): cameras 2 and 3 train, camera 1 tests;
+    cset (NTU 120): even setups train. For ntu60, NTU-120-only files (S018+, A061+) are left out and counted.
+    Raw-frame folders with these names are taken too.
+    """
+    if benchmark not in NTU_BENCHMARKS:
+        raise ValueError(f"--benchmark {benchmark!r}: choose ntu60 or ntu120")
+    if protocol == "cv" and benchmark != "ntu60":
+        raise ValueError("--protocol cv (cross-view) is defined for ntu60; ntu120 uses cs (cross-subject) or cset")
+    if protocol == "cset" and benchmark != "ntu120":
+        raise ValueError("--protocol cset (cross-setup) is defined for ntu120; ntu60 uses cs or cv")
+    if protocol not in ("cs", "cv", "cset"):
+        raise ValueError(f"--protocol {protocol!r}: choose cs, cv or cset")
+    root = Path(videos)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--videos '{root}' is not a folder (give the folder holding the NTU {suffix} files)")
+    num_actions, num_setups = NTU_BENCHMARKS[benchmark]
+    subjects = NTU60_TRAIN_SUBJECTS if benchmark == "ntu60" else NTU120_TRAIN_SUBJECTS
+
+    found: list[tuple[str, str]] = []  # (relative path, name)
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = Path(dirpath).relative_to(root)
+        frame_dirs = [n for n in dirnames if n.endswith(suffix) and NTU_NAME.match(n)] if suffix else []
+        dirnames[:] = sorted(n for n in dirnames if n not in frame_dirs and not n.startswith("."))
+        for name in sorted(filenames) + frame_dirs:
+            if name.endswith(suffix) and not name.startswith("."):
+                found.append(((rel_dir / name).as_posix(), name))
+    found.sort()
+    train, test, problems, other = [], [], [], 0
+    for rel, name in found:
+        m = NTU_NAME.match(name)
+        if not m or len(name) != m.end() + len(suffix):
+            problems.append(f"{rel}: name does not follow SsssCcccPpppRrrrAaaa{suffix}")
+            continue
+        setup, camera, performer, _, action = (int(g) for g in m.groups())
+        if action > num_actions or setup > num_setups:
+            other += 1  # NTU 120 files in an NTU 60 run
+            continue
+        if not (1 <= action and 1 <= camera <= 3 and 1 <= setup):
+            problems.append(f"{rel}: setup/camera/action out of range for {benchmark}")
+            continue
+        if protocol == "cs":
+            is_train = performer in subjects
+        elif protocol == "cv":
+            is_train = camera in NTU60_CV_TRAIN_CAMERAS
+        else:
+            is_train = setup % 2 == 0
+        (train if is_train else test).append(ListEntry(rel, action - 1))
+    if not train and not test:
+        raise FileNotFoundError(
+            f"no NTU files named SsssCcccPpppRrrrAaaa{suffix} for {benchmark} under '{root}' "
+            "(check --videos; use --suffix .skeleton for skeleton files)"
+        )
+    notes = [f"{other} NTU-120-only files (setup > {num_setups} or action > {num_actions}) left out"] if other else []
+    return Prepared(
+        title=f"{benchmark} {protocol}",
+        classes=list(NTU_ACTIONS[:num_actions]),
+        train=train,
+        test=test,
+        group_of=ntu_performer,
+        group_kind="performers",
+        notes=notes,
+        problems=problems,
+    )
+
+
+def _find_csv(d: Path, split: str, required: bool) -> Path | None:
+    aliases = {"train": ("train",), "validate": ("validate", "val"), "test": ("test",)}[split]
+    for alias in aliases:
+        if (d / f"{alias}.csv").is_file():
+            return d / f"{alias}.csv"
+    candidates = sorted({p for alias in aliases for p in d.glob(f"*[_-]{alias}.csv") if p.is_file()})
+    if len(candidates) == 1:
+        return candidates[0]
+    if len(candidates) > 1:
+        raise ValueError(f"several {split} CSVs in '{d}': {[p.name for p in candidates]} (keep one per folder)")
+    if required:
+        raise FileNotFoundError(f"'{d / (split + '.csv')}' not found (--csv-dir holds the official Kinetics CSVs)")
+    return None
+
+
+def _read_kinetics_csv(path: Path, default_split: str) -> list[tuple[str, str, str | None]]:
+    """Rows of one Kinetics CSV as (split folder, file name, label or None), parsed by header names."""
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f)
+        header = [h.strip().lower() for h in reader.fieldnames or []]
+        missing = [c for c in ("youtube_id", "time_start", "time_end") if c not in header]
+        if missing:
+            raise ValueError(
+                f"{path}: header {header} lacks {missing} (expected label,youtube_id,time_start,time_end,split)"
+            )
+        reader.fieldnames = header
+        rows = []
+        for n, row in enumerate(reader, 2):
+            try:
+                start, end = (float(row[c]) for c in ("time_start", "time_end"))
+                if not (start.is_integer() and end.is_integer()):
+                    raise ValueError
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"{path}:{n}: time_start/time_end {row.get('time_start')!r}/{row.get('time_end')!r} are not "
+                    "whole seconds"
+                ) from None
+            video_id = (row["youtube_id"] or "").strip()
+            if not video_id:
+                raise ValueError(f"{path}:{n}: empty youtube_id")
+            label = (row.get("label") or "").strip() or None
+            split = (row.get("split") or "").strip() or default_split
+            rows.append((split, f"{video_id}_{int(start):06d}_{int(end):06d}.mp4", label))
+    return rows
+
+
+def parse_kinetics(csv_dir: str | os.PathLike, by_label: bool = False, ext: str | None = None) -> Prepared:
+    """Kinetics from `train.csv`, `validate.csv` and `test.csv` (parsed by header names; `label` may be absent
+    from the test file). Paths `<split>/<youtube_id>_<start:06d>_<end:06d>.mp4`, or `<split>/<label>/...` with
+    `by_label`; unlabeled rows get -1; classes are the labels found, sorted. The official validation set is val."""
+    d = Path(csv_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(f"--csv-dir '{d}' is not a folder (the folder of train.csv, validate.csv, test.csv)")
+    files = {s: _find_csv(d, s, required=s != "test") for s in ("train", "validate", "test")}
+    rows = {s: _read_kinetics_csv(p, {"validate": "val"}.get(s, s)) if p else [] for s, p in files.items()}
+    classes = sorted({label for part in rows.values() for _, _, label in part if label is not None})
+    index = {name: i for i, name in enumerate(classes)}
+
+    def entries(part: list[tuple[str, str, str | None]]) -> list[ListEntry]:
+        out, seen = [], set()
+        for split, name, label in part:
+            path = f"{split}/{label}/{name}" if by_label and label is not None else f"{split}/{name}"
+            if path not in seen:
+                seen.add(path)
+                out.append(ListEntry(_with_ext(path, ext), -1 if label is None else index[label]))
+        return out
+
+    train, val, test = entries(rows["train"]), entries(rows["validate"]), entries(rows["test"])
+    notes = [f"using {', '.join(p.name for p in files.values() if p)} from {d}"]
+    if files["test"] is None:
+        notes.append("no test CSV found: test.txt is empty")
+    elif all(e.label == -1 for e in test):
+        notes.append("the test CSV has no labels: test videos are labelled -1")
+    if len(classes) < 2:
+        raise ValueError(f"{files['train']}: found {len(classes)} class label(s); is the 'label' column filled?")
+    return Prepared(title="kinetics", classes=classes, train=train, val=val, test=test, notes=notes)
+
+
+def scan_folder(
+    root: str | os.PathLike,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    group_regex: str | None = None,
+    extensions: Sequence[str] = VIDEO_EXTENSIONS,
+) -> Prepared:
+    """A folder-per-class tree `<root>/<class>/<video>` (classes sorted by name). Videos are files with one of
+    `extensions` and raw-frame folders (sub-folders holding images). `test_fraction` of them go to test, drawn
+    by seed in groups: the first capture group (or the match) of `group_regex` on the file name, else each
+    video alone."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--root '{root}' is not a folder (give the folder holding one sub-folder per class)")
+    pattern = re.compile(group_regex) if group_regex else None
+    exts = tuple(e.lower() for e in extensions)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    entries, ignored = [], 0
+    for label, name in enumerate(classes):
+        for item in sorted((root / name).iterdir()):
+            if item.name.startswith("."):
+                continue
+            if item.is_file() and item.suffix.lower() in exts:
+                entries.append(ListEntry(f"{name}/{item.name}", label))
+            elif item.is_dir() and any(p.suffix.lower() in FRAME_EXTENSIONS for p in item.iterdir()):
+                entries.append(ListEntry(f"{name}/{item.name}", label))
+            else:
+                ignored += 1
+    if len(classes) < 2 or not entries:
+        raise FileNotFoundError(
+            f"'{root}' holds {len(classes)} class folder(s) and {len(entries)} video(s) with extensions "
+            f"{' '.join(exts)}; need at least two class folders with videos (or raw-frame folders) in them"
+        )
+
+    def group_of(entry: ListEntry) -> str:
+        # A named group is shared across classes (like UCF101's gNN); without a match a video is its own group.
+        m = pattern.search(PurePosixPath(entry.path).name) if pattern else None
+        return (m.group(1) if m.groups() else m.group(0)) if m else entry.path
+
+    train, test, info = grouped_holdout(entries, test_fraction, seed, group_of)
+    notes = [f"test: {test_fraction:.0%} of the videos, {info['held_groups']} of {info['groups']} groups, seed {seed}"]
+    if ignored:
+        notes.append(f"{ignored} other files/folders in the class folders ignored (not {' '.join(exts)})")
+    return Prepared(
+        title=f"folder {root}",
+        classes=classes,
+        train=train,
+        test=test,
+        group_of=group_of,
+        group_kind="groups" if pattern else "videos",
+        notes=notes,
+    )
+
+
+# --------------------------------------------------------------------------------------------------- writing
+def finish(
+    prepared: Prepared,
+    out: Path,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    check_root: Path | None = None,
+    drop_missing: bool = False,
+) -> int:
+    """Holds out validation (when the protocol has none), checks the videos, writes the four files, prints the
+    summary. Returns the exit code: 0, or 3 when inputs were skipped or videos are missing (each listed)."""
+    p = prepared
+    notes = list(p.notes)
+    train, val = p.train, p.val
+    if val is None:
+        assert p.group_of is not None
+        train, val, info = grouped_holdout(p.train, val_fraction, seed, p.group_of)
+        if val_fraction > 0:
+            how = "stratified by class" if info["stratified"] else "across classes"
+            notes.append(
+                f"val: {val_fraction:.0%} of the training videos, in whole {p.group_kind} "
+                f"({info['held_groups']} of {info['groups']} held out, {how}, seed {seed})"
+            )
+    test = p.test
+    problems = list(p.problems)
+    if check_root is not None:
+        lists = {"train": train, "val": val, "test": test}
+        missing = {name: missing_under(check_root, entries) for name, entries in lists.items()}
+        for name, paths in missing.items():
+            problems += [f"{path}: missing under {check_root} ({name})" for path in paths]
+        n_missing = sum(len(paths) for paths in missing.values())
+        if n_missing and drop_missing:
+            gone = {name: set(paths) for name, paths in missing.items()}
+            train, val, test = ([e for e in lists[n] if e.path not in gone[n]] for n in ("train", "val", "test"))
+            notes.append(f"{n_missing} missing videos left out of the lists (--drop-missing)")
+        elif n_missing:
+            notes.append(f"{n_missing} listed videos missing under {check_root} (kept; --drop-missing leaves them out)")
+
+    out.mkdir(parents=True, exist_ok=True)
+    lists = {"train": train, "val": val, "test": test}
+    for name, entries in lists.items():
+        write_list(out / f"{name}.txt", entries)
+    write_classes(out / "classes.txt", p.classes)
+
+    print(f"eleatt prepare {p.title}: {len(p.classes)} classes")
+    for name, entries in lists.items():
+        labelled = sum(e.label >= 0 for e in entries)
+        extra = "" if labelled == len(entries) else f"  ({len(entries) - labelled} unlabeled, -1)"
+        print(f"  {name + '.txt':<12}{len(entries):>8} videos{extra}")
+    print(f"  {'classes.txt':<12}{len(p.classes):>8} names")
+    for note in notes:
+        print(f"  note: {note}")
+    print(f"  written to {out}")
+    report = out / "problems.txt"
+    report.unlink(missing_ok=True)  # a stale report from an earlier run would mislead
+    if problems:
+        report.write_text("".join(f"{line}\n" for line in problems), encoding="utf-8")
+        print(f"eleatt prepare: {len(problems)} input(s) skipped or missing:", file=sys.stderr)
+        for line in problems[:MAX_LISTED]:
+            print(f"  {line}", file=sys.stderr)
+        if len(problems) > MAX_LISTED:
+            print(f"  ... and {len(problems) - MAX_LISTED} more", file=sys.stderr)
+        print(f"  (all {len(problems)} listed in {report})", file=sys.stderr)
+        return EXIT_INCOMPLETE
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------------- command
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text}: a fraction in [0, 1) is needed")
+    return value
+
+
+def _common(p: argparse.ArgumentParser, val: bool = True, check: bool = True, ext: bool = True) -> None:
+    p.add_argument("--out", required=True, type=Path, help="output folder for train/val/test.txt and classes.txt")
+    if val:
+        p.add_argument(
+            "--val-fraction", type=_fraction, default=0.1,
+            help="fraction of the training videos held out as val.txt, in whole source groups (default: 0.1)",
+        )
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out draw (default: 0)")
+    if check:
+        p.add_argument("--check-root", type=Path, metavar="DIR",
+                       help="report listed videos missing under DIR (exit 3, all listed in <out>/problems.txt)")
+        p.add_argument("--drop-missing", action="store_true",
+                       help="with --check-root: leave missing videos out of the lists (still exit 3)")
+    if ext:
+        p.add_argument("--ext", type=str, default=None, metavar="EXT",
+                       help="replace the listed files' extension, e.g. .mp4 for re-encoded copies, '' for "
+                            "raw-frame folders (default: keep as written)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="eleatt prepare",
+        description="Write train.txt, val.txt, test.txt and classes.txt (lines '<relative path> <0-based label>') "
+        "for a dataset. Exit 0 when all is done, 3 when inputs were skipped or missing (each listed), 2 on "
+        "usage errors.",
+    )
+    sub = parser.add_subparsers(dest="dataset", required=True, metavar="DATASET")
+
+    p = sub.add_parser("ucf101", help="UCF101 from ucfTrainTestlist/ (classInd.txt, trainlist0N, testlist0N)",
+                       description="UCF101: labels from classInd.txt in its own order; val held out in whole gNN "
+                       "groups of the training split.")
+    p.add_argument("--splits-dir", required=True, type=Path, help="the ucfTrainTestlist folder")
+    p.add_argument("--split", type=int, choices=(1, 2, 3), default=1, help="official split (default: 1)")
+    _common(p)
+
+    for name, folder in (("hmdb51", "testTrainMulti_7030_splits"), ("jhmdb", "splits")):
+        p = sub.add_parser(name, help=f"{name.upper()} from <class>_test_split<N>.txt files",
+                           description=f"{name.upper()}: lines '<video> <id>' with 1 train, 2 test, 0 unused; classes "
+                           "sorted by name; val held out in whole source videos (the clip name without its HMDB "
+                           "tags, clip number and class).")
+        p.add_argument("--splits-dir", required=True, type=Path, help=f"the folder of split files (e.g. {folder}/)")
+        p.add_argument("--split", type=int, choices=(1, 2, 3), default=1, help="official split (default: 1)")
+        _common(p)
+
+    p = sub.add_parser("ntu", help="NTU RGB+D 60/120 from the file names found under --videos",
+                       description="NTU RGB+D: labels from SsssCcccPpppRrrrAaaa names (A-1); cs: cross-subject, "
+                       "cv: cross-view (ntu60), cset: cross-setup (ntu120); val held out in whole performers.")
+    p.add_argument("--videos", required=True, type=Path, help="folder searched (recursively) for the NTU files")
+    p.add_argument("--benchmark", choices=tuple(NTU_BENCHMARKS), default="ntu60", help="default: ntu60")
+    p.add_argument("--protocol", choices=("cs", "cv", "cset"), default="cs", help="default: cs")
+    p.add_argument("--suffix", default="_rgb.avi",
+                   help="file name ending after the id (default: _rgb.avi; .skeleton for skeleton files)")
+    _common(p, check=False, ext=False)
+
+    p = sub.add_parser("kinetics", help="Kinetics from the official train/validate/test CSVs",
+                       description="Kinetics: CSVs parsed by header names; paths <split>/<id>_<start:06d>_<end:06d>"
+                       ".mp4; unlabeled test rows get -1; val.txt is the official validation set.")
+    p.add_argument("--csv-dir", required=True, type=Path, help="folder of train.csv, validate.csv, test.csv")
+    p.add_argument("--by-label", action="store_true", help="paths <split>/<label>/<file> (videos sorted by class)")
+    _common(p, val=False)
+
+    p = sub.add_parser("folder", help="a folder-per-class tree <root>/<class>/<video>",
+                       description="A folder per class (classes sorted by name); test and val drawn by seed, "
+                       "stratified by class, in whole groups when --group-regex names them.")
+    p.add_argument("--root", required=True, type=Path, help="folder holding one sub-folder per class")
+    p.add_argument("--test-fraction", type=_fraction, default=0.2,
+                   help="fraction of the videos for test (default: 0.2)")
+    p.add_argument("--group-regex", default=None,
+                   help="regex on file names whose first group (or match) names a source group kept on one side, "
+                        r"e.g. '_g(\d+)_' (default: every video is its own group)")
+    p.add_argument("--extensions", nargs="+", default=list(VIDEO_EXTENSIONS), metavar="EXT",
+                   help="video file extensions taken (default: %(default)s); sub-folders of images count as videos")
+    _common(p, check=False, ext=False)
+
+    from preprocessing.synthetic import add_arguments
+
+    p = sub.add_parser("synthetic", help="generate the order-only synthetic dataset (videos + lists)",
+                       description="Generate small lossless H.264 videos whose classes differ only in temporal "
+                       "order (pairs: grow/shrink, move right/left, rotate cw/ccw, brighten/darken, hue "
+                       "forward/backward), with train/val/test lists and classes.txt.")
+    add_arguments(p)
+    return parser
+
+
+def _synthetic(args: argparse.Namespace) -> int:
+    from preprocessing.synthetic import DESCRIPTIONS, make_dataset
+
+    start = time.perf_counter()
+    summary = make_dataset(args.out, videos_per_class=args.videos_per_class, num_frames=args.frames,
+                           size=args.size, seed=args.seed, classes=args.classes, fps=args.fps)
+    seconds = time.perf_counter() - start
+    print(f"eleatt prepare synthetic: {len(summary['classes'])} classes, {summary['num_videos']} videos of "
+          f"{args.frames} frames at {args.size}x{args.size}, {args.fps} fps, seed {args.seed} ({seconds:.1f} s)")
+    for name in ("train", "val", "test"):
+        print(f"  {name + '.txt':<12}{summary['counts'][name]:>8} videos")
+    print(f"  {'classes.txt':<12}{len(summary['classes']):>8} names")
+    for label, name in enumerate(summary["classes"]):
+        print(f"    {label:>2} {name:<13} {DESCRIPTIONS[name]}")
+    print(f"  written to {args.out}")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`eleatt prepare DATASET ...`; returns 0, 3 (inputs skipped or missing, each listed) or 2 (usage)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help (0) or a usage error (2, already printed by argparse)
+        return int(stop.code or 0)
+    if args.dataset == "synthetic":
+        return _synthetic(args)
+    if getattr(args, "drop_missing", False) and args.check_root is None:
+        print("eleatt prepare: error: --drop-missing needs --check-root DIR", file=sys.stderr)
+        return EXIT_USAGE
+    ext = _check_ext(getattr(args, "ext", None))
+    if args.dataset == "ucf101":
+        prepared = parse_ucf101(args.splits_dir, args.split, ext=ext)
+    elif args.dataset in ("hmdb51", "jhmdb"):
+        prepared = parse_hmdb(args.splits_dir, args.split, dataset=args.dataset, ext=ext)
+    elif args.dataset == "ntu":
+        prepared = scan_ntu(args.videos, args.benchmark, args.protocol, args.suffix)
+    elif args.dataset == "kinetics":
+        prepared = parse_kinetics(args.csv_dir, by_label=args.by_label, ext=ext)
+    else:
+        exts = [e if e.startswith(".") else f".{e}" for e in args.extensions]
+        prepared = scan_folder(args.root, args.test_fraction, args.seed, args.group_regex, exts)
+    return finish(
+        prepared,
+        args.out,
+        val_fraction=getattr(args, "val_fraction", 0.0),
+        seed=args.seed,
+        check_root=getattr(args, "check_root", None),
+        drop_missing=getattr(args, "drop_missing", False),
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -41,3 +41,46 @@ def synthetic_dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synthetic")
     make_dataset(out, videos_per_class=4, num_frames=16, size=64, seed=0)
     return out
+
+
+def make_order_features(root: Path, num_classes: int = 4, videos: dict | None = None, dim: int = 8, views: int = 1,
+                        seed: int = 0) -> dict[str, Path]:
+    """A feature folder whose class lives only in the temporal ORDER of three prototype vectors (an order-blind
+    model sees the same bag of features for every class), with lists in `lists/` and a copy with shuffled labels
+    in `shuffled/`. Lengths vary (9..15 steps). Returns {"features", "lists", "shuffled"} paths."""
+    from itertools import permutations
+
+    from pipeline.data.features import FeatureFolder
+    from pipeline.data.lists import ListEntry, write_classes, write_list
+
+    videos = videos or {"train": 24, "val": 8, "test": 8}
+    rng = np.random.default_rng(seed)
+    prototypes = rng.normal(size=(3, dim))
+    orders = list(permutations(range(3)))[:num_classes]
+    names = [f"order_{''.join(map(str, o))}" for o in orders]
+    folder = FeatureFolder(root / "features")
+    folder.check_settings({"backbone": "synthetic", "weights": "none", "views": "center", "modality": "rgb",
+                           "dtype": "float16", "dim": dim})
+    for split, count in videos.items():
+        entries, shuffled = [], []
+        for c, order in enumerate(orders):
+            for k in range(count):
+                length = int(rng.integers(9, 16))
+                cuts = np.sort(rng.choice(np.arange(2, length - 1), size=2, replace=False))
+                steps = np.concatenate([np.full(n, order[i]) for i, n in enumerate(np.diff([0, *cuts, length]))])
+                feats = prototypes[steps][None] + 0.3 * rng.normal(size=(views, length, dim))  # (V, T, D)
+                video = f"{names[c]}/{names[c]}_{split}_{k}.mp4"
+                folder.write(video, feats.astype(np.float32) if views > 1 else feats[0].astype(np.float32))
+                entries.append(ListEntry(video, c))
+                shuffled.append(ListEntry(video, int(rng.integers(num_classes))))
+        write_list(root / "lists" / f"{split}.txt", entries)
+        write_list(root / "shuffled" / f"{split}.txt", shuffled)
+    for sub in ("lists", "shuffled"):
+        write_classes(root / sub / "classes.txt", names)
+    return {"features": root / "features", "lists": root / "lists", "shuffled": root / "shuffled"}
+
+
+@pytest.fixture(scope="session")
+def order_features(tmp_path_factory) -> dict[str, Path]:
+    """`make_order_features` once per session: 4 classes x (24 train, 8 val, 8 test) videos, D = 8, one view."""
+    return make_order_features(tmp_path_factory.mktemp("order_features"))

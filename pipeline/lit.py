@@ -1,0 +1,261 @@
+"""The LightningModule for feature sequences: cross-entropy, top-1/top-5/mean-class accuracy, per-video scores files.
+
+Evaluation averages the class probabilities over a video's views before any metric; videos labelled -1 get scores
+but count in no metric. `validate`, `test` and `predict` write DESIGN's `scores_<stage>.npz` into the trainer's
+`default_root_dir` (the run folder when started from the CLI).
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+from pipeline.nn.classifier import SequenceClassifier
+
+SCORE_STAGES = {"validate": "val", "test": "test", "predict": "predict"}  # trainer.fn -> scores_<name>.npz
+
+
+def write_scores(
+    path: str | os.PathLike, videos: list[str], scores: np.ndarray, labels: np.ndarray, classes: list[str] | None
+) -> Path:
+    """Writes a scores file atomically: videos (N,) unicode, scores (N, C) float32, labels (N,) int64, classes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {
+        "videos": np.array(videos, dtype=np.str_),
+        "scores": np.asarray(scores, dtype=np.float32),
+        "labels": np.asarray(labels, dtype=np.int64),
+    }
+    if classes is not None:
+        arrays["classes"] = np.array(classes, dtype=np.str_)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.npz", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_scores(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Reads a scores file (never unpickles); `classes` is absent when the names were unknown."""
+    with np.load(path, allow_pickle=False) as data:
+        return {key: data[key] for key in data.files}
+
+
+def accuracy_summary(scores: np.ndarray, labels: np.ndarray, topk: int = 5) -> dict[str, float] | None:
+    """top1, top<k> (k = min(topk, C)) and mca (mean per-class recall over classes with labelled videos) from
+    scores (N, C) and labels (N,) (-1 ignored); None when no video is labelled."""
+    keep = labels >= 0
+    if not keep.any():
+        return None
+    scores, labels = scores[keep], labels[keep]
+    k = min(topk, scores.shape[1])
+    order = np.argsort(-scores, axis=1, kind="stable")
+    top1 = order[:, 0] == labels
+    topk_hit = (order[:, :k] == labels[:, None]).any(1)
+    recalls = [top1[labels == c].mean() for c in np.unique(labels)]
+    return {"top1": float(top1.mean()), f"top{k}": float(topk_hit.mean()), "mca": float(np.mean(recalls))}
+
+
+class EleAttClassifier(pl.LightningModule):
+    """An EleAtt sequence classifier (pipeline.nn.classifier.SequenceClassifier) trained with cross-entropy.
+
+    Args:
+        input_size: feature dimension D (linked from the data by the CLI).
+        num_classes: number of classes C (linked from the data by the CLI).
+        cell: recurrent cell: lstm, gru or rnn (EleAttLSTM / EleAttGRU / EleAttRNN).
+        hidden_size: neurons per recurrent layer.
+        num_layers: stacked recurrent layers.
+        attention_layers: how many bottom layers get the element-wise attention gate (null = all, 0 = the plain
+            RNN/LSTM/GRU baseline).
+        dropout: dropout between recurrent layers and before the head (the paper: 0.5).
+        input_dropout: dropout on the input features.
+        proj_size: > 0 adds a linear projection D -> proj_size before the recurrent stack.
+        pooling: the head reads the last valid step ("last") or the mean of the valid steps ("mean").
+        monitor: the validation metric that picks best.ckpt and drives the default learning-rate schedule:
+            val/top1, val/top5 (top<k>, k = min(5, classes)), val/mca (maximised) or val/loss (minimised).
+        class_names: label order (classes.txt; linked from the data), recorded in checkpoints.
+        extraction_settings: the feature folder's settings.json (linked from the data), recorded in checkpoints
+            so that the features of a new video can be made the same way.
+
+    Without an optimizer from the config, `configure_optimizers` uses the paper's recipe: Adam (lr 1e-3) and the
+    learning rate divided by 10 when `monitor` stops improving for 5 epochs.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        num_classes: int,
+        cell: Literal["lstm", "gru", "rnn"] = "lstm",
+        hidden_size: int = 512,
+        num_layers: int = 1,
+        attention_layers: int | None = None,
+        dropout: float = 0.5,
+        input_dropout: float = 0.0,
+        proj_size: int = 0,
+        pooling: Literal["last", "mean"] = "last",
+        monitor: str = "val/top1",
+        class_names: list[str] | None = None,
+        extraction_settings: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class names for num_classes={num_classes}; they must agree")
+        self.topk = min(5, num_classes)
+        metrics = ["val/top1", f"val/top{self.topk}", "val/mca", "val/loss"]
+        if monitor not in metrics:
+            raise ValueError(f"monitor={monitor!r} is not a logged validation metric; use one of {metrics}")
+        self.save_hyperparameters()
+        self.net = SequenceClassifier(
+            input_size, num_classes, cell=cell, hidden_size=hidden_size, num_layers=num_layers,
+            attention_layers=attention_layers, dropout=dropout, input_dropout=input_dropout, proj_size=proj_size,
+            pooling=pooling,
+        )
+        self.train_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.confusion = nn.ModuleDict({s: MulticlassConfusionMatrix(num_classes) for s in ("val", "test")})
+        self.topk_acc = nn.ModuleDict(
+            {s: MulticlassAccuracy(num_classes, top_k=self.topk, average="micro") for s in ("val", "test")}
+        )
+        self._collected: dict[str, list] = {}
+        self._loss_sum: dict[str, list[float]] = {}
+        self.scores_paths: dict[str, Path] = {}  # stage -> the scores file written last
+
+    @property
+    def monitor_mode(self) -> str:
+        return "min" if self.hparams.monitor.endswith("loss") else "max"
+
+    def forward(self, feats: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """feats (B, T, D), lengths (B,) -> logits (B, C)."""
+        return self.net(feats, lengths)
+
+    def video_probs(self, feats: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """feats (B, V, T, D) (or (B, T, D)), lengths (B,) -> class probabilities (B, C) averaged over the V views."""
+        if feats.dim() == 3:
+            feats = feats[:, None]
+        B, V, T, D = feats.shape
+        logits = self(feats.reshape(B * V, T, D), lengths.repeat_interleave(V))  # (B*V, C)
+        return logits.float().softmax(-1).view(B, V, -1).mean(1)  # (B, C)
+
+    # -- training ---------------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        logits = self(batch["feats"], batch["lengths"])  # (B, C)
+        labels = batch["labels"]
+        loss = F.cross_entropy(logits, labels)
+        self.train_top1(logits, labels)
+        size = len(labels)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size)
+        self.log("train/top1", self.train_top1, on_step=False, on_epoch=True, batch_size=size)
+        return loss
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.parameters(), lr=1e-3)
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=self.monitor_mode, factor=0.1, patience=5)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "monitor": self.hparams.monitor, "strict": False},
+        }
+
+    # -- evaluation -------------------------------------------------------------------------------------------------
+    def _eval_step(self, batch: dict, stage: str) -> torch.Tensor:
+        probs = self.video_probs(batch["feats"], batch["lengths"])  # (B, C)
+        labels = batch["labels"]
+        self._collected.setdefault(stage, []).append((list(batch["videos"]), probs.detach().cpu(), labels.cpu()))
+        known = labels >= 0
+        if stage in self.confusion and known.any():
+            p, y = probs[known], labels[known]
+            self.confusion[stage].update(p, y)
+            self.topk_acc[stage].update(p, y)
+            nll = -torch.log(p.gather(1, y[:, None]).clamp_min(1e-12)).sum()
+            total = self._loss_sum.setdefault(stage, [0.0, 0])
+            total[0] += float(nll)
+            total[1] += int(known.sum())
+        return probs
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        collected = self._collected.pop(stage, [])
+        loss_sum, count = self._loss_sum.pop(stage, [0.0, 0])
+        if stage in self.confusion:
+            if count:
+                cm = self.confusion[stage].compute().double()  # (C, C), rows = true class
+                support = cm.sum(1)
+                self.log(f"{stage}/loss", loss_sum / count)
+                self.log(f"{stage}/top1", float(cm.trace() / cm.sum()), prog_bar=True)
+                self.log(f"{stage}/top{self.topk}", float(self.topk_acc[stage].compute()))
+                self.log(f"{stage}/mca", float((cm.diag()[support > 0] / support[support > 0]).mean()))
+            self.confusion[stage].reset()
+            self.topk_acc[stage].reset()
+        fn = str(self.trainer.state.fn.value) if self._trainer is not None else ""
+        if SCORE_STAGES.get(fn) == stage and collected and self.trainer.is_global_zero:
+            videos = [v for batch_videos, _, _ in collected for v in batch_videos]
+            scores = torch.cat([p for _, p, _ in collected]).numpy()
+            labels = torch.cat([y for _, _, y in collected]).numpy()
+            path = Path(self.trainer.default_root_dir) / f"scores_{stage}.npz"
+            self.scores_paths[stage] = write_scores(path, videos, scores, labels, self.hparams.class_names)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._eval_step(batch, "predict")
+
+    def on_predict_epoch_end(self) -> None:
+        self._eval_epoch_end("predict")
+
+    # -- checkpoints ------------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The generator state lets a resumed run draw the same shuffles, samples and dropout masks as an
+        # uninterrupted one (a uint8 tensor: still weights-only loadable).
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        stored = checkpoint.get("hyper_parameters", {}).get("class_names")
+        mine = self.hparams.class_names
+        if stored is not None and mine is not None and list(stored) != list(mine):
+            raise ValueError(
+                f"the checkpoint was trained on classes {list(stored)[:10]}{'...' if len(stored) > 10 else ''} but "
+                f"the data's classes.txt lists {list(mine)[:10]}{'...' if len(mine) > 10 else ''}; evaluate with the "
+                "lists (and classes.txt) of the training data's label space"
+            )
+        if self._trainer is not None and str(self.trainer.state.fn.value) == "fit" and "rng_states" in checkpoint:
+            torch.set_rng_state(checkpoint["rng_states"]["torch"])
+            if "cuda" in checkpoint["rng_states"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(checkpoint["rng_states"]["cuda"])
+
+
+def load_classifier(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> EleAttClassifier:
+    """An EleAttClassifier from a checkpoint, loaded with weights-only semantics (no arbitrary unpickling), in eval
+    mode; its `hparams` hold `class_names` and `extraction_settings`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint '{path}' not found (runs keep best.ckpt and last.ckpt in checkpoints/<run>/)")
+    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    if "input_size" not in hparams or "num_classes" not in hparams:
+        raise ValueError(f"'{path}' is not an EleAttClassifier checkpoint (no input_size/num_classes hyperparameters)")
+    accepted = inspect.signature(EleAttClassifier).parameters  # drops the CLI's bookkeeping keys (_instantiator)
+    model = EleAttClassifier(**{k: v for k, v in hparams.items() if k in accepted})
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval()

@@ -1,0 +1,91 @@
+"""A sequence classifier for per-frame features: optional input dropout / projection, an EleAtt recurrent stack,
+and a linear head on the last valid step (or the mean of the valid steps).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from pipeline.nn.eleatt import EleAttGRU, EleAttLSTM, EleAttRNN
+
+CELLS = {"lstm": EleAttLSTM, "gru": EleAttGRU, "rnn": EleAttRNN}
+POOLINGS = ("last", "mean")
+
+
+class SequenceClassifier(nn.Module):
+    """EleAtt stack + head over feature sequences.
+
+    Args:
+        input_size: D, the feature dimension.
+        num_classes: C.
+        cell: "lstm" | "gru" | "rnn" -> EleAttLSTM / EleAttGRU / EleAttRNN.
+        hidden_size, num_layers: the EleAtt stack; attention_layers: how many bottom layers get the
+            element-wise attention gate (None = all, 0 = the plain RNN/LSTM/GRU baseline).
+        dropout: between recurrent layers and before the head (the paper's 0.5).
+        input_dropout: on the input features.
+        proj_size: > 0 adds a linear projection D -> proj_size before the recurrent stack.
+        pooling: "last" (the hidden state of the last valid step) or "mean" (mean over valid steps).
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        num_classes: int,
+        cell: Literal["lstm", "gru", "rnn"] = "lstm",
+        hidden_size: int = 512,
+        num_layers: int = 1,
+        attention_layers: int | None = None,
+        dropout: float = 0.5,
+        input_dropout: float = 0.0,
+        proj_size: int = 0,
+        pooling: Literal["last", "mean"] = "last",
+    ) -> None:
+        super().__init__()
+        if cell not in CELLS:
+            raise ValueError(f"cell {cell!r} is not one of {sorted(CELLS)} (set model.cell)")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling {pooling!r} is not one of {list(POOLINGS)} (set model.pooling)")
+        if input_size < 1 or num_classes < 1 or hidden_size < 1 or num_layers < 1 or proj_size < 0:
+            raise ValueError(
+                f"sizes must be positive: input_size={input_size}, num_classes={num_classes}, "
+                f"hidden_size={hidden_size}, num_layers={num_layers}, proj_size={proj_size} (>= 0)"
+            )
+        self.pooling = pooling
+        self.input_dropout = nn.Dropout(input_dropout)
+        self.proj = nn.Linear(input_size, proj_size) if proj_size > 0 else nn.Identity()
+        self.rnn = CELLS[cell](
+            proj_size or input_size,
+            hidden_size,
+            num_layers=num_layers,
+            batch_first=True,
+            dropout=dropout if num_layers > 1 else 0.0,
+            attention_layers=attention_layers,
+        )
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(hidden_size, num_classes)
+
+    def forward(self, feats: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """feats (B, T, D) float, lengths (B,) int64 valid steps per row (None = all T) -> logits (B, C)."""
+        B, T, _ = feats.shape
+        x = self.proj(self.input_dropout(feats))  # (B, T, D')
+        ragged = lengths is not None and bool((lengths < T).any())
+        if ragged:
+            if bool((lengths < 1).any()):
+                raise ValueError(f"every sequence needs at least one step, got lengths {lengths.tolist()}")
+            # Packing keeps padding out of the recurrence (and out of the compute).
+            packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+            out, _ = pad_packed_sequence(self.rnn(packed)[0], batch_first=True, total_length=T)  # (B, T, H)
+        else:
+            out = self.rnn(x)[0]  # (B, T, H)
+        if lengths is None:
+            lengths = torch.full((B,), T, dtype=torch.long, device=feats.device)
+        lengths = lengths.to(out.device)
+        if self.pooling == "last":
+            pooled = out[torch.arange(B, device=out.device), lengths - 1]  # (B, H)
+        else:
+            valid = torch.arange(T, device=out.device)[None, :] < lengths[:, None]  # (B, T)
+            pooled = (out * valid[..., None]).sum(1) / lengths[:, None].to(out.dtype)  # (B, H)
+        return self.head(self.dropout(pooled))  # (B, C)

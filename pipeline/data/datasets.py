@@ -75,6 +75,20 @@ class FeatureNormalizer:
         self.mean, self.std = state.get("mean"), state.get("std")
 
 
+def sample_sequence(views: np.ndarray, num_steps: int | None, normalizer: FeatureNormalizer | None = None,
+                    train: bool = False, rng: np.random.Generator | None = None) -> torch.Tensor:
+    """The steps a model sees of one video: views (V, T, D) -> float32 (V, T', D).
+
+    `num_steps` steps segment-style (`sequence_indices`: random within segments in training, segment centres
+    otherwise), or all T when None/0; then the normaliser. The dataset and `eleatt classify` both call this, so a
+    new video is seen exactly as a test video is.
+    """
+    if num_steps:
+        views = views[:, sequence_indices(views.shape[1], num_steps, train=train, rng=rng)]  # (V, num_steps, D)
+    feats = torch.from_numpy(np.array(views, dtype=np.float32))  # a copy (off a memory map)
+    return normalizer(feats) if normalizer is not None else feats
+
+
 class FeatureSequenceDataset(Dataset):
     """Feature sequences of the videos of a list.
 
@@ -115,19 +129,12 @@ class FeatureSequenceDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         entry = self.entries[index]
         views = as_views(self.folder.load(entry.path, mmap=True))  # (V, T, D)
-        num_views, length, _ = views.shape
-        rng = None
         if self.train:
             rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
-            views = views[int(rng.integers(num_views))][None]  # (1, T, D)
-        if self.num_steps is not None:
-            steps = sequence_indices(length, self.num_steps, train=self.train, rng=rng)
-            views = views[:, steps]  # (V, num_steps, D)
-        feats = torch.from_numpy(np.array(views, dtype=np.float32))  # (V, T', D), a copy off the memory map
-        if self.normalizer is not None:
-            feats = self.normalizer(feats)
-        if self.train:
-            feats = feats[0]  # (T', D)
+            views = views[int(rng.integers(views.shape[0]))][None]  # (1, T, D)
+            feats = sample_sequence(views, self.num_steps, self.normalizer, train=True, rng=rng)[0]  # (T', D)
+        else:
+            feats = sample_sequence(views, self.num_steps, self.normalizer)  # (V, T', D)
         if self.transform is not None:
             feats = self.transform(feats)
         return {"feats": feats, "length": feats.shape[-2], "label": entry.label, "video": entry.path}

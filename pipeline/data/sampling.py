@@ -12,7 +12,7 @@ from typing import Literal
 
 import numpy as np
 
-__all__ = ["Pad", "PAD_POLICIES", "segment_indices", "clip_indices", "fps_indices", "sequence_indices"]
+__all__ = ["Pad", "PAD_POLICIES", "segment_indices", "clip_indices", "fps_indices", "sequence_indices", "frame_indices"]
 
 Pad = Literal["loop", "repeat_last"]
 PAD_POLICIES: tuple[str, ...] = ("loop", "repeat_last")
@@ -161,3 +161,20 @@ def sequence_indices(
     if train:
         _train_rng(rng, "sequence_indices")
     return segment_indices(length, num_steps, train, rng)
+
+
+def frame_indices(sampling: dict, num_frames: int, src_fps: float) -> np.ndarray:
+    """The frames a feature folder's `sampling` settings select from a video (test-time, deterministic).
+
+    sampling: `{"mode": "all" | "fps" | "segments", "fps": F, "num_segments": N}` as extraction records it.
+    Returns int64 `(T,)` indices in `[0, num_frames)`. Extraction and classification both call this, so a new
+    video is sampled exactly as the training videos were.
+    """
+    mode = sampling.get("mode", "all")
+    if mode == "fps":
+        return fps_indices(num_frames, src_fps, sampling["fps"])
+    if mode == "segments":
+        return segment_indices(num_frames, int(sampling["num_segments"]), train=False)
+    if mode == "all":
+        return np.arange(_check_count("num_frames", num_frames), dtype=np.int64)
+    raise ValueError(f"sampling mode {mode!r} is not one of 'all', 'fps', 'segments'")

@@ -1,0 +1,145 @@
+"""The fast EleAtt kernel equals the reference path; its custom backward passes gradcheck; the benchmark runs."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.autograd import gradcheck
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from pipeline.benchmarks import rnn as bench
+from pipeline.nn.eleatt import EleAttGRU, EleAttLSTM, EleAttRNN
+from pipeline.nn.eleatt_fast import EleAttLayerFunction
+
+D, H, T, B = 6, 5, 7, 4
+LENGTHS = torch.tensor([5, 7, 2, 7])
+F64 = torch.float64
+
+STACKS = [
+    pytest.param(EleAttLSTM, {}, id="lstm"),
+    pytest.param(EleAttGRU, {}, id="gru"),
+    pytest.param(EleAttRNN, {}, id="rnn-tanh"),
+    pytest.param(EleAttRNN, {"nonlinearity": "relu"}, id="rnn-relu"),
+]
+
+
+def forward_backward(module, x, lengths, hx, batch_first):
+    """One forward + backward with a loss touching outputs, final states and gates. -> every value and grad."""
+    inp = x if lengths is None else pack_padded_sequence(x, lengths, batch_first=batch_first, enforce_sorted=False)
+    out, h, gates = module(inp, hx, return_attention=True)
+    out = out if lengths is None else out.data
+    finals = h if isinstance(h, tuple) else (h,)
+    loss = (out * out.cos()).sum() + sum((s * s.sin()).sum() for s in finals) + sum((a * a).sum() for a in gates)
+    leaves = [x, *(hx if isinstance(hx, tuple) else (hx,))]
+    params = list(module.parameters())
+    grads = torch.autograd.grad(loss, leaves + params)
+    return [out, *finals, *gates], grads
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("gate", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("attention_layers", [None, 1], ids=["all-gated", "1-gated"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("ours, kw", STACKS)
+def test_fast_equals_reference(ours, kw, packed, attention_layers, gate, bias):
+    batch_first = packed  # both layouts, without doubling the cases
+    module = ours(D, H, num_layers=2, attention_layers=attention_layers, gate=gate, bias=bias,
+                  batch_first=batch_first, dtype=F64, **kw)
+    x = torch.randn(*((B, T, D) if batch_first else (T, B, D)), dtype=F64, requires_grad=True)
+    h0 = torch.randn(2, B, H, dtype=F64, requires_grad=True)
+    hx = (h0, torch.randn(2, B, H, dtype=F64, requires_grad=True)) if ours is EleAttLSTM else h0
+    lengths = LENGTHS if packed else None
+    results = {}
+    for impl in ("reference", "fast"):
+        module.impl = impl
+        results[impl] = forward_backward(module, x, lengths, hx, batch_first)
+    (ref_vals, ref_grads), (fast_vals, fast_grads) = results["reference"], results["fast"]
+    assert len(ref_grads) == len(fast_grads) == 1 + (2 if ours is EleAttLSTM else 1) + len(list(module.parameters()))
+    for a, b in zip(ref_vals, fast_vals):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-10)
+    for a, b in zip(ref_grads, fast_grads):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("gate", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH", "RNN_RELU"])
+def test_layer_function_gradcheck(mode, gate, packed):
+    """The custom backward against finite differences, for every input, weight and state."""
+    d, h, n_chunks = 3, 2, {"LSTM": 4, "GRU": 3}.get(mode, 1)
+    batch_sizes = (3, 3, 2, 1) if packed else (3, 3, 3)
+    n = sum(batch_sizes)
+    r = lambda *s: torch.randn(*s, dtype=F64, requires_grad=True)  # noqa: E731
+    c0 = r(3, h) if mode == "LSTM" else torch.empty(0, dtype=F64)
+    args = (r(n, d), r(3, h), c0, r(n_chunks * h, d), r(n_chunks * h, h), r(n_chunks * h), r(n_chunks * h),
+            r(d, d), r(d, h), r(d))
+
+    def f(*a):
+        out, h_n, c_n, gates = EleAttLayerFunction.apply(mode, gate, batch_sizes, *a)
+        return out, h_n, gates, *((c_n,) if mode == "LSTM" else ())
+
+    assert gradcheck(f, args, eps=1e-6, atol=1e-7, fast_mode=True)
+
+
+def test_fast_float32_close_to_reference():
+    lstm = EleAttLSTM(64, 32, num_layers=2)
+    x = torch.randn(10, 8, 64)
+    out_fast, (h_fast, _) = lstm(x)
+    lstm.impl = "reference"
+    out_ref, (h_ref, _) = lstm(x)
+    torch.testing.assert_close(out_fast, out_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h_fast, h_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fast_output_is_its_own_tensor():
+    """Outputs can be modified in place (e.g. by a later in-place op) without corrupting the backward."""
+    gru = EleAttGRU(D, H, dtype=F64)
+    x = torch.randn(T, B, D, dtype=F64)
+    out, _ = gru(x)
+    expected = torch.autograd.grad(out.sum(), gru.weight_ih_l0)[0]
+    out2, _ = gru(x)
+    y = out2 * 1.0
+    y.add_(1.0)
+    torch.testing.assert_close(torch.autograd.grad(y.sum(), gru.weight_ih_l0)[0], expected)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The benchmark program
+# ------------------------------------------------------------------------------------------------------------
+def test_benchmark_quick_prints_the_table(capsys):
+    assert bench.main(["--quick", "--repeats", "1"]) == 0
+    text = capsys.readouterr().out
+    titles = [line for line in text.splitlines() if line.startswith("### ")]
+    assert [t.split(":")[0] for t in titles] == ["### rgb-b32", "### rgb-b256", "### skeleton"]
+    names = ["nn.LSTM", "EleAttLSTM", "naive EleAtt-LSTM loop", "nn.GRU", "EleAttGRU", "naive EleAtt-GRU loop"]
+    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    body = [[c.strip() for c in r] for r in rows if r[0].strip() != "implementation"]
+    assert [r[0] for r in body] == names * 3
+    for r in body:
+        fwd, fwdbwd, ratio_f, ratio_fb = map(float, r[1:5])
+        assert min(fwd, fwdbwd, ratio_f, ratio_fb) >= 0
+        if r[0].startswith("nn."):
+            assert ratio_f == ratio_fb == 1.0  # the reference row of its group
+        assert (r[5] == "-") != r[0].startswith("EleAtt")  # the naive-loop speed-up only on our rows
+
+
+def test_benchmark_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "--quick" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("ours, kw", STACKS)
+def test_fast_gradients_accumulate_like_reference(ours, kw):
+    """Two backward passes into .grad: no parameter's gradient may share memory with another's."""
+    module = ours(D, H, num_layers=2, dtype=F64, **kw)
+    x = torch.randn(T, B, D, dtype=F64)
+    grads = {}
+    for impl in ("reference", "fast"):
+        module.impl = impl
+        module.zero_grad(set_to_none=True)
+        for scale in (1.0, 2.0):
+            (module(x)[0] * scale).pow(2).sum().backward()
+        grads[impl] = {n: p.grad.clone() for n, p in module.named_parameters()}
+    for name, g in grads["reference"].items():
+        torch.testing.assert_close(grads["fast"][name], g, rtol=0, atol=1e-10, msg=name)

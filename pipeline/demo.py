@@ -17,7 +17,7 @@ CONFIG = REPO / "configs" / "features_lstm.yaml"
 # (videos per class, frames, size, backbone, epochs, hidden size) for the full and the --quick demo
 # Random (seeded) backbone weights need no download; their features are small and nearly constant over time, so
 # the demo standardises them per dimension (statistics of the training set, kept in the checkpoint).
-FULL = dict(videos_per_class=20, num_frames=24, size=64, backbone="test_resnet", epochs=60, hidden=128)
+FULL = dict(videos_per_class=40, num_frames=24, size=64, backbone="test_resnet", epochs=80, hidden=128)
 QUICK = dict(videos_per_class=5, num_frames=16, size=48, backbone="test_resnet", epochs=4, hidden=32)
 TRAINING = ["--data.normalize", "standard", "--data.batch_size", "16", "--optimizer.init_args.lr", "0.003",
             "--model.dropout", "0.2", "--trainer.log_every_n_steps", "5"]
@@ -36,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", default="none",
                         help="backbone weights: none (random, seeded; default: no download needed), imagenet, or a "
                              "local .safetensors/.pth/.bin file")
-    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 60; --quick: 4)")
-    parser.add_argument("--videos-per-class", type=int, default=None, help="generated videos per class (default 20)")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 80; --quick: 4)")
+    parser.add_argument("--videos-per-class", type=int, default=None, help="generated videos per class (default 40)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and of training (default 0)")
     return parser
 

@@ -20,7 +20,7 @@ CONFIG = REPO / "configs" / "features_lstm.yaml"
 FULL = dict(videos_per_class=40, num_frames=24, size=64, backbone="test_resnet", epochs=80, hidden=128)
 QUICK = dict(videos_per_class=5, num_frames=16, size=48, backbone="test_resnet", epochs=4, hidden=32)
 TRAINING = ["--data.normalize", "standard", "--data.batch_size", "16", "--optimizer.init_args.lr", "0.003",
-            "--model.dropout", "0.2", "--trainer.log_every_n_steps", "5"]
+            "--model.dropout", "0.2", "--trainer.log_every_n_steps", "1"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from pipeline.data.features import FeatureFolder, SettingsMismatchError
 from pipeline.data.lists import read_list
-from pipeline.data.sampling import fps_indices, segment_indices
+from pipeline.data.sampling import frame_indices
 from pipeline.data.transforms import eval_views
 from pipeline.data.video import load_frames, probe
 from pipeline.nn.backbone import FrameEncoder
@@ -69,12 +69,8 @@ class Sampling:
         return {"mode": self.mode, "fps": self.fps, "num_segments": self.num_segments}
 
     def indices(self, num_frames: int, src_fps: float) -> np.ndarray:
-        """int64 (T,) frame indices in [0, num_frames)."""
-        if self.mode == "fps":
-            return fps_indices(num_frames, src_fps, self.fps)
-        if self.mode == "segments":
-            return segment_indices(num_frames, self.num_segments, train=False)
-        return np.arange(num_frames, dtype=np.int64)
+        """int64 (T,) frame indices in [0, num_frames) (the same rule `eleatt classify` applies)."""
+        return frame_indices(self.to_settings(), num_frames, src_fps)
 
 
 def make_settings(encoder: FrameEncoder, sampling: Sampling, views: str, precision: str) -> dict:

@@ -171,7 +171,11 @@ class EleAttClassifier(pl.LightningModule):
     def _eval_step(self, batch: dict, stage: str) -> torch.Tensor:
         probs = self.video_probs(batch["feats"], batch["lengths"])  # (B, C)
         labels = batch["labels"]
-        self._collected.setdefault(stage, []).append((list(batch["videos"]), probs.detach().cpu(), labels.cpu()))
+        indices = batch.get("indices")
+        if indices is None:
+            indices = torch.full((len(labels),), -1, dtype=torch.long)
+        self._collected.setdefault(stage, []).append(
+            (list(batch["videos"]), probs.detach().cpu(), labels.cpu(), indices.cpu()))
         known = labels >= 0
         if stage in self.confusion and known.any():
             p, y = probs[known], labels[known]
@@ -187,6 +191,11 @@ class EleAttClassifier(pl.LightningModule):
         collected = self._collected.pop(stage, [])
         loss_sum, count = self._loss_sum.pop(stage, [0.0, 0])
         if stage in self.confusion:
+            if self._trainer is not None and self.trainer.world_size > 1:
+                # every rank must take the same branch: compute() below is a collective under DDP
+                totals = self.trainer.strategy.reduce(torch.tensor([loss_sum, count], dtype=torch.float64,
+                                                                   device=self.device), reduce_op="sum")
+                loss_sum, count = float(totals[0]), int(totals[1])
             if count:
                 cm = self.confusion[stage].compute().double()  # (C, C), rows = true class
                 support = cm.sum(1)
@@ -197,12 +206,39 @@ class EleAttClassifier(pl.LightningModule):
             self.confusion[stage].reset()
             self.topk_acc[stage].reset()
         fn = str(self.trainer.state.fn.value) if self._trainer is not None else ""
-        if SCORE_STAGES.get(fn) == stage and collected and self.trainer.is_global_zero:
-            videos = [v for batch_videos, _, _ in collected for v in batch_videos]
-            scores = torch.cat([p for _, p, _ in collected]).numpy()
-            labels = torch.cat([y for _, _, y in collected]).numpy()
+        if SCORE_STAGES.get(fn) == stage:
+            videos, scores, labels = self._gather_scores(collected)
+            if not videos or not self.trainer.is_global_zero:
+                return
             path = Path(self.trainer.default_root_dir) / f"scores_{stage}.npz"
             self.scores_paths[stage] = write_scores(path, videos, scores, labels, self.hparams.class_names)
+
+    def _gather_scores(self, collected: list) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """This stage's per-video results from every rank, in list order, each video once.
+
+        Under DDP each rank scores its share of the list (the distributed sampler pads the shares with repeated
+        videos); results are gathered and ordered by their position in the list, repeats dropped.
+        """
+        videos = [v for batch_videos, *_ in collected for v in batch_videos]
+        scores = torch.cat([p for _, p, _, _ in collected]).numpy() if collected else np.zeros((0, 0), np.float32)
+        labels = torch.cat([y for _, _, y, _ in collected]).numpy() if collected else np.zeros(0, np.int64)
+        order = torch.cat([i for *_, i in collected]).numpy() if collected else np.zeros(0, np.int64)
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            shards: list = [None] * world
+            torch.distributed.all_gather_object(shards, (videos, scores, labels, order))
+            shards = [s for s in shards if len(s[0])]
+            if not shards:
+                return [], scores, labels
+            videos = [v for s in shards for v in s[0]]
+            scores = np.concatenate([s[1] for s in shards])
+            labels = np.concatenate([s[2] for s in shards])
+            order = np.concatenate([s[3] for s in shards])
+        if len(order) and (order >= 0).all():
+            keep = np.unique(order, return_index=True)[1]  # first occurrence of each list position, sorted
+            videos = [videos[i] for i in keep]
+            scores, labels = scores[keep], labels[keep]
+        return videos, scores, labels
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val")

@@ -230,3 +230,28 @@ def test_evaluating_on_other_classes_is_refused(trained, order_features, tmp_pat
             str(tmp_path / "test.txt"), "--ckpt_path", str(trained / "best.ckpt")]
     assert main(argv) == 2
     assert "trained on classes ['order_012'" in capsys.readouterr().err
+
+
+def test_two_process_test_gathers_every_video_once(trained, order_features, tmp_path):
+    """`eleatt test` under DDP (2 CPU processes, gloo) writes the same scores file as one process: every video of
+    the list once, in list order, although the distributed sampler pads an odd list with a repeated video."""
+    odd = tmp_path / "lists"
+    entries = read_list(order_features["lists"] / "test.txt")[:-1]  # 31 videos: shares of 16 and 15 (+1 repeat)
+    write_list(odd / "test.txt", entries)
+    (odd / "classes.txt").write_text((order_features["lists"] / "classes.txt").read_text())
+    runs = {}
+    for name, extra in (("one", []), ("ddp", ["--trainer.strategy", "ddp", "--trainer.devices", "2"])):
+        (tmp_path / name).mkdir()
+        ckpt = tmp_path / name / "best.ckpt"
+        ckpt.write_bytes((trained / "best.ckpt").read_bytes())
+        result = subprocess.run(
+            [sys.executable, "-m", "pipeline", "test", "--config", TINY, "--data.features_dir",
+             str(order_features["features"]), "--data.test_list", str(odd / "test.txt"), "--data.eval_batch_size",
+             "4", "--ckpt_path", str(ckpt), *extra],
+            cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=180,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = read_scores(tmp_path / name / "scores_test.npz")
+    assert list(runs["ddp"]["videos"]) == [e.path for e in entries]
+    np.testing.assert_array_equal(runs["ddp"]["labels"], runs["one"]["labels"])
+    np.testing.assert_allclose(runs["ddp"]["scores"], runs["one"]["scores"], atol=1e-5)

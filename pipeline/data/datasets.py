@@ -137,12 +137,12 @@ class FeatureSequenceDataset(Dataset):
             feats = sample_sequence(views, self.num_steps, self.normalizer)  # (V, T', D)
         if self.transform is not None:
             feats = self.transform(feats)
-        return {"feats": feats, "length": feats.shape[-2], "label": entry.label, "video": entry.path}
+        return {"feats": feats, "length": feats.shape[-2], "label": entry.label, "video": entry.path, "index": index}
 
 
 def collate_sequences(samples: list[dict]) -> dict:
     """Pads the time axis: feats (B, T_max, D) or (B, V, T_max, D) float32 (zeros after each length),
-    lengths (B,) int64, labels (B,) int64, videos list[str]."""
+    lengths (B,) int64, labels (B,) int64, videos list[str], indices (B,) int64 (positions in the list)."""
     lengths = torch.tensor([s["length"] for s in samples], dtype=torch.long)
     first = samples[0]["feats"]
     feats = first.new_zeros((len(samples), *first.shape[:-2], int(lengths.max()), first.shape[-1]))
@@ -154,4 +154,6 @@ def collate_sequences(samples: list[dict]) -> dict:
             )
         feats[i, ..., : s["length"], :] = s["feats"]
     labels = torch.tensor([s["label"] for s in samples], dtype=torch.long)
-    return {"feats": feats, "lengths": lengths, "labels": labels, "videos": [s["video"] for s in samples]}
+    indices = torch.tensor([s.get("index", -1) for s in samples], dtype=torch.long)
+    return {"feats": feats, "lengths": lengths, "labels": labels, "videos": [s["video"] for s in samples],
+            "indices": indices}

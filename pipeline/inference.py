@@ -111,8 +111,9 @@ class VideoClassifier:
         self.batch_size = batch_size
         self.backend = backend
         self.store_dtype = torch.float16 if settings.get("dtype", "float16") == "float16" else torch.float32
+        # the network's precision at extraction ("32", "bf16" or "16" autocast), so features match the folder's
         precision = str(settings.get("precision", "32"))
-        self.autocast = precision.startswith("bf16")
+        self.autocast_dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision)
 
     @torch.inference_mode()
     def features(self, path: str | os.PathLike) -> torch.Tensor:
@@ -125,7 +126,8 @@ class VideoClassifier:
             x = eval_views(frames, self.data_config, self.views)  # (V, t, C, H, W)
             v, t = x.shape[:2]
             flat = x.reshape(v * t, *x.shape[2:]).to(self.device)
-            context = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else nullcontext()
+            context = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
+                       else nullcontext())
             with context:
                 feats = torch.cat([self.encoder(b) for b in flat.split(self.batch_size)])  # (V*t, D)
             chunks.append(feats.float().view(v, t, -1))

@@ -275,6 +275,15 @@ class EleAttClassifier(pl.LightningModule):
                 f"the data's classes.txt lists {list(mine)[:10]}{'...' if len(mine) > 10 else ''}; evaluate with the "
                 "lists (and classes.txt) of the training data's label space"
             )
+        hparams = checkpoint.get("hyper_parameters", {})
+        for key, fix in (("input_size", "features extracted the way the training features were (backbone, modality)"),
+                         ("num_classes", "lists (and classes.txt) of the training data's label space")):
+            stored = hparams.get(key)
+            if stored is not None and stored != self.hparams[key]:
+                raise ValueError(
+                    f"the checkpoint was trained with {key}={stored} but the data gives {key}={self.hparams[key]}; "
+                    f"evaluate on {fix}"
+                )
         if self._trainer is not None and str(self.trainer.state.fn.value) == "fit" and "rng_states" in checkpoint:
             torch.set_rng_state(checkpoint["rng_states"]["torch"])
             if "cuda" in checkpoint["rng_states"] and torch.cuda.is_available():

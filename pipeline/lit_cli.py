@@ -17,6 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
+import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import CSVLogger
@@ -82,6 +83,27 @@ class EleAttCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
         parser.link_arguments("data.extraction_settings", "model.extraction_settings", apply_on="instantiate")
+
+    def _parse_ckpt_path(self) -> None:
+        """Refuses a --ckpt_path that is not a Lightning checkpoint before Lightning reads it: a text file, a bare
+        state dict or a pickle of arbitrary objects would otherwise end in a KeyError/UnpicklingError traceback."""
+        subcommand = self.config.get("subcommand")
+        ckpt = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt and Path(ckpt).is_file():
+            try:
+                loaded = torch.load(ckpt, weights_only=True, map_location="cpu", mmap=True)
+            except Exception as err:  # pickle/zip errors name no file
+                reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise ValueError(
+                    f"cannot read checkpoint '{ckpt}' with weights-only loading ({reason}); pass a best.ckpt or "
+                    "last.ckpt written by `eleatt fit`"
+                ) from err
+            if not (isinstance(loaded, dict) and "state_dict" in loaded and "pytorch-lightning_version" in loaded):
+                raise ValueError(
+                    f"'{ckpt}' is not a Lightning checkpoint (no state_dict/pytorch-lightning_version); pass a "
+                    "best.ckpt or last.ckpt written by `eleatt fit`"
+                )
+        super()._parse_ckpt_path()
 
     # -- run folder --------------------------------------------------------------------------------------------------
     def before_instantiate_classes(self) -> None:
@@ -183,8 +205,8 @@ class EleAttCLI(LightningCLI):
         if summary is None:
             lines.append(f"{stage}: no labelled videos, so no metrics")
         else:
-            logged = self.trainer.callback_metrics
-            summary = {k: float(logged.get(f"{stage}/{k}", v)) for k, v in summary.items()}
+            # From the file, not the logged metrics: under DDP the distributed sampler pads the shares with
+            # repeated videos, which the logged metrics count twice and the scores file holds once.
             labelled = int((scores["labels"] >= 0).sum())
             lines.append(f"{stage}: " + "  ".join(f"{k} {v:.4f}" for k, v in summary.items()) + f"  ({labelled} labelled)")
             from pipeline.viz import confusion_matrix, plot_confusion

@@ -176,6 +176,38 @@ def test_bad_inputs_give_one_line_and_exit_2(order_features, tmp_path, capsys):
     assert main(["fit", "--config", TINY, "--model.cell", "transformer"]) == 2
 
 
+@pytest.mark.parametrize("content", ["text", "state_dict"])
+def test_a_file_that_is_no_checkpoint_gives_one_line(order_features, tmp_path, capsys, content):
+    bad = tmp_path / "model.ckpt"
+    if content == "text":
+        bad.write_text("not a checkpoint\n")
+    else:
+        torch.save({"weight": torch.zeros(3)}, bad)  # a bare state dict, no Lightning keys
+    argv = ["test", "--config", TINY, *data_args(order_features["features"], order_features["lists"]),
+            "--ckpt_path", str(bad)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"'{bad}'" in err and "eleatt fit" in err
+
+
+def test_evaluating_on_features_of_another_dimension_is_refused(trained, order_features, tmp_path, capsys):
+    from pipeline.data.features import FeatureFolder
+
+    folder = FeatureFolder(tmp_path / "features16")
+    folder.check_settings({"backbone": "synthetic", "weights": "none", "views": "center", "modality": "rgb",
+                           "dtype": "float16", "dim": 16})
+    entries = read_list(order_features["lists"] / "test.txt")[:4]
+    for e in entries:
+        folder.write(e.path, np.zeros((10, 16), np.float32))
+    write_list(tmp_path / "test.txt", entries)
+    (tmp_path / "classes.txt").write_text((order_features["lists"] / "classes.txt").read_text())
+    argv = ["test", "--config", TINY, "--data.features_dir", str(tmp_path / "features16"), "--data.test_list",
+            str(tmp_path / "test.txt"), "--ckpt_path", str(trained / "best.ckpt")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "trained with input_size=8 but the data gives input_size=16" in err and "Traceback" not in err
+
+
 def test_views_are_averaged_as_probabilities_before_metrics():
     torch.manual_seed(0)
     model = EleAttClassifier(input_size=3, num_classes=4, hidden_size=8, dropout=0.0).eval()
@@ -237,6 +269,8 @@ def test_two_process_test_gathers_every_video_once(trained, order_features, tmp_
     the list once, in list order, although the distributed sampler pads an odd list with a repeated video."""
     odd = tmp_path / "lists"
     entries = read_list(order_features["lists"] / "test.txt")[:-1]  # 31 videos: shares of 16 and 15 (+1 repeat)
+    # The repeated video (the first) gets a wrong label, so counting it twice would change the metrics.
+    entries[0] = ListEntry(entries[0].path, (entries[0].label + 1) % 4)
     write_list(odd / "test.txt", entries)
     (odd / "classes.txt").write_text((order_features["lists"] / "classes.txt").read_text())
     runs = {}
@@ -252,6 +286,9 @@ def test_two_process_test_gathers_every_video_once(trained, order_features, tmp_
         )
         assert result.returncode == 0, result.stderr[-3000:]
         runs[name] = read_scores(tmp_path / name / "scores_test.npz")
+        # The printed metrics are those of the scores file: each video once.
+        expected = accuracy_summary(runs[name]["scores"], runs[name]["labels"])
+        assert printed("test", result.stdout) == pytest.approx(expected, abs=5e-5)
     assert list(runs["ddp"]["videos"]) == [e.path for e in entries]
     np.testing.assert_array_equal(runs["ddp"]["labels"], runs["one"]["labels"])
     np.testing.assert_allclose(runs["ddp"]["scores"], runs["one"]["scores"], atol=1e-5)

@@ -61,7 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     if not CONFIG.is_file():
         raise FileNotFoundError(f"config '{CONFIG}' not found: run the demo from a checkout of the project")
     out = Path(args.out).resolve()
-    data, features, runs = out / "data", out / "features" / opts["backbone"], out / "checkpoints"
+    # The videos are regenerated on every run, so features are kept per dataset: a rerun with other sizes or seed
+    # into the same --out must not resume (skip) from features of different videos.
+    dataset_tag = f"{opts['videos_per_class']}v{opts['num_frames']}f{opts['size']}px-seed{args.seed}"
+    data, runs = out / "data", out / "checkpoints"
+    features = out / "features" / f"{opts['backbone']}-{dataset_tag}"
     total = time.perf_counter()
 
     from preprocessing.synthetic import make_dataset

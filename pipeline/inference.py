@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -55,7 +56,13 @@ class Prediction:
 def _device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r}: expected auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r}: no CUDA device is available here; use --device cpu (or auto)")
+    return dev
 
 
 class VideoClassifier:
@@ -74,7 +81,12 @@ class VideoClassifier:
                  batch_size: int = 64, backend: str = "auto") -> None:
         ckpt = Path(ckpt)
         self.device = _device(device)
-        self.model = load_classifier(ckpt, map_location="cpu").to(self.device).eval()
+        try:
+            self.model = load_classifier(ckpt, map_location="cpu").to(self.device).eval()
+        except (pickle.UnpicklingError, EOFError, RuntimeError) as err:  # not a checkpoint, truncated, other model
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ValueError(f"checkpoint '{ckpt}' cannot be loaded ({type(err).__name__}: {reason}); pass a "
+                             "best.ckpt / last.ckpt written by `eleatt fit` (it may be truncated or damaged)") from None
         hparams = self.model.hparams
         settings = hparams.get("extraction_settings")
         needed = ("backbone", "weights", "data_config", "sampling", "views")

@@ -23,6 +23,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
@@ -346,8 +347,12 @@ class FeatureWriter(BasePredictionWriter):
         del self._received[video]
         feats = np.concatenate([p[1] for p in parts], axis=1)  # (V, T, D)
         assert feats.shape[1] == piece["total"], (video, feats.shape, piece["total"])
-        self.folder.write(video, feats[0] if feats.shape[0] == 1 else feats,
-                          source_frames=piece["source_frames"], source_fps=piece["source_fps"])
+        try:
+            self.folder.write(video, feats[0] if feats.shape[0] == 1 else feats,
+                              source_frames=piece["source_frames"], source_fps=piece["source_fps"])
+        except ValueError as err:  # features not finite in float16: this video fails, the run goes on
+            self._fail(video, f"{type(err).__name__}: {err}")
+            return
         self.stats.videos += 1
         self.stats.frames += piece["total"]
         self._tick()
@@ -448,17 +453,32 @@ def extract(list_path: str | os.PathLike, root: str | os.PathLike, out: str | os
     if workers < 0:
         raise ValueError(f"--workers {workers}: must be >= 0")
 
-    encoder = FrameEncoder(backbone, weights=weights)
     folder = FeatureFolder(out)
-    folder.check_settings(make_settings(encoder, sampling, views, precision))
-    for video in videos:  # every path must map under the folder: fail before any work
-        folder.feature_path(video)
+    targets: dict[Path, str] = {}
+    for video in videos:  # every path must map under the folder, each to its own file: fail before any work
+        target = folder.feature_path(video)
+        if target in targets:
+            raise ValueError(
+                f"list '{list_path}': videos '{targets[target]}' and '{video}' would both be stored as "
+                f"'{folder.relative(target)}' (feature files are named by the list path without its extension); "
+                "rename one of them, or extract them into separate folders (--out) from separate lists"
+            )
+        targets[target] = video
 
-    trainer = pl.Trainer(
-        accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
-        precision=PRECISIONS[precision], logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, use_distributed_sampler=False, inference_mode=True,
-    )
+    # The trainer first: a device/strategy the machine cannot run is a usage error and must leave no folder behind.
+    try:
+        trainer = pl.Trainer(
+            accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
+            precision=PRECISIONS[precision], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, use_distributed_sampler=False, inference_mode=True,
+        )
+    except (MisconfigurationException, TypeError) as err:
+        raise ValueError(
+            f"--device {device} --devices {devices} --num-nodes {num_nodes} --strategy {strategy}: {err} "
+            "(check the device flags against the machine: --device cpu, or a count of GPUs it has)"
+        ) from None
+    encoder = FrameEncoder(backbone, weights=weights)
+    folder.check_settings(make_settings(encoder, sampling, views, precision))
     # Every process reads the folder *before* joining the process group (inside predict; spawned ranks get this
     # list from their parent) and no rank writes before all have joined, so all ranks see the same remaining
     # videos and their strided shares are disjoint.
@@ -509,7 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="imagenet (timm's pretrained weights; needs the hub or its cache), none (random), or PATH "
                         "to a .safetensors/.pth/.bin state dict (default: imagenet)")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--fps", type=float, default=None, help="resample every video to F frames per second")
+    group.add_argument("--fps", type=float, default=None,
+                       help="resample every video to F frames per second (a video at or below F keeps every frame)")
     group.add_argument("--num-segments", type=int, default=None, help="N frames per video, at the centres of N equal segments")
     p.add_argument("--views", choices=VIEWS, default="center",
                    help="spatial views per frame: center crop (stored (T, D)), three or ten crops (stored (V, T, D))")

@@ -474,7 +474,11 @@ def scan_folder(
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"--root '{root}' is not a folder (give the folder holding one sub-folder per class)")
-    pattern = re.compile(group_regex) if group_regex else None
+    try:
+        pattern = re.compile(group_regex) if group_regex else None
+    except re.error as err:
+        raise ValueError(f"--group-regex {group_regex!r} is not a valid regular expression ({err}); "
+                         r"e.g. '_g(\d+)_' names UCF101-style groups") from None
     exts = tuple(e.lower() for e in extensions)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     entries, ignored = [], 0

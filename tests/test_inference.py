@@ -85,3 +85,39 @@ def test_missing_recorded_weights_name_the_flag(demo_run, tmp_path):
         VideoClassifier(moved, device="cpu")
     # the flag supplies them: here, the same (seeded random) weights the features were made with
     assert VideoClassifier(moved, weights="none", device="cpu").encoder.weights == "none"
+
+
+def test_unreadable_checkpoint_and_bad_device_are_one_line_errors(demo_run, tmp_path, capsys):
+    """Through `eleatt classify`: exit 2 and one line naming the file or the flag, no traceback."""
+    from pipeline.cli import main as eleatt
+
+    data, run = demo_run
+    video = str(data / read_list(data / "test.txt")[0].path)
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint\n")
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes((run / "best.ckpt").read_bytes()[:1000])
+    for ckpt in (garbage, truncated):
+        assert eleatt(["classify", video, "--ckpt", str(ckpt), "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert f"checkpoint '{ckpt}' cannot be loaded" in err and len(err.strip().splitlines()) == 1
+    assert eleatt(["classify", video, "--ckpt", str(run / "best.ckpt"), "--device", "bogus"]) == 2
+    assert "--device 'bogus'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert eleatt(["classify", video, "--ckpt", str(run / "best.ckpt"), "--device", "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_demo_rerun_with_another_dataset_does_not_reuse_stale_features(tmp_path, monkeypatch, capsys):
+    """The demo regenerates its videos each run: features of the videos of an earlier run (other seed or sizes)
+    in the same --out must not be skipped as finished."""
+    import pipeline.lit_cli
+    from pipeline.demo import main as demo_main
+
+    monkeypatch.setattr(pipeline.lit_cli, "main", lambda argv: 7)  # stop after extraction
+    out = tmp_path / "demo"
+    for seed in ("0", "1"):
+        assert demo_main(["--quick", "--videos-per-class", "3", "--out", str(out), "--seed", seed]) == 7
+        assert "extract: 30 done, 0 skipped, 0 failed of 30 videos" in capsys.readouterr().out
+    assert demo_main(["--quick", "--videos-per-class", "3", "--out", str(out), "--seed", "1"]) == 7
+    assert "extract: 0 done, 30 skipped" in capsys.readouterr().out  # the same dataset again: resumed

@@ -152,13 +152,14 @@ class FeatureFolder:
         return records
 
     def failed(self) -> dict[str, str]:
-        """video -> its last error, over every shard, without the videos that have finished since."""
+        """video -> its last error, over every shard, without the videos that are finished (record and file)."""
         errors: dict[str, str] = {}
         for shard in self._shards("failed"):
             for record in _read_jsonl(shard):
                 errors[record["video"]] = str(record.get("error", ""))
         if errors:
-            done = self.finished(verify=False)
+            # Verified: a video whose file has gone since its record and that then failed on a rerun is failed.
+            done = self.finished()
             errors = {v: e for v, e in errors.items() if v not in done}
         return errors
 

@@ -2,7 +2,7 @@
 
 The path is everything before the last whitespace (so it may contain spaces) and is relative to the root given to
 the command; it may name a raw-frame folder. Labels are 0-based, `-1` when unknown. `#` comments and blank lines
-are ignored; CRLF line ends are tolerated.
+are ignored; CRLF line ends and a UTF-8 byte-order mark (lists saved by Windows editors) are tolerated.
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ def read_list(path: str | os.PathLike) -> list[ListEntry]:
     if not path.is_file():
         raise FileNotFoundError(f"list file '{path}' not found (write one with `eleatt prepare ...`)")
     entries = []
-    with open(path, encoding="utf-8", newline=None) as f:  # universal newlines: CRLF tolerated
+    # universal newlines: CRLF tolerated; utf-8-sig: a BOM would otherwise become part of the first path
+    with open(path, encoding="utf-8-sig", newline=None) as f:
         for number, raw in enumerate(f, 1):
             line = raw.strip()
             if not line or line.startswith("#"):
@@ -80,7 +81,7 @@ def read_classes(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"class file '{path}' not found (it is written beside the lists by `eleatt prepare`)")
-    with open(path, encoding="utf-8", newline=None) as f:
+    with open(path, encoding="utf-8-sig", newline=None) as f:
         names = [line.strip() for line in f]
     while names and not names[-1]:
         names.pop()

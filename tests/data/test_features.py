@@ -56,6 +56,9 @@ def test_shards_failures_and_torn_lines(tmp_path):
     (tmp_path / "a.npy").unlink()
     assert set(folder.finished()) == {"b.mp4"}
     assert "a.mp4" in folder.finished(verify=False)
+    # ... and when its redo fails, the failure is reported (not hidden behind the old record)
+    FeatureFolder(tmp_path, rank=1).record_failure("a.mp4", "VideoReadError: now truncated")
+    assert folder.failed() == {"a.mp4": "VideoReadError: now truncated", "c.mp4": "bad header"}
 
 
 def test_missing_file_error_names_the_failure(tmp_path):

@@ -47,3 +47,13 @@ def test_write_refuses_unwritable_paths(tmp_path):
         write_list(tmp_path / "x.txt", [(" lead.mp4", 0)])
     with pytest.raises(ValueError):
         write_classes(tmp_path / "classes.txt", ["ok", ""])
+
+
+def test_byte_order_mark_is_not_part_of_the_first_path(tmp_path):
+    """Lists and class files saved by Windows editors start with a UTF-8 BOM; it must not end up in a path."""
+    path = tmp_path / "train.txt"
+    path.write_bytes(b"\xef\xbb\xbfa/first.avi 0\r\nb.avi 1\r\n")
+    assert read_list(path) == [ListEntry("a/first.avi", 0), ListEntry("b.avi", 1)]
+    classes = tmp_path / "classes.txt"
+    classes.write_bytes(b"\xef\xbb\xbfApplyEyeMakeup\r\nArchery\r\n")
+    assert read_classes(classes) == ["ApplyEyeMakeup", "Archery"]

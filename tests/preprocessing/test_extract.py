@@ -208,6 +208,41 @@ def test_usage_errors(synthetic_dataset, weights, tmp_path, capsys, monkeypatch)
     assert not (tmp_path / "y").exists()
 
 
+def test_device_errors_and_colliding_feature_paths_are_usage_errors(synthetic_dataset, weights, tmp_path, capsys):
+    """Refused before any work, with one line (no traceback) and no folder left behind."""
+    video = _videos(synthetic_dataset, 1)[0]
+    lst = _write_list(tmp_path / "list.txt", [video])
+    out = tmp_path / "feats"
+    assert main(_args(lst, synthetic_dataset, out, weights, "--devices", "abc")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("eleatt extract: error: --device cpu --devices abc") and "Traceback" not in err
+    assert not out.exists()
+
+    # Two list paths differing only in their extension would share one feature file: the second would silently
+    # overwrite the first, and both would be "finished". (Checked before any video is opened.)
+    stem, _ = os.path.splitext(video)
+    other = f"{stem}.avi"
+    assert main(_args(_write_list(tmp_path / "two.txt", [video, other]), synthetic_dataset, out, weights)) == 2
+    err = capsys.readouterr().err
+    assert video in err and other in err and f"{stem}.npy" in err
+    assert not out.exists()
+
+
+def test_features_that_cannot_be_stored_fail_only_their_video(tmp_path):
+    """Features that overflow float16 are a per-video failure (recorded, run goes on), not a crash of the run."""
+    from preprocessing.extract import FeatureWriter
+
+    writer = FeatureWriter(tmp_path / "feats", progress=False)
+    writer.folder = FeatureFolder(tmp_path / "feats")
+    piece = {"video": "a/huge.mp4", "start": 0, "count": 2, "total": 2, "views": 1, "source_frames": 2,
+             "source_fps": 12.0}
+    writer._add(piece, np.full((1, 2, 4), 1e6, np.float32))  # (V, k, D), beyond float16's range
+    writer._add({**piece, "video": "b/fine.mp4"}, np.ones((1, 2, 4), np.float32))
+    assert writer.stats.failed == 1 and writer.stats.videos == 1
+    assert "not finite in float16" in writer.folder.failed()["a/huge.mp4"]
+    assert set(writer.folder.finished()) == {"b/fine.mp4"}
+
+
 def test_resume_after_crash_states(synthetic_dataset, weights, tmp_path):
     """The states a kill can leave: a torn manifest line, a file renamed without its record, a temporary file."""
     videos = _videos(synthetic_dataset, 4)

@@ -306,6 +306,9 @@ def test_folder_tree(tmp_path, capsys):
     assert {key(e) for e in grouped.test}.isdisjoint(key(e) for e in grouped.train)
     with pytest.raises(FileNotFoundError, match="class folder"):
         scan_folder(root / "zebra")
+    # A bad regex is a usage error naming the option (a ValueError, so `eleatt prepare` prints one line).
+    with pytest.raises(ValueError, match=r"--group-regex '_\(s' is not a valid regular expression"):
+        scan_folder(root, group_regex=r"_(s")
 
 
 # --------------------------------------------------------------------------------------------------- grouped holdout

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from pipeline.data.datasets import FeatureNormalizer, sample_sequence
 from pipeline.data.sampling import frame_indices
 from pipeline.data.transforms import eval_views
 from pipeline.data.video import load_frames, probe
-from pipeline.lit import load_classifier
+from pipeline.lit import classifier_from_checkpoint, read_checkpoint
 from pipeline.nn.backbone import FrameEncoder
 
 EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED = 0, 2, 3
@@ -81,12 +80,8 @@ class VideoClassifier:
                  batch_size: int = 64, backend: str = "auto") -> None:
         ckpt = Path(ckpt)
         self.device = _device(device)
-        try:
-            self.model = load_classifier(ckpt, map_location="cpu").to(self.device).eval()
-        except (pickle.UnpicklingError, EOFError, RuntimeError) as err:  # not a checkpoint, truncated, other model
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise ValueError(f"checkpoint '{ckpt}' cannot be loaded ({type(err).__name__}: {reason}); pass a "
-                             "best.ckpt / last.ckpt written by `eleatt fit` (it may be truncated or damaged)") from None
+        checkpoint = read_checkpoint(ckpt, map_location="cpu")
+        self.model = classifier_from_checkpoint(checkpoint, ckpt).to(self.device)
         hparams = self.model.hparams
         settings = hparams.get("extraction_settings")
         needed = ("backbone", "weights", "data_config", "sampling", "views")
@@ -103,7 +98,6 @@ class VideoClassifier:
         self.settings = settings
         num_classes = int(hparams["num_classes"])
         self.class_names = list(hparams.get("class_names") or [f"class_{i}" for i in range(num_classes)])
-        checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
         data_hparams = checkpoint.get("datamodule_hyper_parameters") or {}
         self.num_steps = data_hparams.get("num_steps") or None
         self.normalizer = FeatureNormalizer(data_hparams.get("normalize", "none"))

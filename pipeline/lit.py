@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Literal
@@ -290,13 +291,25 @@ class EleAttClassifier(pl.LightningModule):
                 torch.cuda.set_rng_state_all(checkpoint["rng_states"]["cuda"])
 
 
-def load_classifier(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> EleAttClassifier:
-    """An EleAttClassifier from a checkpoint, loaded with weights-only semantics (no arbitrary unpickling), in eval
-    mode; its `hparams` hold `class_names` and `extraction_settings`."""
+def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """A training checkpoint as a dict, loaded with weights-only semantics (nothing unpickled but plain types and
+    tensors); a missing, truncated or foreign file raises FileNotFoundError / ValueError naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{path}' not found (runs keep best.ckpt and last.ckpt in checkpoints/<run>/)")
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as err:  # not a checkpoint, truncated, damaged
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"checkpoint '{path}' cannot be loaded ({type(err).__name__}: {reason}); pass a "
+                         "best.ckpt / last.ckpt written by `eleatt fit` (it may be truncated or damaged)") from None
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"'{path}' holds a {type(checkpoint).__name__}, not a training checkpoint")
+    return checkpoint
+
+
+def classifier_from_checkpoint(checkpoint: dict, path: str | os.PathLike = "<checkpoint>") -> EleAttClassifier:
+    """The EleAttClassifier a checkpoint dict (from `read_checkpoint`) holds, in eval mode."""
     hparams = dict(checkpoint.get("hyper_parameters") or {})
     if "input_size" not in hparams or "num_classes" not in hparams:
         raise ValueError(f"'{path}' is not an EleAttClassifier checkpoint (no input_size/num_classes hyperparameters)")
@@ -304,3 +317,9 @@ def load_classifier(path: str | os.PathLike, map_location: str | torch.device = 
     model = EleAttClassifier(**{k: v for k, v in hparams.items() if k in accepted})
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval()
+
+
+def load_classifier(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> EleAttClassifier:
+    """An EleAttClassifier from a checkpoint file, loaded with weights-only semantics (no arbitrary unpickling), in
+    eval mode; its `hparams` hold `class_names` and `extraction_settings`."""
+    return classifier_from_checkpoint(read_checkpoint(path, map_location), path)

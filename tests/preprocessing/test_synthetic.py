@@ -126,8 +126,8 @@ def test_make_dataset_is_deterministic(tmp_path):
     kwargs = dict(videos_per_class=3, num_frames=6, size=32, classes=["darken", "brighten"])
     a = make_dataset(tmp_path / "a", seed=5, **kwargs)
     b = make_dataset(tmp_path / "b", seed=5, **kwargs)
-    b = make_dataset(tmp_path / "b", seed=5, **kwargs)
-    assert b["counts"] == a["counts"] and b["classes"] == a["classes"]
+    c = make_dataset(tmp_path / "c", seed=6, **kwargs)
+    assert b["counts"] == a["counts"] == c["counts"] and b["classes"] == a["classes"]
     assert a["classes"] == ["darken", "brighten"] and a["pairs"] == [("brighten", "darken")]
     assert a["counts"] == {"train": 2, "val": 2, "test": 2} and a["num_videos"] == 6
     for name in ("train.txt", "val.txt", "test.txt", "classes.txt"):

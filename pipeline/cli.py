@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("pipeline.demo", "main", "run the RGB pipeline end to end on a generated dataset"),
 }
 
-EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED = 0, 2, 3
+from pipeline.errors import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
 
 
 def usage() -> str:

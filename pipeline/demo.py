@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     code = lightning_main(["test", *common, "--model.hidden_size", str(opts["hidden"]), "--ckpt_path", str(best)])
     if code != 0:
         return code
-    from pipeline.lit import accuracy_summary, read_scores
+    from pipeline.scores import accuracy_summary, read_scores
 
     scores = read_scores(run / "scores_test.npz")
     metrics = accuracy_summary(scores["scores"], scores["labels"])

@@ -26,7 +26,7 @@ from pipeline.data.video import load_frames, probe
 from pipeline.lit import classifier_from_checkpoint, read_checkpoint
 from pipeline.nn.backbone import FrameEncoder
 
-EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED = 0, 2, 3
+from pipeline.errors import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
 DECODE_CHUNK = 64  # frames decoded at once: bounds the memory of a long video
 
 

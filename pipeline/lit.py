@@ -9,7 +9,6 @@ from __future__ import annotations
 import inspect
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -21,53 +20,9 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from pipeline.nn.classifier import SequenceClassifier
+from pipeline.scores import write_scores
 
 SCORE_STAGES = {"validate": "val", "test": "test", "predict": "predict"}  # trainer.fn -> scores_<name>.npz
-
-
-def write_scores(
-    path: str | os.PathLike, videos: list[str], scores: np.ndarray, labels: np.ndarray, classes: list[str] | None
-) -> Path:
-    """Writes a scores file atomically: videos (N,) unicode, scores (N, C) float32, labels (N,) int64, classes."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {
-        "videos": np.array(videos, dtype=np.str_),
-        "scores": np.asarray(scores, dtype=np.float32),
-        "labels": np.asarray(labels, dtype=np.int64),
-    }
-    if classes is not None:
-        arrays["classes"] = np.array(classes, dtype=np.str_)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def read_scores(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Reads a scores file (never unpickles); `classes` is absent when the names were unknown."""
-    with np.load(path, allow_pickle=False) as data:
-        return {key: data[key] for key in data.files}
-
-
-def accuracy_summary(scores: np.ndarray, labels: np.ndarray, topk: int = 5) -> dict[str, float] | None:
-    """top1, top<k> (k = min(topk, C)) and mca (mean per-class recall over classes with labelled videos) from
-    scores (N, C) and labels (N,) (-1 ignored); None when no video is labelled."""
-    keep = labels >= 0
-    if not keep.any():
-        return None
-    scores, labels = scores[keep], labels[keep]
-    k = min(topk, scores.shape[1])
-    order = np.argsort(-scores, axis=1, kind="stable")
-    top1 = order[:, 0] == labels
-    topk_hit = (order[:, :k] == labels[:, None]).any(1)
-    recalls = [top1[labels == c].mean() for c in np.unique(labels)]
-    return {"top1": float(top1.mean()), f"top{k}": float(topk_hit.mean()), "mca": float(np.mean(recalls))}
 
 
 class EleAttClassifier(pl.LightningModule):

@@ -23,7 +23,8 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveCon
 from pytorch_lightning.loggers import CSVLogger
 
 from pipeline.data.datamodules import FeatureDataModule
-from pipeline.lit import EleAttClassifier, accuracy_summary, read_scores
+from pipeline.lit import EleAttClassifier
+from pipeline.scores import accuracy_summary, read_scores
 
 DEFAULT_ROOT = "checkpoints"
 CHECKPOINT_FILES = ("best.ckpt", "last.ckpt")

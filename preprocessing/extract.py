@@ -34,7 +34,7 @@ from pipeline.data.transforms import eval_views
 from pipeline.data.video import load_frames, probe
 from pipeline.nn.backbone import FrameEncoder
 
-EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED = 0, 2, 3
+from pipeline.errors import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
 VIEWS = ("center", "three", "ten")
 NUM_VIEWS = {"center": 1, "three": 3, "ten": 10}
 PRECISIONS = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}

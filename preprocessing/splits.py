@@ -22,7 +22,7 @@ import numpy as np
 
 from pipeline.data.lists import ListEntry, write_classes, write_list
 
-EXIT_OK, EXIT_USAGE, EXIT_INCOMPLETE = 0, 2, 3
+from pipeline.errors import EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED as EXIT_INCOMPLETE
 MAX_LISTED = 20  # problems printed to the terminal; all of them go to a file in --out
 
 # NTU RGB+D cross-subject training performers (Shahroudy et al. 2016; Liu et al. 2019 adds the second row).

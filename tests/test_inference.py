@@ -7,7 +7,7 @@ import torch
 
 from pipeline.data.lists import read_list
 from pipeline.inference import VideoClassifier, classify, main
-from pipeline.lit import read_scores
+from pipeline.scores import read_scores
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from pipeline.data.lists import ListEntry, read_list, write_list
-from pipeline.lit import EleAttClassifier, accuracy_summary, load_classifier, read_scores, write_scores
+from pipeline.lit import EleAttClassifier, load_classifier
+from pipeline.scores import accuracy_summary, read_scores, write_scores
 from pipeline.lit_cli import main
 
 REPO = Path(__file__).resolve().parents[1]

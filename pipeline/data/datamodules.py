@@ -6,7 +6,7 @@ from settings.json, classes.txt and at most one feature file), so the CLI links 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 import pytorch_lightning as pl
@@ -43,6 +43,9 @@ class FeatureDataModule(pl.LightningDataModule):
         train_transform: optional per-sample hook on float32 (T, D) training tensors, after normalisation
             (e.g. augmentation).
         eval_transform: optional per-sample hook on float32 (V, T, D) evaluation tensors.
+        augment: a training-time augmentation set from the config: none, or skeleton_rotation (a random rotation
+            of every joint about x, y and z within +-rotation_degrees; skeleton feature folders, normalize none).
+        rotation_degrees: the largest rotation of skeleton_rotation, per axis (the paper's 35).
     """
 
     def __init__(
@@ -62,6 +65,8 @@ class FeatureDataModule(pl.LightningDataModule):
         pin_memory: bool = False,
         train_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         eval_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        augment: Literal["none", "skeleton_rotation"] = "none",
+        rotation_degrees: float = 35.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["train_transform", "eval_transform"])
@@ -98,6 +103,24 @@ class FeatureDataModule(pl.LightningDataModule):
         self.num_classes: int = self._resolve_num_classes()
         self.feature_dim: int = self._resolve_feature_dim()
         self.datasets: dict[str, FeatureSequenceDataset] = {}
+        if augment != "none":
+            self.train_transform = self._augmentation(augment, rotation_degrees, normalize)
+
+    def _augmentation(self, augment: str, rotation_degrees: float, normalize: str) -> Callable:
+        if augment != "skeleton_rotation":
+            raise ValueError(f"augment={augment!r} is not one of 'none', 'skeleton_rotation'")
+        if self.train_transform is not None:
+            raise ValueError("give either augment or train_transform, not both")
+        modality = (self.extraction_settings or {}).get("modality", "skeleton")
+        if modality != "skeleton" or self.feature_dim % 3 or normalize != "none":
+            raise ValueError(
+                f"augment=skeleton_rotation rotates x, y, z joint coordinates, but '{self.features_dir}' holds "
+                f"{modality} features of dimension {self.feature_dim} with normalize={normalize!r}; use it on a "
+                "skeleton feature folder (`eleatt prepare ntu-skeleton`) with --data.normalize none"
+            )
+        from pipeline.data.skeleton import SkeletonRotation
+
+        return SkeletonRotation(rotation_degrees)
 
     # -- what the model is linked to -------------------------------------------------------------------------------
     def _read_class_names(self, classes: str | None) -> list[str] | None:

@@ -237,3 +237,17 @@ def test_the_rotation_is_refused_on_other_features(tmp_path, order_features):
     with pytest.raises(ValueError, match="normalize='standard'"):
         FeatureDataModule(str(folder.root), train_list=str(tmp_path / "train.txt"), augment="skeleton_rotation",
                           normalize="standard")
+
+
+def test_the_epoch_benchmark_counts_the_gate_and_labels_extrapolated_epochs(capsys):
+    from pipeline.benchmarks.skeleton import main
+
+    assert main(["--sequences", "64", "--steps", "5", "--batch-size", "16", "--hidden", "8", "--batches", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "extrapolated from 1 timed batch(es) of 4" in out
+    gate = 150 * (150 + 8 + 1) + 2 * 8 * (8 + 8 + 1)
+    rows = {line.split("|")[1].strip(): line.split("|")[2:] for line in out.splitlines() if line.startswith("| ")}
+    assert int(rows["EleAtt-GRU 3x8"][1].replace(",", "")) == gate
+    assert int(rows["GRU (no gate, same kernel) 3x8"][1].replace(",", "")) == 0
+    assert float(rows["nn.GRU 3x8"][4]) == 1.0 and "(extrapolated)" in rows["EleAtt-GRU 3x8"][3]
+    assert "rotation augmentation:" in out

@@ -65,6 +65,10 @@ class SkeletonFile:
     truncated: bool = False
 
 
+class _Truncated(Exception):
+    """Internal: the file ended before the frames its header announces."""
+
+
 def _error(path: str, line: int | None, reason: str, fix: str = "") -> SkeletonFormatError:
     where = f"{path}:{line}" if line is not None else path
     return SkeletonFormatError(f"skeleton file {where}: {reason}" + (f" ({fix})" if fix else ""))
@@ -92,10 +96,6 @@ def read_skeleton(path: str | os.PathLike, allow_truncated: bool = False) -> Ske
         raise _error(name, None, f"not a text file ({err.reason} at byte {err.start})", "is it an NTU .skeleton file?")
     rows = [(n, s.strip()) for n, s in enumerate(text.splitlines(), 1) if s.strip()]
     pos = 0
-
-    class _Truncated(Exception):
-        pass
-
     def take() -> tuple[int, str]:
         nonlocal pos
         if pos >= len(rows):

@@ -198,7 +198,7 @@ def test_the_papers_gate_parameter_count_for_3_x_100_on_150_d():
     assert sum(p.numel() for p in eleatt.parameters()) - sum(p.numel() for p in gru.parameters()) == 77_850
 
 
-def _skeleton_folder(root, dtype_settings=True):
+def _skeleton_folder(root):
     rng = np.random.default_rng(9)
     folder = FeatureFolder(root / "features")
     folder.check_settings({"modality": "skeleton", "dtype": "float32", "dim": 150})

@@ -102,14 +102,22 @@ def check_classes(score_dicts: Sequence[dict], names: Sequence[str] | None = Non
                 raise ValueError(f"{name} scores {num} classes but {ref_name} has {len(theirs)}: fuse files of "
                                  "models trained on the same class list")
             continue
-        if mine != theirs:
-            i = next((i for i, (a, b) in enumerate(zip(theirs, mine)) if a != b), min(len(mine), len(theirs)))
-            a = repr(theirs[i]) if i < len(theirs) else "(end of list)"
-            b = repr(mine[i]) if i < len(mine) else "(end of list)"
-            raise ValueError(f"class lists differ: class {i} is {a} in {ref_name} but {b} in {name} "
-                             f"({len(theirs)} vs {len(mine)} classes); fuse files of models trained on the same "
-                             "classes.txt")
+        check_same_classes(theirs, mine, ref_name, name)
     return ref[0] if ref else None
+
+
+def check_same_classes(first: Sequence[str], second: Sequence[str], first_name: str, second_name: str,
+                       what: str = "files") -> None:
+    """Raises ValueError naming the first difference between two class lists (names, order or number)."""
+    first, second = list(map(str, first)), list(map(str, second))
+    if first == second:
+        return
+    i = next((i for i, (a, b) in enumerate(zip(first, second)) if a != b), min(len(first), len(second)))
+    a = repr(first[i]) if i < len(first) else "(end of list)"
+    b = repr(second[i]) if i < len(second) else "(end of list)"
+    raise ValueError(f"class lists differ: class {i} is {a} in {first_name} but {b} in {second_name} "
+                     f"({len(first)} vs {len(second)} classes); fuse {what} of models trained on the same "
+                     "classes.txt")
 
 
 def _keys(videos) -> list[tuple[str, int]]:

@@ -86,13 +86,11 @@ def check_classes(score_dicts: Sequence[dict], names: Sequence[str] | None = Non
         _check_file(data, name)
         if "classes" in data and ref is None:
             ref = (list(map(str, data["classes"])), name)
-    counts = {data["scores"].shape[1] for data in score_dicts}
     for data, name in zip(score_dicts, names):
-        num = data["scores"].shape[1]
-        if len(counts) > 1 and ref is None:
-            first = names[0]
-            raise ValueError(f"{name} scores {num} classes but {first} scores {score_dicts[0]['scores'].shape[1]}: "
-                             "fuse files of models trained on the same class list")
+        num, first = data["scores"].shape[1], score_dicts[0]["scores"].shape[1]
+        if ref is None and num != first:
+            raise ValueError(f"{name} scores {num} classes but {names[0]} scores {first}: fuse files of models "
+                             "trained on the same class list")
         if ref is None:
             continue
         mine = list(map(str, data["classes"])) if "classes" in data else None

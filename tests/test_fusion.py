@@ -181,3 +181,21 @@ def test_help(capsys):
         assert flag in out
     eleatt(["--help"])
     assert "fuse" in capsys.readouterr().out
+
+
+def test_unnamed_classes_conflicting_labels_and_repeated_videos(tmp_path, capsys):
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    write_scores(tmp_path / "a.npz", ["x", "y", "x"], probs, np.array([0, 1, 0]), None)
+    write_scores(tmp_path / "b.npz", ["x", "x", "y"], probs[[2, 0, 1]] * 0 + 0.5, np.array([0, 0, 1]), None)
+    # no class names: the number of classes must agree
+    write_scores(tmp_path / "c.npz", ["x"], np.ones((1, 3)) / 3, np.array([0]), None)
+    assert eleatt(["fuse", "--scores", str(tmp_path / "a.npz"), str(tmp_path / "c.npz")]) == 2
+    assert "c.npz scores 3 classes but" in capsys.readouterr().err
+    # a video listed twice: the k-th occurrences are matched
+    fused = fuse_scores([read_scores(tmp_path / "a.npz"), read_scores(tmp_path / "b.npz")], [1, 1])
+    assert list(fused["videos"]) == ["x", "y", "x"] and "classes" not in fused and not fused["missing"]
+    np.testing.assert_allclose(fused["scores"], (probs + 0.5) / 2, atol=1e-7)
+    # a video labelled differently by two files is refused, naming it
+    write_scores(tmp_path / "d.npz", ["x", "y", "x"], probs, np.array([0, 0, 0]), None)
+    assert eleatt(["fuse", "--scores", str(tmp_path / "a.npz"), str(tmp_path / "d.npz")]) == 2
+    assert "video 'y' has different labels" in capsys.readouterr().err

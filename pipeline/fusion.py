@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.errors import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
+from pipeline.errors import EXIT_OK, EXIT_SOME_FAILED
 from pipeline.scores import accuracy_summary, read_scores, write_scores
 
 MODES = ("prob", "logit")

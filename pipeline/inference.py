@@ -258,7 +258,7 @@ def classify(paths: str | os.PathLike | Sequence[str | os.PathLike],
     return [model(p, topk=topk) for p in paths]
 
 
-def _split_weights(values: list[str] | None, num_ckpts: int) -> tuple[str | None, list[float] | None]:
+def _split_weights(values: list[str] | None) -> tuple[str | None, list[float] | None]:
     """`--weights`: numbers are the streams' fusion weights, one word (a file, imagenet, none) the backbone's."""
     if not values:
         return None, None
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.topk < 1 or args.batch_size < 1:
         print("eleatt classify: error: --topk and --batch-size must be >= 1", file=sys.stderr)
         return EXIT_USAGE
-    backbone_weights, stream_weights = _split_weights(args.weights, len(args.ckpt))
+    backbone_weights, stream_weights = _split_weights(args.weights)
     model = open_classifiers(args.ckpt, weights=backbone_weights, stream_weights=stream_weights, mode=args.mode,
                              device=args.device, batch_size=args.batch_size, backend=args.backend)
     failed = []

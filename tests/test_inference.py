@@ -155,9 +155,11 @@ def test_two_checkpoints_give_what_test_and_fuse_give(demo_run, second_run, tmp_
                        "--out", str(tmp_path / f"{mode}.npz"), "--mode", mode, "--no-plot", *weights]) == 0
         fused[mode] = read_scores(tmp_path / f"{mode}.npz")
         assert list(fused[mode]["videos"]) == [e.path for e in tests]
-    # every test video, the default fusion (1 : 1.5 of probabilities)
-    predictions = classify([data / e.path for e in tests], ckpts, topk=2, device="cpu")
-    for entry, pred, row in zip(tests, predictions, fused["prob"]["scores"]):
+    # four test videos (each is encoded once per stream), the default fusion (1 : 1.5 of probabilities)
+    picks = list(range(0, len(tests), max(1, len(tests) // 4)))[:4]
+    predictions = classify([data / tests[i].path for i in picks], ckpts, topk=2, device="cpu")
+    for i, pred in zip(picks, predictions):
+        entry, row = tests[i], fused["prob"]["scores"][i]
         assert pred.ok, pred.error
         np.testing.assert_allclose(pred.scores, row, atol=2e-3, err_msg=entry.path)
         assert pred.labels[0] == int(row.argmax()) and len(pred.names) == 2

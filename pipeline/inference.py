@@ -23,6 +23,7 @@ from pipeline.data.datasets import FeatureNormalizer, sample_sequence
 from pipeline.data.sampling import frame_indices
 from pipeline.data.transforms import eval_views
 from pipeline.data.video import load_frames, probe
+from pipeline.fusion import MODES, check_same_classes, check_weights, default_weights, fuse_probs
 from pipeline.lit import classifier_from_checkpoint, read_checkpoint
 from pipeline.nn.backbone import FrameEncoder
 
@@ -163,16 +164,112 @@ class VideoClassifier:
                           labels=[int(i) for i in top], scores=scores)
 
 
-def classify(paths: str | os.PathLike | Sequence[str | os.PathLike], ckpt: str | os.PathLike, topk: int = 5,
-             weights: str | None = None, device: str = "auto") -> list[Prediction]:
-    """Classifies video files with a checkpoint: one `Prediction` (top-k names and probabilities) per path.
+def _recorded_modality(ckpt: str | os.PathLike) -> str:
+    """The stream a checkpoint was trained on ('rgb', 'flow', ...), from its recorded extraction settings."""
+    # A second read of the (small, classifier-only) checkpoint: VideoClassifier takes a path.
+    hparams = read_checkpoint(ckpt, map_location="cpu").get("hyper_parameters") or {}
+    return str((hparams.get("extraction_settings") or {}).get("modality", "rgb"))
+
+
+def open_classifier(ckpt: str | os.PathLike, weights: str | None = None, device: str = "auto", batch_size: int = 64,
+                    backend: str = "auto"):
+    """The video classifier of one checkpoint, chosen by the stream its extraction settings record."""
+    modality = _recorded_modality(ckpt)
+    if modality == "rgb":
+        return VideoClassifier(ckpt, weights=weights, device=device, batch_size=batch_size, backend=backend)
+    if modality == "flow":
+        raise ValueError(f"checkpoint '{ckpt}' is a flow-stream checkpoint: classifying new videos with the flow "
+                         "stream is not supported yet; fuse its `eleatt test` scores with the RGB stream's instead "
+                         "(eleatt fuse --scores RGB/scores_test.npz FLOW/scores_test.npz)")
+    raise ValueError(f"checkpoint '{ckpt}' was trained on {modality!r} features; classify handles RGB checkpoints")
+
+
+class FusedClassifier:
+    """Several streams' classifiers (e.g. RGB and flow) fused as `eleatt fuse` fuses their scores files: each gives
+    class probabilities (C,) for the video, fused by a weighted mean (`mode="prob"`) or of log-probabilities."""
+
+    def __init__(self, classifiers: Sequence, weights: Sequence[float] | None = None, mode: str = "prob",
+                 names: Sequence[str] | None = None) -> None:
+        if mode not in MODES:
+            raise ValueError(f"fusion mode {mode!r}: expected one of {', '.join(MODES)}")
+        names = list(names) if names is not None else [f"checkpoint {i + 1}" for i in range(len(classifiers))]
+        for model, name in zip(classifiers[1:], names[1:]):
+            check_same_classes(classifiers[0].class_names, model.class_names, names[0], name, what="checkpoints")
+        self.classifiers = list(classifiers)
+        self.weights = check_weights(default_weights(len(classifiers)) if weights is None else weights,
+                                     len(classifiers))
+        self.mode = mode
+        self.class_names = list(classifiers[0].class_names)
+
+    def __call__(self, path: str | os.PathLike, topk: int = 5) -> Prediction:
+        """Classifies one video with every stream; a stream that cannot read it gives the Prediction's `error`."""
+        num_classes = len(self.class_names)
+        streams = []
+        for model in self.classifiers:
+            pred = model(path, topk=num_classes)  # every class's probability: pred.scores (C,)
+            if not pred.ok:
+                return pred
+            streams.append(pred.scores)
+        scores = fuse_probs(streams, self.weights, self.mode)  # (C,)
+        k = max(1, min(topk, num_classes))
+        top = np.argsort(-scores, kind="stable")[:k]
+        return Prediction(str(path), names=[self.class_names[i] for i in top], probs=[float(scores[i]) for i in top],
+                          labels=[int(i) for i in top], scores=scores)
+
+
+def _as_list(value, count: int, what: str) -> list:
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * count
+    if len(values) != count:
+        raise ValueError(f"{len(values)} {what} given for {count} checkpoints: give one, or one per checkpoint")
+    return values
+
+
+def open_classifiers(ckpts: str | os.PathLike | Sequence[str | os.PathLike], weights=None,
+                     stream_weights: Sequence[float] | None = None, mode: str = "prob", **kwargs):
+    """One checkpoint: its classifier; several (e.g. RGB and flow): a FusedClassifier of theirs."""
+    ckpts = [ckpts] if isinstance(ckpts, (str, os.PathLike)) else list(ckpts)
+    if not ckpts:
+        raise ValueError("no checkpoint given")
+    if len(ckpts) == 1 and stream_weights is not None:
+        raise ValueError("stream fusion weights need two or more checkpoints (e.g. --ckpt RGB.ckpt FLOW.ckpt "
+                         "--weights 1 1.5)")
+    backbones = _as_list(weights, len(ckpts), "backbone weights")
+    models = [open_classifier(c, weights=w, **kwargs) for c, w in zip(ckpts, backbones)]
+    if len(models) == 1:
+        return models[0]
+    return FusedClassifier(models, stream_weights, mode, names=[str(c) for c in ckpts])
+
+
+def classify(paths: str | os.PathLike | Sequence[str | os.PathLike],
+             ckpt: str | os.PathLike | Sequence[str | os.PathLike], topk: int = 5,
+             weights: str | None | Sequence[str | None] = None, device: str = "auto",
+             stream_weights: Sequence[float] | None = None, mode: str = "prob") -> list[Prediction]:
+    """Classifies video files with a checkpoint, or with several streams' checkpoints fused (a list, e.g.
+    [RGB, flow]; `stream_weights` default 1 : 1.5 for two, `mode` "prob" or "logit", as `eleatt fuse`):
+    one `Prediction` (top-k names and probabilities) per path. `weights` overrides the backbone weights (one
+    value, or one per checkpoint).
 
     >>> [p.names[0] for p in classify(["a.mp4", "b.mp4"], "checkpoints/run/best.ckpt")]  # doctest: +SKIP
+    >>> classify("a.mp4", ["checkpoints/rgb/best.ckpt", "checkpoints/flow/best.ckpt"])  # doctest: +SKIP
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    model = VideoClassifier(ckpt, weights=weights, device=device)
+    model = open_classifiers(ckpt, weights=weights, stream_weights=stream_weights, mode=mode, device=device)
     return [model(p, topk=topk) for p in paths]
+
+
+def _split_weights(values: list[str] | None) -> tuple[str | None, list[float] | None]:
+    """`--weights`: numbers are the streams' fusion weights, one word (a file, imagenet, none) the backbone's."""
+    if not values:
+        return None, None
+    try:
+        return None, [float(v) for v in values]
+    except ValueError:
+        pass
+    if len(values) != 1:
+        raise ValueError(f"--weights {' '.join(values)}: give numbers (one fusion weight per checkpoint, e.g. "
+                         "--weights 1 1.5) or one backbone weights file, imagenet or none")
+    return values[0], None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,11 +279,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "checkpoint records, run the EleAtt model, print the top-k classes.",
         epilog="exit status: 0 all classified; 3 some videos could not be read (each listed); 2 usage error",
     )
-    parser.add_argument("videos", nargs="+", metavar="VIDEO", help="video files or raw-frame folders")
-    parser.add_argument("--ckpt", required=True, help="checkpoint of `eleatt fit` (checkpoints/<run>/best.ckpt)")
-    parser.add_argument("--weights", default=None,
-                        help="backbone weights instead of the recorded ones: a local .safetensors/.pth/.bin file, "
-                             "'imagenet' or 'none' (default: what the training features were made with)")
+    # nargs="*" so that a missing VIDEO (swallowed by --ckpt's list) gets the message saying where to put them
+    parser.add_argument("videos", nargs="*", metavar="VIDEO", help="video files or raw-frame folders")
+    parser.add_argument("--ckpt", required=True, nargs="+",
+                        help="checkpoint of `eleatt fit` (checkpoints/<run>/best.ckpt); two or more (e.g. RGB.ckpt "
+                             "FLOW.ckpt): their streams' probabilities are fused as `eleatt fuse` does")
+    parser.add_argument("--weights", default=None, nargs="+", metavar="W",
+                        help="with several checkpoints, numbers: each stream's fusion weight (default 1 1.5 for two, "
+                             "as TSN; equal otherwise); otherwise the backbone weights instead of the recorded ones: "
+                             "a local .safetensors/.pth/.bin file, 'imagenet' or 'none' (default: what the training "
+                             "features were made with)")
+    parser.add_argument("--mode", choices=MODES, default="prob",
+                        help="fusion of several checkpoints: prob (weighted mean of probabilities, default) or "
+                             "logit (of log-probabilities)")
     parser.add_argument("--topk", type=int, default=5, help="classes to print per video (default 5)")
     parser.add_argument("--json", action="store_true", help="print one JSON object a line instead of a table")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
@@ -207,12 +312,17 @@ def _print_table(pred: Prediction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.videos:
+        parser.error("no VIDEO given; name the videos before --ckpt, which takes one or more checkpoints "
+                     "(eleatt classify a.mp4 b.mp4 --ckpt RGB.ckpt [FLOW.ckpt])")
     if args.topk < 1 or args.batch_size < 1:
         print("eleatt classify: error: --topk and --batch-size must be >= 1", file=sys.stderr)
         return EXIT_USAGE
-    model = VideoClassifier(args.ckpt, weights=args.weights, device=args.device, batch_size=args.batch_size,
-                            backend=args.backend)
+    backbone_weights, stream_weights = _split_weights(args.weights)
+    model = open_classifiers(args.ckpt, weights=backbone_weights, stream_weights=stream_weights, mode=args.mode,
+                             device=args.device, batch_size=args.batch_size, backend=args.backend)
     failed = []
     for video in args.videos:
         pred = model(video, topk=args.topk)

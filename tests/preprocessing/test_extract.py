@@ -267,7 +267,8 @@ def test_resume_after_crash_states(synthetic_dataset, weights, tmp_path):
                                    _reference(synthetic_dataset, video, weights)[0], rtol=2e-3, atol=2e-3)
 
 
-@pytest.mark.slow  # a subprocess start-up and a run; test_resume_after_crash_states covers the states quickly
+# Not marked slow (about a minute): the real kill of a running process is the one check of crash safety that
+# test_resume_after_crash_states (states written by hand) cannot make, so `make test` / CI runs it every time.
 def test_kill_and_resume(synthetic_dataset, weights, tmp_path):
     videos = _videos(synthetic_dataset, 12)
     lst = _write_list(tmp_path / "list.txt", videos)

@@ -121,3 +121,40 @@ def test_demo_rerun_with_another_dataset_does_not_reuse_stale_features(tmp_path,
         assert "extract: 30 done, 0 skipped, 0 failed of 30 videos" in capsys.readouterr().out
     assert demo_main(["--quick", "--videos-per-class", "3", "--out", str(out), "--seed", "1"]) == 7
     assert "extract: 0 done, 30 skipped" in capsys.readouterr().out  # the same dataset again: resumed
+
+
+def test_a_checkpoint_written_before_feature_settings_classifies_the_same(demo_run, tmp_path):
+    """Old checkpoints: settings without `format`, data state only under Lightning's own keys."""
+    from pipeline.data.features import FeatureSettings
+
+    data, run = demo_run
+    checkpoint = torch.load(run / "best.ckpt", map_location="cpu", weights_only=True)
+    state = checkpoint.pop("data_state")
+    assert set(state) == {"normalizer", "num_steps"}
+    checkpoint["FeatureDataModule"] = {"normalizer": state["normalizer"]}
+    checkpoint["datamodule_hyper_parameters"]["num_steps"] = state["num_steps"]
+    new = checkpoint["hyper_parameters"]["extraction_settings"]
+    old_keys = ("backbone", "weights", "data_config", "input_size", "sampling", "views", "modality", "dtype", "dim",
+                "precision")
+    checkpoint["hyper_parameters"]["extraction_settings"] = {k: new[k] for k in old_keys}
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    video = data / read_list(data / "test.txt")[0].path
+    then, now = VideoClassifier(old, device="cpu"), VideoClassifier(run / "best.ckpt", device="cpu")
+    assert then.settings == now.settings == FeatureSettings.from_json(new)
+    assert then.num_steps == now.num_steps and then.normalizer.state_dict() == now.normalizer.state_dict()
+    np.testing.assert_array_equal(then(video).scores, now(video).scores)
+
+
+def test_classify_makes_exactly_the_stored_features(demo_run):
+    """extract and classify share the path (data/frames.video_views + FrameEncoder.encode_stored): equal bits."""
+    from pipeline.data.features import FeatureFolder, as_views
+
+    data, run = demo_run
+    (features,) = [p for p in (data.parent / "features").iterdir() if (p / "settings.json").is_file()]
+    folder = FeatureFolder(features)
+    model = VideoClassifier(run / "best.ckpt", device="cpu")
+    assert model.settings == folder.settings
+    for entry in read_list(data / "test.txt")[:2]:
+        stored = as_views(folder.load(entry.path)).astype(np.float32)  # (V, T, D)
+        np.testing.assert_array_equal(model.features(data / entry.path).numpy(), stored)

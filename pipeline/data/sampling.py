@@ -13,8 +13,7 @@ from typing import Any, Literal, Mapping
 
 import numpy as np
 
-__all__ = ["Pad", "PAD_POLICIES", "segment_indices", "clip_indices", "fps_indices", "sequence_indices", "frame_indices",
-           "Sampling"]
+__all__ = ["Pad", "PAD_POLICIES", "segment_indices", "clip_indices", "fps_indices", "sequence_indices", "Sampling"]
 
 Pad = Literal["loop", "repeat_last"]
 PAD_POLICIES: tuple[str, ...] = ("loop", "repeat_last")
@@ -213,13 +212,3 @@ class Sampling:
         if self.mode == "segments":
             return segment_indices(num_frames, self.num_segments, train=False)
         return np.arange(_check_count("num_frames", num_frames), dtype=np.int64)
-
-
-def frame_indices(sampling: Sampling | Mapping[str, Any], num_frames: int, src_fps: float) -> np.ndarray:
-    """The frames a stream's `sampling` (a `Sampling`, or its settings.json form) selects from a video.
-
-    Returns int64 `(T,)` indices in `[0, num_frames)`; the same rule for extraction, classify and streaming.
-    """
-    if not isinstance(sampling, Sampling):
-        sampling = Sampling.from_json(sampling)
-    return sampling.indices(num_frames, src_fps)

@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import sys
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -19,16 +18,15 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from pipeline.data.datasets import FeatureNormalizer, sample_sequence
-from pipeline.data.sampling import frame_indices
-from pipeline.data.transforms import eval_views
-from pipeline.data.video import load_frames, probe
+from pipeline.data.datamodules import FeatureDataModule
+from pipeline.data.datasets import sample_sequence
+from pipeline.data.features import FeatureSettings, SettingsFormatError
+from pipeline.data.frames import DECODE_CHUNK, video_views
+from pipeline.devices import resolve_device
+from pipeline.errors import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
 from pipeline.fusion import MODES, check_same_classes, check_weights, default_weights, fuse_probs
 from pipeline.lit import classifier_from_checkpoint, read_checkpoint
 from pipeline.nn.backbone import FrameEncoder
-
-from pipeline.errors import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
-DECODE_CHUNK = 64  # frames decoded at once: bounds the memory of a long video
 
 
 @dataclass
@@ -53,18 +51,6 @@ class Prediction:
                                              for n, l, p in zip(self.names, self.labels, self.probs)]}
 
 
-def _device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device {device!r}: expected auto, cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device!r}: no CUDA device is available here; use --device cpu (or auto)")
-    return dev
-
-
 class VideoClassifier:
     """A checkpoint plus the backbone it needs, ready to classify video files.
 
@@ -80,66 +66,53 @@ class VideoClassifier:
     def __init__(self, ckpt: str | os.PathLike, weights: str | None = None, device: str = "auto",
                  batch_size: int = 64, backend: str = "auto") -> None:
         ckpt = Path(ckpt)
-        self.device = _device(device)
+        self.device = resolve_device(device)
         checkpoint = read_checkpoint(ckpt, map_location="cpu")
         self.model = classifier_from_checkpoint(checkpoint, ckpt).to(self.device)
         hparams = self.model.hparams
-        settings = hparams.get("extraction_settings")
-        needed = ("backbone", "weights", "data_config", "sampling", "views")
-        if not settings or any(key not in settings for key in needed):
-            missing = [k for k in needed if not settings or k not in settings]
+        recorded = hparams.get("extraction_settings")
+        try:
+            settings = FeatureSettings.from_json(recorded, ckpt) if recorded else None
+        except SettingsFormatError as err:
+            raise ValueError(f"checkpoint {err}") from None
+        if settings is None or settings.backbone is None or settings.data_config is None:
             raise ValueError(
                 f"checkpoint '{ckpt}' does not record the feature extraction settings it was trained on "
-                f"(missing: {', '.join(missing)}), so new videos cannot be encoded the same way; retrain on a feature "
-                "folder made by `eleatt extract` (its settings.json is recorded in the checkpoint)"
+                "(backbone, weights, data_config, sampling, views), so new videos cannot be encoded the same way; "
+                "retrain on a feature folder made by `eleatt extract` (its settings.json is recorded in the checkpoint)"
             )
-        if settings.get("modality", "rgb") != "rgb":
-            raise ValueError(f"checkpoint '{ckpt}' was trained on {settings['modality']!r} features; classify "
+        if settings.modality != "rgb":
+            raise ValueError(f"checkpoint '{ckpt}' was trained on {settings.modality!r} features; classify "
                              "handles RGB checkpoints only")
         self.settings = settings
         num_classes = int(hparams["num_classes"])
         self.class_names = list(hparams.get("class_names") or [f"class_{i}" for i in range(num_classes)])
-        data_hparams = checkpoint.get("datamodule_hyper_parameters") or {}
-        self.num_steps = data_hparams.get("num_steps") or None
-        self.normalizer = FeatureNormalizer(data_hparams.get("normalize", "none"))
-        state = (checkpoint.get("FeatureDataModule") or {}).get("normalizer")
-        if state is not None:
-            self.normalizer.load_state_dict(state)
-        source = weights if weights is not None else settings["weights"]
+        # The test-time step sampling and normalisation, as the data module saved them for this checkpoint.
+        self.num_steps, self.normalizer = FeatureDataModule.eval_state_from_checkpoint(checkpoint)
+        source = weights if weights is not None else settings.weights
         try:
-            self.encoder = FrameEncoder(settings["backbone"], weights=source).to(self.device)
+            self.encoder = FrameEncoder(settings.backbone, weights=source, in_chans=settings.in_chans).to(self.device)
         except FileNotFoundError as err:
             hint = "" if weights is not None else (
-                f" (the checkpoint records weights {settings['weights']!r}; pass `--weights PATH` to a local copy "
+                f" (the checkpoint records weights {settings.weights!r}; pass `--weights PATH` to a local copy "
                 "of the same weights, or `weights=` from Python)")
             raise type(err)(f"{err}{hint}") from None
-        self.data_config = dict(settings["data_config"])
-        self.views = settings["views"]
+        self.data_config = dict(settings.data_config)
+        self.views = settings.views
         self.batch_size = batch_size
         self.backend = backend
-        self.store_dtype = torch.float16 if settings.get("dtype", "float16") == "float16" else torch.float32
-        # the network's precision at extraction ("32", "bf16" or "16" autocast), so features match the folder's
-        precision = str(settings.get("precision", "32"))
-        self.autocast_dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision)
 
     @torch.inference_mode()
     def features(self, path: str | os.PathLike) -> torch.Tensor:
         """The features of one video as extraction stores them: float32 (V, T, D) (via the stored dtype)."""
-        info = probe(path)
-        indices = frame_indices(self.settings["sampling"], info.num_frames, info.fps)  # (T,)
         chunks = []
-        for start in range(0, len(indices), DECODE_CHUNK):
-            frames = load_frames(path, indices[start:start + DECODE_CHUNK], backend=self.backend)  # (t, H, W, 3)
-            x = eval_views(frames, self.data_config, self.views)  # (V, t, C, H, W)
-            v, t = x.shape[:2]
-            flat = x.reshape(v * t, *x.shape[2:]).to(self.device)
-            context = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
-                       else nullcontext())
-            with context:
-                feats = torch.cat([self.encoder(b) for b in flat.split(self.batch_size)])  # (V*t, D)
-            chunks.append(feats.float().view(v, t, -1))
-        feats = torch.cat(chunks, dim=1)  # (V, T, D)
-        return feats.to(self.store_dtype).float().cpu()
+        for chunk in video_views(path, self.settings, backend=self.backend, chunk=DECODE_CHUNK):
+            v, t = chunk.views.shape[:2]
+            images = chunk.views.reshape(v * t, *chunk.views.shape[2:]).to(self.device)  # (V*t, C, H, W) view-major
+            feats = self.encoder.encode_stored(images, self.settings.precision, self.settings.dtype,
+                                               self.batch_size)  # (V*t, D)
+            chunks.append(feats.view(v, t, -1))
+        return torch.cat(chunks, dim=1).cpu()  # (V, T, D)
 
     @torch.inference_mode()
     def scores(self, feats: torch.Tensor) -> np.ndarray:

@@ -211,3 +211,43 @@ def test_two_checkpoint_refusals(demo_run, second_run, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:  # videos after --ckpt are taken as checkpoints: say where they go
         main(["--ckpt", str(run / "best.ckpt"), video])
     assert stop.value.code == 2 and "name the videos before --ckpt" in capsys.readouterr().err
+
+
+def test_a_checkpoint_written_before_feature_settings_classifies_the_same(demo_run, tmp_path):
+    """Old checkpoints: settings without `format`, data state only under Lightning's own keys."""
+    from pipeline.data.features import FeatureSettings
+
+    data, run = demo_run
+    checkpoint = torch.load(run / "best.ckpt", map_location="cpu", weights_only=True)
+    state = checkpoint.pop("data_state")
+    assert set(state) == {"normalizer", "num_steps"}
+    checkpoint["FeatureDataModule"] = {"normalizer": state["normalizer"]}
+    checkpoint["datamodule_hyper_parameters"]["num_steps"] = state["num_steps"]
+    new = checkpoint["hyper_parameters"]["extraction_settings"]
+    old_keys = ("backbone", "weights", "data_config", "input_size", "sampling", "views", "modality", "dtype", "dim",
+                "precision")
+    checkpoint["hyper_parameters"]["extraction_settings"] = {k: new[k] for k in old_keys}
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    video = data / read_list(data / "test.txt")[0].path
+    then, now = VideoClassifier(old, device="cpu"), VideoClassifier(run / "best.ckpt", device="cpu")
+    assert then.settings == now.settings == FeatureSettings.from_json(new)
+    assert then.num_steps == now.num_steps and then.normalizer.mode == now.normalizer.mode
+    for key in ("mean", "std"):
+        a, b = then.normalizer.state_dict()[key], now.normalizer.state_dict()[key]
+        assert (a is None and b is None) or torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+    np.testing.assert_array_equal(then(video).scores, now(video).scores)
+
+
+def test_classify_makes_exactly_the_stored_features(demo_run):
+    """extract and classify share the path (data/frames.video_views + FrameEncoder.encode_stored): equal bits."""
+    from pipeline.data.features import FeatureFolder, as_views
+
+    data, run = demo_run
+    (features,) = [p for p in (data.parent / "features").iterdir() if (p / "settings.json").is_file()]
+    folder = FeatureFolder(features)
+    model = VideoClassifier(run / "best.ckpt", device="cpu")
+    assert model.settings == folder.settings
+    for entry in read_list(data / "test.txt")[:2]:
+        stored = as_views(folder.load(entry.path)).astype(np.float32)  # (V, T, D)
+        np.testing.assert_array_equal(model.features(data / entry.path).numpy(), stored)

@@ -233,6 +233,15 @@ def _init_worker(config: dict, threads: int | None = 1) -> None:
     _STATE["estimator"] = make_estimator(config)
 
 
+def _estimator():
+    """This process's estimator: RAFT is loaded once; OpenCV's are made afresh for each video, because a DIS object
+    reused across videos gave slightly different flow (a few levels on 0.2% of the pixels) than a fresh one, and a
+    video's flow must not depend on which videos its worker did before."""
+    if _STATE["config"]["method"] == "raft":
+        return _STATE["estimator"]
+    return make_estimator(_STATE["config"])
+
+
 def _work(video: str) -> tuple[str, dict | None, str | None]:
     """Computes and commits one video's flow file in this process; (video, extra record fields, error)."""
     config = _STATE["config"]
@@ -247,7 +256,7 @@ def _work(video: str) -> tuple[str, dict | None, str | None]:
         info = probe(src)
         tmp = folder.temporary(video)
         with FlowWriter(tmp, config["bound"]) as writer:
-            for q in video_flow(src, _STATE["estimator"], config["short_side"], config["bound"], config["backend"]):
+            for q in video_flow(src, _estimator(), config["short_side"], config["bound"], config["backend"]):
                 writer.add(q)
         folder.commit(video, tmp)
         tmp = None
@@ -366,6 +375,9 @@ def compute(list_path: str | os.PathLike, root: str | os.PathLike, out: str | os
                 _STATE.clear()
         else:
             ctx = mp.get_context(_start_method())
+            if ctx.get_start_method() == "forkserver":
+                # The server imports the decoder (and torch) once; each worker is then a cheap fork of it.
+                ctx.set_forkserver_preload(["preprocessing.flow", "pipeline.data.video"])
             with ProcessPoolExecutor(max_workers=min(workers, len(remaining)), mp_context=ctx,
                                      initializer=_init_worker, initargs=(config,)) as pool:
                 try:

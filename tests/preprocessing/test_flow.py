@@ -212,3 +212,46 @@ def test_import_export_commands(tmp_path, capsys):
     assert main(["--export-jpg", str(tmp_path / "back"), "--out", str(out), "--no-progress"]) == 0
     assert sorted(p.name for p in (tmp_path / "back" / "video_a").iterdir())[:2] == ["x_00001.jpg", "x_00002.jpg"]
     assert main(["--export-jpg", str(tmp_path / "b"), "--import-jpg", str(src), "--out", str(out)]) == 2
+
+
+@pytest.mark.slow  # a subprocess start-up and a run; test_resume_after_crash_states covers the states quickly
+def test_kill_and_resume(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parents[2]
+    root = tmp_path / "videos"
+    write_lossless_video(root / "v000.mp4", _translating(1, 2, frames=24))
+    names = [f"v{i:03d}.mp4" for i in range(30)]
+    for name in names[1:]:
+        (root / name).write_bytes((root / "v000.mp4").read_bytes())
+    (root / "list.txt").write_text("".join(f"{n} 0\n" for n in names))
+    out = tmp_path / "flow"
+    args = ["--list", str(root / "list.txt"), "--root", str(root), "--out", str(out), "--short-side", "0",
+            "--workers", "2", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "flow", *args], cwd=repo, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    try:
+        while (not (out / "manifest.jsonl").exists() or len(_records(out)) < 3) and proc.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, f"finished before it was killed: {err.decode()[-2000:]}"
+    assert 3 <= len(_records(out)) < len(names)
+    time.sleep(1.0)  # the orphaned workers notice their parent is gone and exit
+    assert main(args) == 0
+    counts: dict[str, int] = {}
+    for record in _records(out):
+        counts[record["video"]] = counts.get(record["video"], 0) + 1
+    assert counts == {n: 1 for n in names}
+    assert not list(out.rglob("*.tmp*"))
+    first = load_quantized(out / "v000.flow.zip")[0]
+    for name in names:
+        assert np.array_equal(load_quantized(out / name.replace(".mp4", ".flow.zip"))[0], first)

@@ -13,6 +13,7 @@ import argparse
 import multiprocessing as mp
 import os
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -218,6 +219,31 @@ def video_flow(path: str | os.PathLike, estimator, short_side: int | None, bound
 _STATE: dict = {}
 
 
+def _process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, killed but not yet reaped, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):  # no /proc (macOS): signal 0 probes existence
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except OSError:
+            return True
+
+
+def _watch_parent(pid: int) -> None:
+    """Ends this worker when the main process is gone: a pool worker blocked on its task queue would otherwise
+    outlive a killed run (and keep its terminal or pipes open)."""
+    while _process_alive(pid):
+        time.sleep(1.0)
+    os._exit(1)
+
+
 def _init_worker(config: dict, threads: int | None = 1) -> None:
     import cv2
 
@@ -231,6 +257,9 @@ def _init_worker(config: dict, threads: int | None = 1) -> None:
             pass
     _STATE["config"] = config
     _STATE["estimator"] = make_estimator(config)
+    parent = config.get("parent_pid")
+    if parent and parent != os.getpid():
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True, name="watch-parent").start()
 
 
 def _estimator():
@@ -330,16 +359,20 @@ def compute(list_path: str | os.PathLike, root: str | os.PathLike, out: str | os
         OpenCVFlow("tvl1")  # the clear message when contrib is missing
     videos = list(dict.fromkeys(e.path for e in read_list(list_path)))  # list order, each once
     folder = FlowFolder(out)
+    owners: dict[Path, str] = {}
+    for video in videos:  # a path leaving the root, or two videos sharing one flow file, is a usage error
+        other = owners.setdefault(folder.feature_path(video), video)
+        if other != video:
+            raise ValueError(f"'{other}' and '{video}' in {list_path} would both be stored as "
+                             f"'{folder.feature_path(video)}' (the extension is dropped); rename one of them")
     folder.check_settings(make_settings(method, preset, short_side, bound, variant, weights))
     folder.remove_stale_temporaries()
-    for video in videos:
-        folder.feature_path(video)  # a path leaving the root is a usage error of the whole list
     finished = folder.finished()
     remaining = [v for v in videos if v not in finished]
     summary = Summary(total=len(videos), skipped=len(videos) - len(remaining))
     config = {"method": method, "preset": preset, "short_side": short_side or None, "bound": float(bound),
               "weights_path": str(weights) if weights else None, "root": str(root), "out": str(out),
-              "backend": backend}
+              "backend": backend, "parent_pid": os.getpid()}
     bar = tqdm(total=len(remaining), unit="video", desc="flow", file=sys.stderr,
                disable=True if progress is False else None)
     start = time.perf_counter()

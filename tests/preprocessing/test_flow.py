@@ -164,6 +164,10 @@ def test_usage_errors(videos, tmp_path, capsys):
     assert e.value.code == 0
     assert "--import-jpg" in capsys.readouterr().out
     assert cli_main(["flow", "--out", str(tmp_path / "y")]) == 2  # registered in the dispatcher
+    capsys.readouterr()
+    (videos / "collide.txt").write_text("move/right_up.mp4 0\nmove/right_up.avi 0\n")
+    assert _run(videos, tmp_path / "c", list_name="collide.txt") == 2
+    assert "would both be stored as" in capsys.readouterr().err and not (tmp_path / "c").exists()
 
 
 @pytest.mark.skipif(tvl1_available(), reason="contrib OpenCV is installed: TV-L1 runs")
@@ -233,8 +237,9 @@ def test_kill_and_resume(tmp_path):
     args = ["--list", str(root / "list.txt"), "--root", str(root), "--out", str(out), "--short-side", "0",
             "--workers", "2", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(repo)}
+    log = open(tmp_path / "stderr.txt", "w+b")  # a file, not a pipe: a stray worker cannot block the read
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "flow", *args], cwd=repo, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.monotonic() + 120
     try:
         while (not (out / "manifest.jsonl").exists() or len(_records(out)) < 3) and proc.poll() is None \
@@ -242,10 +247,11 @@ def test_kill_and_resume(tmp_path):
             time.sleep(0.02)
     finally:
         proc.send_signal(signal.SIGKILL)
-        _, err = proc.communicate()
-    assert proc.returncode == -signal.SIGKILL, f"finished before it was killed: {err.decode()[-2000:]}"
+        proc.wait()
+    log.seek(0)
+    assert proc.returncode == -signal.SIGKILL, f"finished before it was killed: {log.read().decode()[-2000:]}"
     assert 3 <= len(_records(out)) < len(names)
-    time.sleep(1.0)  # the orphaned workers notice their parent is gone and exit
+    time.sleep(2.5)  # the orphaned workers notice their parent is gone and exit (polled each second)
     assert main(args) == 0
     counts: dict[str, int] = {}
     for record in _records(out):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import signal
 import sys
 import threading
 import time
@@ -259,6 +260,9 @@ def _init_worker(config: dict, threads: int | None = 1) -> None:
     _STATE["estimator"] = make_estimator(config)
     parent = config.get("parent_pid")
     if parent and parent != os.getpid():
+        # Ctrl-C reaches the whole process group: the main process alone handles it (stops handing out videos,
+        # lets each worker finish its current one), so a worker never records an interrupted video as failed.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         threading.Thread(target=_watch_parent, args=(parent,), daemon=True, name="watch-parent").start()
 
 
@@ -332,6 +336,53 @@ def make_settings(method: str, preset: str, short_side: int | None, bound: float
 def _start_method() -> str:
     methods = mp.get_all_start_methods()
     return "forkserver" if "forkserver" in methods else "spawn"
+
+
+def _run_pool(ctx, workers: int, config: dict, videos: list[str], handle, summary: Summary) -> None:
+    """Runs ``_work`` over ``videos`` in ``workers`` processes, calling ``handle(video, extra, error)`` for each.
+
+    At most one video per worker is handed out at a time, so that on Ctrl-C only the videos being computed remain:
+    they are finished and recorded (a second Ctrl-C abandons them; their temporary files are removed by the next
+    run) and ``summary.interrupted`` is set.
+    """
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(config,))
+    queue = iter(videos)
+    pending: dict = {}
+    abandon = False
+
+    def top_up() -> None:
+        while len(pending) < workers:
+            video = next(queue, None)
+            if video is None:
+                return
+            pending[pool.submit(_work, video)] = video
+
+    def collect(futures) -> None:
+        for fut in futures:
+            video = pending.pop(fut)
+            try:
+                result = fut.result()
+            except Exception as err:  # a worker that died (killed, out of memory)
+                result = (video, None, f"{type(err).__name__}: worker process failed: {err}")
+            handle(*result)
+
+    try:
+        top_up()
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            collect(done)
+            top_up()
+    except KeyboardInterrupt:
+        summary.interrupted = True
+        print(f"interrupted: finishing the {len(pending)} video(s) in progress (Ctrl-C again to abandon them)",
+              file=sys.stderr)
+        try:
+            done, _ = wait(pending)
+            collect(done)
+        except KeyboardInterrupt:
+            abandon = True
+    finally:
+        pool.shutdown(wait=not abandon, cancel_futures=True)
 
 
 def compute(list_path: str | os.PathLike, root: str | os.PathLike, out: str | os.PathLike, method: str = "dis",
@@ -411,21 +462,9 @@ def compute(list_path: str | os.PathLike, root: str | os.PathLike, out: str | os
             if ctx.get_start_method() == "forkserver":
                 # The server imports the decoder (and torch) once; each worker is then a cheap fork of it.
                 ctx.set_forkserver_preload(["preprocessing.flow", "pipeline.data.video"])
-            with ProcessPoolExecutor(max_workers=min(workers, len(remaining)), mp_context=ctx,
-                                     initializer=_init_worker, initargs=(config,)) as pool:
-                try:
-                    pending = {pool.submit(_work, v): v for v in remaining}
-                    while pending:
-                        finished_now, _ = wait(pending, return_when=FIRST_COMPLETED)
-                        for fut in finished_now:
-                            video = pending.pop(fut)
-                            try:
-                                handle(*fut.result())
-                            except Exception as err:  # a worker that died (killed, out of memory)
-                                handle(video, None, f"{type(err).__name__}: worker process failed: {err}")
-                except BaseException:
-                    pool.shutdown(wait=True, cancel_futures=True)
-                    raise
+            _run_pool(ctx, min(workers, len(remaining)), config, remaining, handle, summary)
+        if summary.interrupted:
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
         summary.interrupted = True
     finally:

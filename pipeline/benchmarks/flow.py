@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.flow import FlowFolder, load_quantized
+from pipeline.data.flow import FlowFolder, jpeg_bytes, load_quantized
 from pipeline.data.video import load_frames, probe
 from preprocessing.flow import OpenCVFlow, RaftFlow, compute, target_size, tvl1_available
 from preprocessing.synthetic import write_lossless_video
@@ -57,14 +57,6 @@ def flow_alone(estimator, rgb: np.ndarray, repeats: int) -> float:
             pass
         best = min(best, time.perf_counter() - start)
     return (len(images) - 1) / best
-
-
-def jpeg_bytes(q: np.ndarray, quality: int = 95) -> int:
-    """Bytes of mmaction2's layout for uint8 (N, 2, H, W): one JPEG per plane."""
-    import cv2
-
-    params = [cv2.IMWRITE_JPEG_QUALITY, quality]
-    return sum(len(cv2.imencode(".jpg", np.ascontiguousarray(plane), params)[1]) for pair in q for plane in pair)
 
 
 def main(argv: list[str] | None = None) -> int:

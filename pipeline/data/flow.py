@@ -41,6 +41,7 @@ __all__ = [
     "export_jpg",
     "flow_info",
     "flow_stack",
+    "jpeg_bytes",
     "load_flow",
     "load_quantized",
     "normalize_flow",
@@ -326,6 +327,14 @@ class FlowFolder(FeatureFolder):
                 "into this folder (it resumes), or drop the video from the list")
         return load_flow(path, indices)
 
+    def stack(self, video: str, positions: Sequence[int] | np.ndarray, length: int = 5,
+              normalize: bool = True) -> np.ndarray:
+        """``flow_stack`` of the video's file: float32 ``(P, 2L, H, W)``, x1, y1, ..., xL, yL."""
+        path = self.feature_path(video)
+        if not path.is_file():
+            self.load(video)  # raises the clear error
+        return flow_stack(path, positions, length, normalize)
+
     def remove_stale_temporaries(self) -> int:
         count = 0
         if self.root.is_dir():
@@ -400,3 +409,10 @@ def export_jpg(path: str | os.PathLike, dest: str | os.PathLike, prefix: str = "
                 raise ValueError(f"JPEG encoding failed for pair {i} of '{path}'")
             (dest / f"{prefix}{name}_{i:05d}.jpg").write_bytes(buf.tobytes())
     return len(q)
+
+
+def jpeg_bytes(q: np.ndarray, quality: int = 95) -> int:
+    """The bytes mmaction2/denseflow's layout takes for uint8 ``(N, 2, H, W)``: one JPEG per plane (no write)."""
+    cv2 = _cv2()
+    params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)]
+    return sum(len(cv2.imencode(".jpg", np.ascontiguousarray(plane), params)[1]) for pair in q for plane in pair)

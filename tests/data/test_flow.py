@@ -107,6 +107,9 @@ def test_flow_stack_layout_interleaves_x_and_y(tmp_path):
     normed = flow_stack(path, [1, 5], length=5)
     assert np.allclose(normed, stack / bound) and np.abs(normed).max() <= 1.0
     assert np.allclose(normalize_flow(torch.from_numpy(stack), bound).numpy(), normed)
+    folder = FlowFolder(tmp_path / "flows")
+    folder.write_quantized("a/v.mp4", q, bound)
+    assert np.array_equal(folder.stack("a/v.mp4", [1, 5]), normed)
 
 
 def test_flipping_a_stack_negates_x_and_mirrors(tmp_path):

@@ -82,6 +82,37 @@ def test_known_translation_is_measured(videos, tmp_path, method):
     assert settings["method"] == method and settings["bound"] == 20.0 and settings["short_side"] is None
 
 
+def test_flow_files_are_at_most_2_5x_the_jpeg_layout(videos, tmp_path):
+    from pipeline.data.flow import jpeg_bytes
+
+    out = tmp_path / "size"
+    assert _run(videos, out) == 0
+    for path in sorted(out.rglob("*.flow.zip")):
+        q = load_quantized(path)[0]
+        assert path.stat().st_size <= 2.5 * jpeg_bytes(q, quality=95), path
+
+
+def test_ctrl_c_keeps_finished_videos_and_exits_130(videos, tmp_path, monkeypatch, capsys):
+    real = flowmod._work
+    calls = []
+
+    def interrupted_on_second(video):
+        calls.append(video)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(video)
+
+    monkeypatch.setattr(flowmod, "_work", interrupted_on_second)
+    out = tmp_path / "ctrl_c"
+    assert _run(videos, out) == 130
+    assert "rerun the same command to resume" in capsys.readouterr().err
+    assert [r["video"] for r in _records(out)] == [f"move/{MOTIONS[0][0]}.mp4"]
+    assert not list(out.rglob("*.tmp*"))
+    monkeypatch.undo()
+    assert _run(videos, out) == 0
+    assert len(_records(out)) == len(MOTIONS)
+
+
 def test_short_side_resizes_and_flow_is_in_stored_pixels(videos, tmp_path):
     out = tmp_path / "half"
     assert main(["--list", str(videos / "good.txt"), "--root", str(videos), "--out", str(out), "--short-side", "32",

@@ -38,6 +38,9 @@ DEFAULT_PRESET = "fast"
 DEFAULT_SHORT_SIDE = 256
 # Bytes of decoded RGB frames held at once per worker: bounds the memory of a long or 4K video.
 DECODE_BYTES = 128 * 2**20
+# Flow reads every frame in order, which PyAV does exactly and about as fast as decord; "auto" would first verify
+# decord on each file (~0.2 s a file under load), which cost up to 3x on 24-frame clips (benchmarks/flow.py --quick).
+DEFAULT_BACKEND = "pyav"
 RAFT_BATCH = 8  # frame pairs per RAFT forward pass
 RAFT_MIN_SIDE = 128
 # Farneback parameters (pyr_scale, levels, winsize, iterations, poly_n, poly_sigma): "fast" is OpenCV's sample.
@@ -190,7 +193,7 @@ def make_estimator(config: dict):
 # One video
 # --------------------------------------------------------------------------------------------------------------
 def video_flow(path: str | os.PathLike, estimator, short_side: int | None, bound: float,
-               backend: str = "auto") -> Iterator[np.ndarray]:
+               backend: str = DEFAULT_BACKEND) -> Iterator[np.ndarray]:
     """Quantised pairs uint8 (2, h, w) of a video, frame i -> i + 1, decoded in bounded chunks.
 
     Raises ValueError (``VideoReadError``) for an unreadable video and for one with fewer than 2 frames.
@@ -387,7 +390,7 @@ def _run_pool(ctx, workers: int, config: dict, videos: list[str], handle, summar
 
 def compute(list_path: str | os.PathLike, root: str | os.PathLike, out: str | os.PathLike, method: str = "dis",
             preset: str = DEFAULT_PRESET, short_side: int | None = DEFAULT_SHORT_SIDE, bound: float = DEFAULT_BOUND,
-            workers: int = 1, weights: str | None = None, backend: str = "auto",
+            workers: int = 1, weights: str | None = None, backend: str = DEFAULT_BACKEND,
             progress: bool | None = None) -> Summary:
     """Computes the flow of every video of ``list_path`` not yet in ``out``; see ``eleatt flow --help``."""
     if method not in METHODS:
@@ -561,7 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="processes computing flow, one video each at a time (default min(2, CPUs))")
     p.add_argument("--weights", help="--method raft: a local torchvision raft_large/raft_small state dict")
-    p.add_argument("--backend", choices=("auto", "decord", "pyav"), default="auto", help="video decoder (default auto)")
+    p.add_argument("--backend", choices=("auto", "decord", "pyav"), default=DEFAULT_BACKEND,
+                   help="video decoder (default pyav: exact frames, no per-file decord check)")
     p.add_argument("--import-jpg", metavar="DIR", help="import the JPEG flow folders under DIR into --out "
                                                        "(x_00001.jpg/y_00001.jpg or flow_x_/flow_y_; --bound is theirs)")
     p.add_argument("--export-jpg", metavar="DIR", help="export every video of the flow folder --out as JPEGs "

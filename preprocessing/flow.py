@@ -451,14 +451,18 @@ def compute(list_path: str | os.PathLike, root: str | os.PathLike, out: str | os
             pass
         elif workers == 1:
             import cv2
+            import torch
 
-            saved = cv2.getNumThreads()
+            saved = cv2.getNumThreads(), torch.get_num_threads()
             try:
-                _init_worker(config)
+                # One process: OpenCV single-threaded as in the workers (same speed per video, comparable figures);
+                # RAFT on a CPU keeps torch's threads, the only parallelism it has here.
+                _init_worker(config, threads=None if method == "raft" else 1)
                 for video in remaining:
                     handle(*_work(video))
             finally:
-                cv2.setNumThreads(saved)
+                cv2.setNumThreads(saved[0])
+                torch.set_num_threads(saved[1])
                 _STATE.clear()
         else:
             ctx = mp.get_context(_start_method())

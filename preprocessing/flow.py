@@ -219,7 +219,7 @@ def video_flow(path: str | os.PathLike, estimator, short_side: int | None, bound
         previous = images[-1]
 
 
-# Worker-process state (one estimator per process, made once).
+# Worker-process state: the run's config and its estimator (RAFT loaded once per process; see _estimator).
 _STATE: dict = {}
 
 

@@ -215,6 +215,8 @@ def _read_jsonl(path: Path) -> Iterable[dict]:
 class FeatureFolder:
     """A feature folder; `rank` selects this process's manifest/failure shards (None: the unsharded files)."""
 
+    suffix = ".npy"  # the per-video file's extension (a flow folder stores `.flow.zip` files)
+
     def __init__(self, root: str | os.PathLike, rank: int | None = None):
         self.root = Path(root)
         self.rank = rank
@@ -280,12 +282,12 @@ class FeatureFolder:
 
     # --- paths ----------------------------------------------------------------------------------------------
     def feature_path(self, video: str) -> Path:
-        """`<root>/<list path without extension>.npy` for a list path (relative, '/'-separated)."""
+        """`<root>/<list path without extension><suffix>` (`.npy`) for a list path (relative, '/'-separated)."""
         rel = PurePosixPath(video.replace("\\", "/"))
         if rel.is_absolute() or ".." in rel.parts or not rel.parts:
             raise ValueError(f"video path {video!r} must be relative to the root and stay under it (no '..')")
         stem, _ = os.path.splitext(rel.as_posix())
-        return self.root / f"{stem}.npy"
+        return self.root / f"{stem}{self.suffix}"
 
     def relative(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()

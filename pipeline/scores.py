@@ -10,10 +10,11 @@ Imports neither Lightning nor the model, so that evaluation (`pipeline.lit`), la
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from pipeline.paths import atomic_write
 
 
 def write_scores(
@@ -29,14 +30,8 @@ def write_scores(
     }
     if classes is not None:
         arrays["classes"] = np.array(classes, dtype=np.str_)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "wb") as f:  # whole or not at all, with the umask's permissions
+        np.savez(f, **arrays)
     return path
 
 

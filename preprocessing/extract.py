@@ -9,6 +9,7 @@ failure shards, so a run killed at any moment resumes, with any number of ranks,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -35,6 +36,7 @@ from pipeline.data.video import load_frames, probe
 from pipeline.nn.backbone import FrameEncoder
 
 from pipeline.errors import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
+from pipeline.paths import ensure_writable_dir
 VIEWS = ("center", "three", "ten")
 NUM_VIEWS = {"center": 1, "three": 3, "ten": 10}
 PRECISIONS = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
@@ -453,6 +455,7 @@ def extract(list_path: str | os.PathLike, root: str | os.PathLike, out: str | os
     if workers < 0:
         raise ValueError(f"--workers {workers}: must be >= 0")
 
+    ensure_writable_dir(out, "--out feature folder")
     folder = FeatureFolder(out)
     targets: dict[Path, str] = {}
     for video in videos:  # every path must map under the folder, each to its own file: fail before any work
@@ -477,6 +480,10 @@ def extract(list_path: str | os.PathLike, root: str | os.PathLike, out: str | os
             f"--device {device} --devices {devices} --num-nodes {num_nodes} --strategy {strategy}: {err} "
             "(check the device flags against the machine: --device cpu, or a count of GPUs it has)"
         ) from None
+    # One writer per folder: a second `extract` (or `flow`) into it is refused while this one runs. Rank 0 holds the
+    # lock for all the ranks of this run; the system drops it when the process ends, however it ends.
+    held = folder.lock("extract") if trainer.global_rank == 0 else contextlib.nullcontext()
+    held.__enter__()
     encoder = FrameEncoder(backbone, weights=weights)
     folder.check_settings(make_settings(encoder, sampling, views, precision))
     # Every process reads the folder *before* joining the process group (inside predict; spawned ranks get this
@@ -500,6 +507,7 @@ def extract(list_path: str | os.PathLike, root: str | os.PathLike, out: str | os
 
     after = FeatureFolder(out).finished()
     failed_now = FeatureFolder(out).failed()
+    held.__exit__(None, None, None)
     return Summary(
         total=len(videos),
         done=sum(1 for v in remaining if v in after),

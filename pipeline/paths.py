@@ -46,7 +46,7 @@ def ensure_writable_dir(path: str | os.PathLike, what: str = "output folder") ->
         raise OutputLocationError(f"{what} '{path}' is an existing file, not a folder; choose a folder path")
     try:
         path.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:  # a parent is a file
+    except (FileExistsError, NotADirectoryError):  # a parent is a file
         raise OutputLocationError(f"{what} '{path}' cannot be created: a parent of it is a file; choose another "
                                   "path") from None
     except OSError as err:

@@ -119,7 +119,7 @@ class EleAttClassifier(pl.LightningModule):
         self._batch_videos = list(batch.get("videos", []))
         # Every rank takes the decision together (a rank raising alone would leave the others waiting forever).
         if self._any_rank(not bool(torch.isfinite(loss))):
-            self._stop_non_finite(f"the training loss is {float(loss)}")
+            self._stop_non_finite(f"the training loss is {float(loss.detach())}")
         self.train_top1(logits, labels)
         size = len(labels)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size, sync_dist=True)

@@ -92,9 +92,17 @@ class _RunCheckpoint(ModelCheckpoint):
         super()._save_last_checkpoint(trainer, monitor_candidates)
         self._last_written_step = trainer.global_step
 
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        due = not self._should_skip_saving_checkpoint(trainer) and self._should_save_on_train_epoch_end(trainer)
+        super().on_train_epoch_end(trainer, pl_module)
+        self._save_last_if_missed(trainer, due)
+
     def on_validation_end(self, trainer, pl_module) -> None:
         due = not self._should_skip_saving_checkpoint(trainer) and not self._should_save_on_train_epoch_end(trainer)
         super().on_validation_end(trainer, pl_module)
+        self._save_last_if_missed(trainer, due)
+
+    def _save_last_if_missed(self, trainer, due: bool) -> None:
         if due and self.save_last and self._last_written_step != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
@@ -388,7 +396,8 @@ class _OneLineErrorParser(LightningArgumentParser):
             return super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
         text = " ".join(line.strip() for line in str(message).strip().splitlines() if line.strip())
-        sys.stderr.write(f"{parser.prog}: error: {text}\n  ({parser.prog} --help lists the options)\n")
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(f"{prog}: error: {text}\n  ({prog} --help lists the options)\n")
         sys.exit(EXIT_USAGE)
 
 

@@ -68,7 +68,7 @@ def test_last_is_the_latest_epoch_and_a_resume_keeps_the_history(order_features,
 
 
 def test_ctrl_c_in_fit_exits_130_and_prints_the_command_that_resumes(order_features, tmp_path, monkeypatch, capsys):
-    def interrupt_in_epoch_1(self):
+    def interrupt_in_epoch_1(self):  # before the checkpoint callback saves epoch 1: last.ckpt holds epoch 0
         if self.current_epoch == 1:
             raise KeyboardInterrupt
 
@@ -79,7 +79,7 @@ def test_ctrl_c_in_fit_exits_130_and_prints_the_command_that_resumes(order_featu
         assert main(argv) == 130
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works again afterwards
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith(f"eleatt fit: interrupted (Ctrl-C); kept {tmp_path / 'r'}/ with last.ckpt (end of epoch 1)")
+    assert err.startswith(f"eleatt fit: interrupted (Ctrl-C); kept {tmp_path / 'r'}/ with last.ckpt (end of epoch 0)")
     resume = shlex.split(err.split("resume with: ", 1)[1])
     assert resume[:2] == ["eleatt", "fit"] and "--run_name" not in resume
     assert main(resume[1:]) == 0

@@ -27,7 +27,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("pipeline.demo", "main", "run the RGB pipeline end to end on a generated dataset"),
 }
 
-from pipeline.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, interrupt_message, one_line, set_interrupt_note
+from pipeline.errors import (
+    EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, interrupt_message, one_line, set_interrupt_note, watch_interrupts,
+)
 
 
 def usage() -> str:
@@ -54,8 +56,18 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     module, function, _ = COMMANDS[command]
     set_interrupt_note(None)
+    with watch_interrupts() as ctrl_c:
+        try:
+            return _run(command, getattr(importlib.import_module(module), function), rest)
+        except SystemExit as exit_:
+            if ctrl_c.happened:  # a library caught the Ctrl-C and exited by itself (Lightning's predict loop)
+                print(interrupt_message(command, rest), file=sys.stderr)
+                return EXIT_INTERRUPTED
+            raise
+
+
+def _run(command: str, entry, rest: list[str]) -> int:
     try:
-        entry = getattr(importlib.import_module(module), function)
         return int(entry(rest) or 0)
     except (ValueError, FileNotFoundError) as err:
         # Bad user input: one clear line (the message names the file and the fix), no traceback.

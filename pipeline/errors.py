@@ -6,7 +6,10 @@ too, and Ctrl-C into EXIT_INTERRUPTED with what was kept and the command that re
 """
 from __future__ import annotations
 
+import contextlib
+import signal
 import shlex
+import threading
 
 EXIT_OK = 0  # all done
 EXIT_USAGE = 2  # usage error or refused run; the message gives the reason and the fix
@@ -21,6 +24,33 @@ def set_interrupt_note(note: str | None) -> None:
     "finished videos are kept in out/; resume with: eleatt extract ..."). None: the generic note."""
     global _interrupt_note
     _interrupt_note = note
+
+
+class InterruptWatch:
+    """Whether Ctrl-C was pressed while `watch_interrupts()` was active, even if a library caught the
+    KeyboardInterrupt and exited on its own (Lightning's loops catch it, tear down and call sys.exit(1))."""
+
+    happened = False
+
+
+@contextlib.contextmanager
+def watch_interrupts():
+    """`with watch_interrupts() as watch:` ... `watch.happened`. SIGINT still raises KeyboardInterrupt as usual; the
+    previous handler is restored afterwards (Lightning leaves Ctrl-C ignored after catching one)."""
+    watch = InterruptWatch()
+    if threading.current_thread() is not threading.main_thread():  # signals can only be handled there
+        yield watch
+        return
+
+    def handler(signum, frame):
+        watch.happened = True
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield watch
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
 def interrupt_message(command: str, argv: list[str]) -> str:

@@ -19,7 +19,6 @@ import importlib.util
 import logging
 import re
 import shlex
-import signal
 import sys
 import warnings
 from datetime import datetime
@@ -34,7 +33,7 @@ from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
 from pipeline.data.datamodules import FeatureDataModule
-from pipeline.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, one_line
+from pipeline.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, InterruptWatch, one_line, watch_interrupts
 from pipeline.lit import EleAttClassifier, read_checkpoint
 from pipeline.paths import atomic_write, ensure_writable_dir
 from pipeline.scores import accuracy_summary, read_scores
@@ -431,13 +430,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else ""
     _last_cli[0] = None
+    ctrl_c = InterruptWatch()
     try:
-        with quiet_lightning():
+        with quiet_lightning(), watch_interrupts() as ctrl_c:
             EleAttCLI(args=argv)
     except SystemExit as exit_:  # --help, --print_config, parser errors; Lightning's own exit after Ctrl-C
         cli = _last_cli[0]
-        if cli is not None and cli.interrupted:
-            signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores Ctrl-C from then on
+        if ctrl_c.happened or (cli is not None and cli.interrupted):
             print(_interrupt_message(command, argv), file=sys.stderr)
             return EXIT_INTERRUPTED
         code = exit_.code

@@ -107,3 +107,22 @@ def test_an_os_error_naming_a_file_is_one_line(monkeypatch, capsys):
     _fake_command(monkeypatch, body)
     assert cli.main(["long"]) == 2
     assert capsys.readouterr().err == "eleatt long: error: cannot use '/data/out/x.npy': Permission denied\n"
+
+
+def test_ctrl_c_caught_by_a_library_that_exits_still_gives_130(monkeypatch, capsys):
+    import signal
+    import time
+
+    def body(argv):  # what Lightning's loops do with a KeyboardInterrupt: tear down, then sys.exit(1)
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            sys.exit(1)
+
+    _fake_command(monkeypatch, body)
+    before = signal.getsignal(signal.SIGINT)
+    assert cli.main(["long", "--out", "x"]) == 130
+    assert "interrupted (Ctrl-C)" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is before  # Ctrl-C is not left ignored

@@ -291,8 +291,10 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # not a checkpoint, truncated, damaged: pickle, zip and torch errors alike
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ValueError(f"checkpoint '{path}' cannot be loaded ({type(err).__name__}: {reason}); pass a "
+        reason = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+        if "Weights only load failed" in reason:  # torch's advice to unpickle anything is not ours to give
+            reason = "not a PyTorch checkpoint, or one holding arbitrary Python objects"
+        raise ValueError(f"checkpoint '{path}' cannot be loaded ({reason}); pass a "
                          "best.ckpt / last.ckpt written by `eleatt fit` (it may be truncated or damaged)") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         what = type(checkpoint).__name__ if not isinstance(checkpoint, dict) else "dict without a state_dict"

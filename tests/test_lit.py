@@ -181,11 +181,16 @@ def test_bad_inputs_give_one_line_and_exit_2(trained, order_features, tmp_path, 
     assert main(["fit", "--config", TINY, "--model.cell", "transformer"]) == 2
 
 
-@pytest.mark.parametrize("content", ["text", "state_dict"])
+@pytest.mark.parametrize("content", ["text", "state_dict", "truncated", "garbage"])
 def test_a_file_that_is_no_checkpoint_gives_one_line(order_features, tmp_path, capsys, content):
     bad = tmp_path / "model.ckpt"
     if content == "text":
         bad.write_text("not a checkpoint\n")
+    elif content == "truncated":
+        torch.save({"state_dict": {"w": torch.zeros(1000)}, "pytorch-lightning_version": "2.6.6"}, bad)
+        bad.write_bytes(bad.read_bytes()[:2000])  # a copy cut short
+    elif content == "garbage":
+        bad.write_bytes(np.random.default_rng(0).bytes(3000))
     else:
         torch.save({"weight": torch.zeros(3)}, bad)  # a bare state dict, no Lightning keys
     argv = ["test", "--config", TINY, *data_args(order_features["features"], order_features["lists"]),

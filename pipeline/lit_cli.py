@@ -282,6 +282,10 @@ class EleAttCLI(LightningCLI):
             epoch = read_checkpoint(ckpt).get("epoch")
             if isinstance(epoch, int):
                 _drop_rows_after(self.run_dir / "metrics.csv", epoch)
+        elif self.subcommand == "fit" and not cfg.trainer.get("fast_dev_run"):
+            # A fresh run in a folder without checkpoints (one stopped before its first epoch ended): its rows
+            # are not this run's history.
+            (self.run_dir / "metrics.csv").unlink(missing_ok=True)
         # The root, not the run folder, goes into the config saved with the run (instantiate_trainer passes the
         # run folder to the trainer), so that the saved config.yaml starts new runs beside this one.
         cfg.trainer["default_root_dir"] = str(root)

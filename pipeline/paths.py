@@ -35,30 +35,33 @@ def file_mode() -> int:
     return 0o666 & ~mask
 
 
-def ensure_writable_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
-    """Creates `path` (with its parents) when needed and checks that files can be created in it.
+def ensure_writable_dir(path: str | os.PathLike, what: str = "output folder", create: bool = False) -> Path:
+    """Checks, before any work, that `path` is a folder files can be written in, or can become one.
 
-    Raises OutputLocationError (a ValueError: one line, exit 2 in every command) naming `what` and `path` when it is
-    an existing file, lies under a file, cannot be created, or is not writable (permissions or a read-only mount).
+    A folder that does not exist yet is not created (a refused run leaves nothing behind) unless `create`; its
+    nearest existing parent must then be a writable folder. Raises OutputLocationError (a ValueError: one line,
+    exit 2 in every command) naming `what` and `path` when it is an existing file, lies under a file, or is not
+    writable (permissions or a read-only mount).
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OutputLocationError(f"{what} '{path}' is an existing file, not a folder; choose a folder path")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):  # a parent is a file
-        raise OutputLocationError(f"{what} '{path}' cannot be created: a parent of it is a file; choose another "
-                                  "path") from None
-    except OSError as err:
-        raise OutputLocationError(f"{what} '{path}' cannot be created ({err.strerror}); choose a writable "
-                                  "location") from None
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputLocationError(f"{what} '{path}' cannot be created: a parent of it ('{existing}') is a file; "
+                                  "choose another path")
     try:  # os.access misreads ACLs and some network mounts: create a file to be sure
-        fd, probe = tempfile.mkstemp(prefix=f"{TMP_PREFIX}-probe.", dir=path)
+        fd, probe = tempfile.mkstemp(prefix=f"{TMP_PREFIX}-probe.", dir=existing)
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
-        raise OutputLocationError(f"{what} '{path}' is not writable ({err.strerror}); choose a writable location "
-                                  "or fix its permissions") from None
+        where = "" if existing == path else f" (its parent '{existing}' does not accept new files)"
+        raise OutputLocationError(f"{what} '{path}' is not writable{where}: {err.strerror}; choose a writable "
+                                  "location or fix its permissions") from None
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
     return path
 
 

@@ -480,11 +480,11 @@ def extract(list_path: str | os.PathLike, root: str | os.PathLike, out: str | os
             f"--device {device} --devices {devices} --num-nodes {num_nodes} --strategy {strategy}: {err} "
             "(check the device flags against the machine: --device cpu, or a count of GPUs it has)"
         ) from None
+    encoder = FrameEncoder(backbone, weights=weights)
     # One writer per folder: a second `extract` (or `flow`) into it is refused while this one runs. Rank 0 holds the
     # lock for all the ranks of this run; the system drops it when the process ends, however it ends.
     held = folder.lock("extract") if trainer.global_rank == 0 else contextlib.nullcontext()
     held.__enter__()
-    encoder = FrameEncoder(backbone, weights=weights)
     folder.check_settings(make_settings(encoder, sampling, views, precision))
     # Every process reads the folder *before* joining the process group (inside predict; spawned ranks get this
     # list from their parent) and no rank writes before all have joined, so all ranks see the same remaining

@@ -103,10 +103,11 @@ class ExportLayer(nn.Module):
         """x (B, T, D) -> outputs (B, T, H), from a zero state."""
         if torch.jit.is_scripting():
             return self._loop(x)
-        return self._scan(x)
+        else:  # (an else: TorchScript skips the branch it cannot compile)
+            return self._scan(x) if torch.compiler.is_exporting() else self._loop(x)
 
     def _loop(self, x: Tensor) -> Tensor:
-        # TorchScript / ONNX: a scripted loop over the dynamic T (an ONNX Loop)
+        # eager, TorchScript and ONNX: a loop over the dynamic T (scripted: an ONNX Loop)
         b = x.size(0)
         h = x.new_zeros(b, self.hidden_size)  # (B, H)
         c = x.new_zeros(b, self.hidden_size)
@@ -117,7 +118,7 @@ class ExportLayer(nn.Module):
         return torch.stack(outs, 1)  # (B, T, H)
 
     def _scan(self, x: Tensor) -> Tensor:
-        # torch.export (and eager): the loop as one `scan`, which keeps T symbolic instead of unrolling it
+        # torch.export: the loop as one `scan`, which keeps T symbolic instead of unrolling it
         from torch._higher_order_ops.scan import scan
 
         b = x.size(0)

@@ -122,6 +122,15 @@ def _autocast_enabled(device_type: str) -> bool:
         return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
 
 
+def _capturing() -> bool:
+    """True while torch.jit.trace or torch.export captures a graph: they record the readable reference path (the
+    fast kernel writes into preallocated buffers with out= products, which neither can record)."""
+    if torch.jit.is_tracing():
+        return True
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting is not None and is_exporting())
+
+
 def _check_gate(gate: str) -> None:
     if gate not in _GATES:
         raise ValueError(f"gate={gate!r} is not supported; use 'sigmoid' (the paper) or 'softmax' (its ablation)")
@@ -307,6 +316,7 @@ class _EleAttRNNBase(nn.Module):
         impl: Impl = "fast",
         device=None,
         dtype=None,
+        proj_size: int = 0,
     ) -> None:
         super().__init__()
         name = type(self).__name__
@@ -319,6 +329,9 @@ class _EleAttRNNBase(nn.Module):
         if bidirectional:
             raise ValueError(f"{name}: bidirectional=True is not supported (the gate reads h_(t-1) of one direction); "
                              "run two stacks, one on the reversed sequence, and concatenate their outputs")
+        if proj_size:
+            raise ValueError(f"{name}: proj_size={proj_size} is not supported (the gate and the next step read the "
+                             "full hidden state h_(t-1)); use a smaller hidden_size, or an nn.Linear on the outputs")
         if attention_layers is None:
             attention_layers = num_layers
         if not 0 <= attention_layers <= num_layers:
@@ -458,7 +471,7 @@ class _EleAttRNNBase(nn.Module):
                              f"them (e.g. module.to({data.dtype}) or input.to({weight.dtype}))")
         state = self._state_from_hx(hx, batch, data, batched, sorted_indices)
 
-        if self.impl == "fast":
+        if self.impl == "fast" and not _capturing():
             from pipeline.nn.eleatt_fast import fast_stack
 
             out, final, gates = fast_stack(self, data, batch_sizes, state)
@@ -510,13 +523,14 @@ class EleAttRNN(_EleAttRNNBase):
         self, input_size: int, hidden_size: int, num_layers: int = 1, nonlinearity: str = "tanh",
         bias: bool = True, batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
         attention_layers: int | None = None, gate: GateKind = "sigmoid", impl: Impl = "fast", device=None, dtype=None,
+        proj_size: int = 0,
     ) -> None:
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"EleAttRNN: nonlinearity={nonlinearity!r} is not supported; use 'tanh' or 'relu'")
         self.nonlinearity = nonlinearity
         self.mode = "RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU"
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
-                         attention_layers, gate, impl, device, dtype)
+                         attention_layers, gate, impl, device, dtype, proj_size)
 
 
 class EleAttLSTM(_EleAttRNNBase):

@@ -109,17 +109,20 @@ def test_benchmark_quick_prints_the_table(capsys):
     assert bench.main(["--quick", "--repeats", "1"]) == 0
     text = capsys.readouterr().out
     titles = [line for line in text.splitlines() if line.startswith("### ")]
-    assert [t.split(":")[0] for t in titles] == ["### rgb-b32", "### rgb-b256", "### skeleton"]
+    assert [t.split(":")[0] for t in titles] == ["### rgb-b32", "### rgb-b256", "### skeleton", "### streaming"]
     names = ["nn.LSTM", "EleAttLSTM", "naive EleAtt-LSTM loop", "nn.GRU", "EleAttGRU", "naive EleAtt-GRU loop"]
     rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| ") and "---" not in line]
     body = [[c.strip() for c in r] for r in rows if r[0].strip() != "implementation"]
+    streaming, body = body[18:], body[:18]
     assert [r[0] for r in body] == names * 3
+    assert [r[0] for r in streaming] == ["nn.LSTMCell + gate products", "EleAttLSTMCell", "nn.LSTMCell"]
+    assert float(streaming[0][2]) == 1.0 and all(float(r[1]) > 0 for r in streaming)
     for r in body:
         fwd, fwdbwd, ratio_f, ratio_fb = map(float, r[1:5])
         assert min(fwd, fwdbwd, ratio_f, ratio_fb) >= 0
         if r[0].startswith("nn."):
             assert ratio_f == ratio_fb == 1.0  # the reference row of its group
-        assert (r[5] == "-") != r[0].startswith("EleAtt")  # the naive-loop speed-up only on our rows
+        assert (r[5] == "-") == (r[6] == "-") != r[0].startswith("EleAtt")  # naive-loop speed-ups: our rows only
 
 
 def test_benchmark_help(capsys):

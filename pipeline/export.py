@@ -410,8 +410,10 @@ def load_exported(path: str | Path, fmt: str):
     if fmt == "exported":
         module = torch.export.load(path).module()
         return lambda *xs: _as_tuple(module(*xs))
-    import onnxruntime as ort
-
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ExportError("running an ONNX export needs onnxruntime: pip install 'eleatt[export]'") from None
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     return lambda *xs: tuple(torch.from_numpy(o) for o in session.run(None, {n: x.numpy() for n, x in zip(names, xs)}))

@@ -122,13 +122,15 @@ def _autocast_enabled(device_type: str) -> bool:
         return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
 
 
+def _exporting() -> bool:
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting is not None and is_exporting())
+
+
 def _capturing() -> bool:
     """True while torch.jit.trace or torch.export captures a graph: they record the readable reference path (the
     fast kernel writes into preallocated buffers with out= products, which neither can record)."""
-    if torch.jit.is_tracing():
-        return True
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    return bool(is_exporting is not None and is_exporting())
+    return torch.jit.is_tracing() or _exporting()
 
 
 def _check_gate(gate: str) -> None:
@@ -461,7 +463,9 @@ class _EleAttRNNBase(nn.Module):
                 seq = seq.unsqueeze(1)
             steps, batch = seq.shape[:2]  # seq (T, B, D)
             data = seq.reshape(steps * batch, seq.size(2))  # (T*B, D): the packed layout with equal batch sizes
-            batch_sizes, sorted_indices, unsorted_indices = [batch] * steps, None, None
+            # (torch.export keeps T symbolic: no per-step list there, the scan path below needs none)
+            batch_sizes = None if _exporting() else [batch] * steps
+            sorted_indices, unsorted_indices = None, None
         if data.size(-1) != self.input_size:
             raise ValueError(f"{name}: input has {data.size(-1)} features, the module was built for "
                              f"input_size={self.input_size}")
@@ -471,7 +475,9 @@ class _EleAttRNNBase(nn.Module):
                              f"them (e.g. module.to({data.dtype}) or input.to({weight.dtype}))")
         state = self._state_from_hx(hx, batch, data, batched, sorted_indices)
 
-        if self.impl == "fast" and not _capturing():
+        if batch_sizes is None:
+            out, final, gates = self._scan_stack(data.view(steps, batch, data.size(-1)), state)
+        elif self.impl == "fast" and not _capturing():
             from pipeline.nn.eleatt_fast import fast_stack
 
             out, final, gates = fast_stack(self, data, batch_sizes, state)
@@ -501,6 +507,33 @@ class _EleAttRNNBase(nn.Module):
                 a = a.squeeze(1) if not batched else (a.transpose(0, 1) if self.batch_first else a)
             attention.append(a)
         return output, hidden, attention
+
+    def _scan_stack(self, x: Tensor, state: State):
+        """The reference maths over x (T, B, D) with the time loop as one `scan`, for torch.export: it keeps T
+        dynamic where a Python loop would unroll it. Same returns as `_reference_stack` (packed layout)."""
+        from torch._higher_order_ops.scan import scan
+
+        finals, gates = [], []
+        for k in range(self.num_layers):
+            if k > 0 and self.dropout > 0 and self.training:
+                x = F.dropout(x, self.dropout, training=True)
+            weights, gate_weights = self.layer_weights(k), self.gate_weights(k)
+
+            def combine(carry, x_t, weights=weights, gate_weights=gate_weights):
+                ys = ()
+                if gate_weights is not None:
+                    a = attention_gate(x_t, carry[0], *gate_weights, gate=self.gate)  # (B, D)
+                    x_t, ys = a * x_t, (a,)
+                new = _cell_step(self.mode, x_t, carry, weights)
+                return new, (new[0].clone(), *ys)  # outputs may not alias the carry
+
+            final, ys = scan(combine, tuple(s[k] for s in state), x)  # ys[0] (T, B, H), ys[1] (T, B, D)
+            x = ys[0]
+            finals.append(final)
+            if gate_weights is not None:
+                gates.append(ys[1].reshape(-1, ys[1].size(-1)))
+        final = tuple(torch.stack([f[i] for f in finals]) for i in range(len(state)))
+        return x.reshape(-1, self.hidden_size), final, gates
 
     def _reference_stack(self, x: Tensor, batch_sizes: list[int], state: State):
         finals, gates = [], []

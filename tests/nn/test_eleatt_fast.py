@@ -194,17 +194,23 @@ def test_proj_size_is_refused_clearly():
 
 @pytest.mark.parametrize("ours, kw", STACKS[:3])
 def test_jit_trace_and_export(ours, kw):
-    """torch.jit.trace and torch.export.export of a stack in eval mode (fast impl) record the reference path."""
+    """torch.jit.trace and torch.export.export of a stack in eval mode (fast impl) record the reference path;
+    the exported program keeps batch and time dynamic (its time loop is a scan), the trace holds for its shape."""
     module = ours(D, H, num_layers=2, attention_layers=1, batch_first=True, **kw).eval()
     assert module.impl == "fast"
     x = torch.randn(2, 3, D)
+    dims = ({0: torch.export.Dim("batch"), 1: torch.export.Dim("time")},)
     with torch.no_grad():
-        want = module(x)
         traced = torch.jit.trace(module, (x,), check_trace=False)
-        exported = torch.export.export(module, (x,)).module()
-        for got in (traced(x), exported(x)):
-            torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-6)
-            torch.testing.assert_close(got[1], want[1], rtol=0, atol=1e-6)
+        exported = torch.export.export(module, (x,), dynamic_shapes=dims).module()
+        for shape, runs in (((2, 3, D), (traced, exported)), ((1, 1, D), (exported,)), ((4, 7, D), (exported,))):
+            x = torch.randn(*shape)
+            want = module(x)
+            for run in runs:
+                got = run(x)
+                torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-6)
+                torch.testing.assert_close(got[1], want[1], rtol=0, atol=1e-6)
+        assert module.impl == "fast"
 
 
 @pytest.mark.parametrize("impl", ["fast", "reference"])

@@ -36,13 +36,13 @@ def _layout(batch_sizes: Sequence[int], device) -> tuple[list[int], bool, Tensor
     batch = batch_sizes[0]
     if all(bs == batch for bs in batch_sizes):
         return offsets, True, None, None
-    bs_t = torch.tensor(batch_sizes, dtype=torch.long)
-    off_t = torch.tensor(offsets, dtype=torch.long)
+    bs_t = torch.tensor(batch_sizes, dtype=torch.long)  # (T,) rows of each step
+    off_t = torch.tensor(offsets, dtype=torch.long)  # (T,) first row of each step in x
     prev_start = torch.cat([torch.zeros(1, dtype=torch.long), batch + off_t[:-1]])  # buffer row of h_{t-1}[0]
-    row_in_step = torch.arange(total) - torch.repeat_interleave(off_t, bs_t)
-    prev_index = torch.repeat_interleave(prev_start, bs_t) + row_in_step
+    row_in_step = torch.arange(total) - torch.repeat_interleave(off_t, bs_t)  # (N,)
+    prev_index = torch.repeat_interleave(prev_start, bs_t) + row_in_step  # (N,)
     lengths = (bs_t.unsqueeze(1) > torch.arange(batch)).sum(0)  # (B,) steps of each sequence
-    last_index = batch + off_t[lengths - 1] + torch.arange(batch)
+    last_index = batch + off_t[lengths - 1] + torch.arange(batch)  # (B,)
     return offsets, False, prev_index.to(device), last_index.to(device)
 
 
@@ -107,16 +107,16 @@ def _run_layer(mode: str, gate: str, batch_sizes: Sequence[int], x: Tensor, h0: 
         srows = rows if keep else slice(0, bs)  # this step's rows of xt and acts
         h_prev = hbuf[prev:prev + bs]  # (bs, H)
         z = zbuf[:bs]  # (bs, D + G)
-        torch.addmm(b_cat, h_prev, w_cat_t, out=z)
+        torch.addmm(b_cat, h_prev, w_cat_t, out=z)  # (bs, H) @ (H, D + G) -> (bs, D + G)
         a = gates[rows]  # (bs, D)
-        torch.add(xa[rows], z[:, :d], out=a)
+        torch.add(xa[rows], z[:, :d], out=a)  # (bs, D) gate pre-activation
         _gate_forward(a, gate)
         x_t = xt[srows]  # (bs, D)
-        torch.mul(a, x[rows], out=x_t)
+        torch.mul(a, x[rows], out=x_t)  # (bs, D)
         h_new = hbuf[nxt]  # (bs, H)
         if lstm:
             ifgo = acts[srows]  # (bs, 4H) pre-activations, then activations in place
-            torch.addmm(z[:, d:], x_t, w_ih_t, out=ifgo)
+            torch.addmm(z[:, d:], x_t, w_ih_t, out=ifgo)  # (bs, D) @ (D, 4H) + (bs, 4H)
             ifgo[:, :2 * hid].sigmoid_()
             ifgo[:, 2 * hid:3 * hid].tanh_()
             ifgo[:, 3 * hid:].sigmoid_()
@@ -135,15 +135,15 @@ def _run_layer(mode: str, gate: str, batch_sizes: Sequence[int], x: Tensor, h0: 
             act = acts[srows]  # (bs, 4H)
             r_z, nn_, hn = act[:, :2 * hid], act[:, 2 * hid:3 * hid], act[:, 3 * hid:]  # (bs, 2H), (bs, H), (bs, H)
             gi = gibuf[:bs]  # (bs, 3H) = W_ih x~ + b_ih
-            torch.addmm(b_ih, x_t, w_ih_t, out=gi) if b_ih is not None else torch.mm(x_t, w_ih_t, out=gi)
-            torch.add(gi[:, :2 * hid], z[:, d:d + 2 * hid], out=r_z).sigmoid_()
-            hn.copy_(z[:, d + 2 * hid:])
-            torch.addcmul(gi[:, 2 * hid:], r_z[:, :hid], hn, out=nn_).tanh_()
+            torch.addmm(b_ih, x_t, w_ih_t, out=gi) if b_ih is not None else torch.mm(x_t, w_ih_t, out=gi)  # (bs, 3H)
+            torch.add(gi[:, :2 * hid], z[:, d:d + 2 * hid], out=r_z).sigmoid_()  # (bs, 2H) r, z
+            hn.copy_(z[:, d + 2 * hid:])  # (bs, H) W_hn h + b_hn
+            torch.addcmul(gi[:, 2 * hid:], r_z[:, :hid], hn, out=nn_).tanh_()  # (bs, H) n
             # h = (1 - z) n + z h_prev = n + z (h_prev - n)
             torch.sub(h_prev, nn_, out=h_new)
             h_new.mul_(r_z[:, hid:]).add_(nn_)
         else:
-            torch.addmm(z[:, d:], x_t, w_ih_t, out=h_new)  # (bs, H)
+            torch.addmm(z[:, d:], x_t, w_ih_t, out=h_new)  # (bs, D) @ (D, H) + (bs, H)
             h_new.tanh_() if mode == "RNN_TANH" else h_new.relu_()
         prev = batch + o
 
@@ -216,7 +216,7 @@ class EleAttLayerFunction(torch.autograd.Function):
             if lstm:
                 i, f, gg, og = acts[rows].chunk(4, 1)  # each (bs, H)
                 c_t = cbuf[batch + o:batch + o + bs]  # (bs, H)
-                tc = torch.tanh(c_t)
+                tc = torch.tanh(c_t)  # (bs, H)
                 dc_t = dc[:bs]  # (bs, H)
                 dc_t.addcmul_(dh_t * og, 1 - tc * tc)
                 dg = dz[rows, d:]  # (bs, 4H)
@@ -251,16 +251,17 @@ class EleAttLayerFunction(torch.autograd.Function):
                 dgi_t = dg
                 dh_direct = None
             a, dxt_t = gates[rows], dxt[:bs]  # (bs, D) each
-            torch.mm(dgi_t, w_ih, out=dxt_t)  # dL/dx~ (bs, D)
+            torch.mm(dgi_t, w_ih, out=dxt_t)  # dL/dx~: (bs, G) @ (G, D) -> (bs, D)
             torch.mul(dxt_t, a, out=dx[rows])
             da = dxt_t.mul_(x[rows])  # dL/da (bs, D)
             if d_gates is not None:
                 da.add_(d_gates[rows])
             dz[rows, :d] = _gate_backward(da, a, gate)
             if dh_direct is None:
-                torch.mm(dz[rows], w_cat, out=dh_t)  # dL/dh_{t-1} = [dz_a | dz_h] @ [W_ha; W_hh]
+                # dL/dh_{t-1} = [dz_a | dz_h] @ [W_ha; W_hh]: (bs, D + G) @ (D + G, H)
+                torch.mm(dz[rows], w_cat, out=dh_t)
             else:
-                torch.addmm(dh_direct, dz[rows], w_cat, out=dh_t)
+                torch.addmm(dh_direct, dz[rows], w_cat, out=dh_t)  # (bs, H), plus the direct path through z
 
         # Everything below is over all steps at once.
         need = dict(zip(_SLOTS, ctx.needs_input_grad))

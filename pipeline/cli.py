@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "extract": ("preprocessing.extract", "main", "extract per-frame timm backbone features into a feature folder (resumable)"),
     "classify": ("pipeline.inference", "main", "classify video files with a trained checkpoint"),
     "demo": ("pipeline.demo", "main", "run the RGB pipeline end to end on a generated dataset"),
+    "visualize": ("pipeline.visualize", "main", "draw a checkpoint's attention gates and class probabilities over time for one video"),
 }
 
 from pipeline.errors import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE

@@ -130,7 +130,10 @@ def plot_curves(
                         marker="." if len(epochs) < 30 else None)
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss (solid: train, dashed: validation)")
     ax_acc.set(xlabel="epoch", ylabel="validation top-1 accuracy", title="validation top-1", ylim=(-0.02, 1.02))
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)

@@ -169,9 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def write_demo_report(run: Path, streams: list, features: Path, data: Path, ckpt: Path, videos: list,
+def write_demo_report(out: Path, streams: list, features: Path, data: Path, ckpt: Path, videos: list,
                       seed: int = 0, commands: list[tuple[str, str]] | None = None) -> tuple[Path, dict]:
-    """The demo's report in `run`: the table of `streams` (pipeline.report.Stream, e.g. RGB, flow, fused) plus the
+    """The demo's report in the folder `out`: the table of `streams` (pipeline.report.Stream, e.g. RGB, flow, fused) plus the
     order-blind baseline on the RGB `features`, curves, confusion matrices, and the attention picture of the RGB
     checkpoint `ckpt` on a few of `videos` (list entries under `data`). Returns (report.html, baseline)."""
     from tqdm import tqdm
@@ -192,12 +192,12 @@ def write_demo_report(run: Path, streams: list, features: Path, data: Path, ckpt
         folder = FeatureFolder(features)
         names = model.class_names
         picture, _ = attention_picture(
-            model, [folder.load(e.path) for e in shown], run / "attention.png",
+            model, [folder.load(e.path) for e in shown], out / "attention.png",
             titles=[f"{e.path} (true: {names[e.label]})" for e in shown], videos=[data / e.path for e in shown])
         bar.update()
         bar.set_postfix_str("report")
         report = write_report(
-            run, streams, baselines={"order-blind baseline": baseline}, attention=picture,
+            out, streams, baselines={"order-blind baseline": baseline}, attention=picture,
             commands=commands or REAL_COMMANDS, title="eleatt demo: EleAtt-LSTM on the generated order-only dataset",
             intro="The classes of this generated dataset differ only in temporal order (grow vs. shrink, move right "
                   "vs. left, ...), so a model that ignores order cannot tell the two classes of a pair apart. "

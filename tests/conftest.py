@@ -88,8 +88,10 @@ def order_features(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def quick_demo(tmp_path_factory) -> dict:
-    """`eleatt demo --quick` run once per session in-process: {"out", "data", "run", "stdout"} (the run folder holds
-    best.ckpt, scores_test.npz and the report)."""
+    """`eleatt demo --quick` run once per session in-process: {"out", "data", "session", "run", "flow_run",
+    "features", "flow_features", "stdout"}. The session folder holds the fused scores and the report; "run" and
+    "flow_run" are the RGB and flow run folders in it (best.ckpt, scores_val.npz, scores_test.npz); "features" and
+    "flow_features" their feature folders."""
     import contextlib
     import io
 
@@ -100,6 +102,9 @@ def quick_demo(tmp_path_factory) -> dict:
     with contextlib.redirect_stdout(buffer):
         code = demo_main(["--quick", "--out", str(out)])
     assert code == 0, buffer.getvalue()[-2000:]
-    runs = sorted((out / "checkpoints").iterdir())
-    assert len(runs) == 1
-    return {"out": out, "data": out / "data", "run": runs[0], "stdout": buffer.getvalue()}
+    sessions = sorted((out / "checkpoints").iterdir())
+    assert len(sessions) == 1
+    features = {p.name.split("-", 1)[0]: p for p in (out / "features").iterdir()}
+    return {"out": out, "data": out / "data", "session": sessions[0], "run": sessions[0] / "rgb",
+            "flow_run": sessions[0] / "flow", "features": features["rgb"], "flow_features": features["flow2"],
+            "stdout": buffer.getvalue()}

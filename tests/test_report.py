@@ -73,25 +73,34 @@ def test_report_refuses_what_does_not_fit(tmp_path):
 
 # -- on the quick demo's run ----------------------------------------------------------------------------------------
 def test_demo_prints_the_report_path_last_and_the_report_holds_the_run(quick_demo):
-    run, stdout = quick_demo["run"], quick_demo["stdout"]
+    session, stdout = quick_demo["session"], quick_demo["stdout"]
     last = stdout.strip().splitlines()[-1]
     assert last.startswith("report: ")
     report = Path(last.split("report: ", 1)[1])
-    assert report.is_absolute() and report == run / "report.html" and report.is_file()
-    assert "[6/6] report" in stdout
+    assert report.is_absolute() and report == session / "report.html" and report.is_file()
+    for stage in ("[2/10] flow", "[4/10] extract flow", "[6/10] fit flow", "[8/10] fuse", "[10/10] report"):
+        assert stage in stdout
     from pipeline.scores import accuracy_summary
 
-    scores = read_scores(run / "scores_test.npz")
-    top1 = accuracy_summary(scores["scores"], scores["labels"])["top1"]
-    markdown = (run / "report.md").read_text()
-    rgb_row = next(line for line in markdown.splitlines() if line.startswith("| RGB |"))
-    assert f"| {top1:.1%} |" in rgb_row
+    markdown = (session / "report.md").read_text()
+    top1 = {}
+    for name, path in (("RGB", quick_demo["run"] / "scores_test.npz"), ("flow", quick_demo["flow_run"] /
+                       "scores_test.npz"), ("fused", session / "fused_test.npz")):
+        scores = read_scores(path)
+        top1[name] = accuracy_summary(scores["scores"], scores["labels"])["top1"]
+        row = next(line for line in markdown.splitlines() if line.startswith(f"| {name} |"))
+        assert f"| {top1[name]:.1%} |" in row, row
+    # the summary line prints the figures of this run, and the fusion's weights come from validation
+    assert f"RGB {top1['RGB']:.1%}, flow {top1['flow']:.1%}, fused {top1['fused']:.1%}" in stdout
+    assert "picked weights" in stdout and "on validation" in stdout
     assert "| order-blind baseline |" in markdown and "| chance level | 10.0% |" in markdown
-    assert "eleatt prepare ucf101" in markdown and "eleatt visualize" in markdown
+    assert "eleatt prepare ucf101" in markdown and "eleatt flow" in markdown and "--modality flow" in markdown
+    assert "eleatt fuse" in markdown and "eleatt visualize" in markdown
     images = _referenced_images(markdown)
-    assert {"curves.png", "confusion_rgb.png", "attention.png"} <= set(images)
+    assert {"curves.png", "confusion_rgb.png", "confusion_flow.png", "confusion_fused.png",
+            "attention.png"} <= set(images)
     for name in images:
-        assert (run / name).is_file() and not image_is_blank(run / name)
+        assert (session / name).is_file() and not image_is_blank(session / name)
 
 
 def test_visualize_features_writes_pngs_and_the_gates_of_the_model(quick_demo, tmp_path, capsys):
@@ -102,7 +111,7 @@ def test_visualize_features_writes_pngs_and_the_gates_of_the_model(quick_demo, t
 
     data, run = quick_demo["data"], quick_demo["run"]
     entry = read_list(data / "test.txt")[0]
-    features_dir = next((quick_demo["out"] / "features").iterdir())
+    features_dir = quick_demo["features"]
     npy = FeatureFolder(features_dir).feature_path(entry.path)
     out = tmp_path / "vis"
     assert eleatt(["visualize", "--ckpt", str(run / "best.ckpt"), "--features", str(npy), "--out", str(out),

@@ -126,19 +126,22 @@ class VideoClassifier:
         """The features of one video as extraction stores them: float32 (V, T, D) (via the stored dtype)."""
         info = probe(path)
         indices = frame_indices(self.settings["sampling"], info.num_frames, info.fps)  # (T,)
-        chunks = []
-        for start in range(0, len(indices), DECODE_CHUNK):
-            frames = load_frames(path, indices[start:start + DECODE_CHUNK], backend=self.backend)  # (t, H, W, 3)
-            x = eval_views(frames, self.data_config, self.views)  # (V, t, C, H, W)
-            v, t = x.shape[:2]
-            flat = x.reshape(v * t, *x.shape[2:]).to(self.device)
-            context = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
-                       else nullcontext())
-            with context:
-                feats = torch.cat([self.encoder(b) for b in flat.split(self.batch_size)])  # (V*t, D)
-            chunks.append(feats.float().view(v, t, -1))
-        feats = torch.cat(chunks, dim=1)  # (V, T, D)
-        return feats.to(self.store_dtype).float().cpu()
+        chunks = [self.encode(load_frames(path, indices[start:start + DECODE_CHUNK], backend=self.backend))
+                  for start in range(0, len(indices), DECODE_CHUNK)]  # each (V, t, D)
+        return torch.cat(chunks, dim=1)  # (V, T, D)
+
+    @torch.inference_mode()
+    def encode(self, frames: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Frames uint8 (t, H, W, 3) RGB -> their features as extraction stores them: float32 (V, t, D) on the CPU
+        (the checkpoint's views, the backbone at its extraction precision, the stored-dtype round trip)."""
+        x = eval_views(frames, self.data_config, self.views)  # (V, t, C, H, W)
+        v, t = x.shape[:2]
+        flat = x.reshape(v * t, *x.shape[2:]).to(self.device)
+        context = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
+                   else nullcontext())
+        with context:
+            feats = torch.cat([self.encoder(b) for b in flat.split(self.batch_size)])  # (V*t, D)
+        return feats.float().view(v, t, -1).to(self.store_dtype).float().cpu()
 
     @torch.inference_mode()
     def scores(self, feats: torch.Tensor) -> np.ndarray:
@@ -180,7 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="eleatt classify",
         description="Classify video files with a trained checkpoint: decode, encode with the backbone settings the "
                     "checkpoint records, run the EleAtt model, print the top-k classes.",
-        epilog="exit status: 0 all classified; 3 some videos could not be read (each listed); 2 usage error",
+        epilog="online recognition of a file, camera or network stream: eleatt classify --stream SOURCE --ckpt C "
+               "(see eleatt classify --stream x --help). exit status: 0 all classified; 3 some videos could not be "
+               "read (each listed); 2 usage error",
     )
     parser.add_argument("videos", nargs="+", metavar="VIDEO", help="video files or raw-frame folders")
     parser.add_argument("--ckpt", required=True, help="checkpoint of `eleatt fit` (checkpoints/<run>/best.ckpt)")
@@ -207,6 +212,11 @@ def _print_table(pred: Prediction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--stream" or a.startswith("--stream=") for a in argv):  # online recognition: its own parser
+        from pipeline.streaming import main as stream_main
+
+        return stream_main(argv)
     args = build_parser().parse_args(argv)
     if args.topk < 1 or args.batch_size < 1:
         print("eleatt classify: error: --topk and --batch-size must be >= 1", file=sys.stderr)

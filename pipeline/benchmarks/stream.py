@@ -3,8 +3,8 @@
     python -m pipeline.benchmarks.stream            # resnet18 and resnet50 at 224x224, 25 fps source, 8 steps/s
     python -m pipeline.benchmarks.stream --quick    # the same table on a shorter video (seconds)
 
-For each backbone (random weights, `weights="none"`: speed does not depend on their values) a checkpoint is made in
-memory-like fashion (a temporary file): an EleAtt-LSTM (one layer, 512 units, the paper's) on that backbone's
+For each backbone (random weights, `weights="none"`: speed does not depend on their values) a checkpoint is written
+to a temporary folder: an EleAtt-LSTM (one layer, 512 units, the paper's) on that backbone's
 features, trained on features sampled at 8 frames/s. A generated lossless H.264 video (25 frames/s) is then decoded
 incrementally with PyAV, as `eleatt classify --stream` does, and each sampled frame is timed through its two parts at
 batch 1: the backbone (`VideoClassifier.encode`: resize, crop, normalise, network, float16 round trip) and the
@@ -65,10 +65,8 @@ def bench(backbone: str, video: Path, tmp: Path) -> dict:
     decode, backbone_s, rnn, push = [], [], [], []
     state = None
     container = open_source(str(video))
-    frames_decoded = 0
     with torch.inference_mode():
         for frames, _, fps, decode_s in decode_frames(container):
-            frames_decoded += 1
             decode.append(decode_s)
             start = time.perf_counter()
             out = stream.push(frames, fps=fps)  # the whole online path, for the end-to-end figure

@@ -263,3 +263,23 @@ def test_two_clips_back_to_back_make_one_timeline(fps_run, models, tmp_path, cap
     # the first half of the stream is exactly the stream of the first clip alone
     first, _, _ = _push_all(stream, clip[:24], 24, fps=24)
     np.testing.assert_allclose(probs[:8], first, atol=1e-6)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_classifier_stream_equals_forward_on_every_prefix(cell, pooling):
+    """`SequenceClassifier.stream`, in chunks of 1, 4 and all steps, gives `forward` of every prefix: the state of
+    every layer (h, and c for the LSTM) is carried, and "mean" pooling keeps its running mean."""
+    from pipeline.nn.classifier import SequenceClassifier
+
+    net = SequenceClassifier(6, 5, cell=cell, hidden_size=8, num_layers=2, proj_size=4, pooling=pooling).eval()
+    x = torch.randn(3, 9, 6)  # (B, T, D)
+    with torch.no_grad():
+        expected = torch.stack([net(x[:, :t]) for t in range(1, 10)], 1)  # (B, T, C)
+    for chunk in (1, 4, 9):
+        state, outs = None, []
+        for s in range(0, 9, chunk):
+            logits, state = net.stream(x[:, s:s + chunk], state)
+            outs.append(logits)
+        torch.testing.assert_close(torch.cat(outs, 1), expected, atol=1e-5, rtol=0)
+        assert state.steps == 9

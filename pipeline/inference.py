@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Classify video files with a trained checkpoint: decode, encode with the backbone settings the "
                     "checkpoint records, run the EleAtt model, print the top-k classes.",
         epilog="online recognition of a file, camera or network stream: eleatt classify --stream SOURCE --ckpt C "
-               "(see eleatt classify --stream x --help). exit status: 0 all classified; 3 some videos could not be "
+               "(options: eleatt classify --stream SOURCE --help). exit status: 0 all classified; 3 some videos could not be "
                "read (each listed); 2 usage error",
     )
     parser.add_argument("videos", nargs="+", metavar="VIDEO", help="video files or raw-frame folders")

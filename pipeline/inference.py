@@ -184,8 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Classify video files with a trained checkpoint: decode, encode with the backbone settings the "
                     "checkpoint records, run the EleAtt model, print the top-k classes.",
         epilog="online recognition of a file, camera or network stream: eleatt classify --stream SOURCE --ckpt C "
-               "(options: eleatt classify --stream SOURCE --help). exit status: 0 all classified; 3 some videos could not be "
-               "read (each listed); 2 usage error",
+               "(options: eleatt classify --stream SOURCE --help). exit status: 0 all classified; 3 some videos "
+               "could not be read (each listed); 2 usage error",
     )
     parser.add_argument("videos", nargs="+", metavar="VIDEO", help="video files or raw-frame folders")
     parser.add_argument("--ckpt", required=True, help="checkpoint of `eleatt fit` (checkpoints/<run>/best.ckpt)")

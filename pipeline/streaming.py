@@ -382,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     spent = {"decode": 0.0, "model": 0.0}
     next_print = 0.0
     code = EXIT_OK
+    source_fps = None
     wall = time.perf_counter()
 
     def emit(t: float, frame: int, p: np.ndarray) -> None:
@@ -395,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         use_stamps = None
         for frames, stamps, fps, decode_s in decode_frames(container):
+            source_fps = fps
             spent["decode"] += decode_s
             decoded += len(frames)
             if use_stamps is None:  # a steady rate: count frames (exactly as classify samples a file)
@@ -423,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - wall
     times_arr = np.asarray(times, dtype=np.float64)
     probs_arr = np.stack(probs) if probs else np.zeros((0, len(names)), np.float32)
-    video_s = float(times_arr[-1]) if len(times_arr) else 0.0
+    # seconds of video decoded (the frames' count at the source's rate; else up to the last step)
+    video_s = decoded / source_fps if source_fps else float(times_arr[-1]) if len(times_arr) else 0.0
     summary = {"source": args.stream, "frames": decoded, "steps": len(times_arr), "video_s": round(video_s, 3),
                "compute_s": round(spent["decode"] + spent["model"], 3), "decode_s": round(spent["decode"], 3),
                "model_s": round(spent["model"], 3), "interrupted": code == EXIT_INTERRUPTED}
@@ -435,7 +438,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"summary": summary}), flush=True)
     else:
         state = "interrupted" if code == EXIT_INTERRUPTED else "ended"
-        rate = f", real-time factor {video_s / summary['compute_s']:.1f}" if summary["compute_s"] > 0 and video_s else ""
+        rate = (f", real-time factor {video_s / summary['compute_s']:.1f}" if summary["compute_s"] > 0 and video_s
+                else "")
         print(f"stream {state}: {decoded} frames decoded, {len(times_arr)} steps over {video_s:.2f} s of video in "
               f"{elapsed:.2f} s{rate}")
         if len(probs_arr):

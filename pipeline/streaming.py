@@ -12,7 +12,7 @@ backbone, precision and float16 round trip; its normaliser); the stack steps wit
   with `num_steps: N`, `classify` looks at N evenly spaced steps of the whole video, which a stream cannot know
   in advance, so streaming runs over every sampled step instead (and warns);
 - frames are sampled at the rate the checkpoint's features were extracted at (`extract --fps F`), with the rule
-  `classify` uses (`pipeline.data.sampling.fps_indices`), counted from the first frame pushed after `reset()`.
+  `classify` uses (`Sampling.indices`: `pipeline.data.sampling.fps_indices`), counted from the first frame pushed after `reset()`.
 """
 from __future__ import annotations
 
@@ -79,12 +79,12 @@ class StreamingClassifier:
         self.class_names = self.video.class_names
         self.device = self.video.device
         self.net = self.video.model.net
-        sampling = dict(self.video.settings.get("sampling") or {"mode": "all"})
-        mode = sampling.get("mode", "all")
+        sampling = self.video.settings.sampling  # pipeline.data.sampling.Sampling
+        mode = sampling.mode
         if sample_fps is not None and not (math.isfinite(sample_fps) and sample_fps > 0):
             raise ValueError(f"sample_fps={sample_fps!r} must be a positive number of steps per second")
         if mode == "fps":
-            recorded = float(sampling["fps"])
+            recorded = float(sampling.fps)
             if sample_fps is not None and abs(sample_fps - recorded) > 1e-9:
                 raise ValueError(f"checkpoint '{ckpt}' was trained on features sampled at {recorded:g} frames/s; "
                                  f"sample_fps={sample_fps:g} would change the step length the model learnt (leave "
@@ -95,7 +95,7 @@ class StreamingClassifier:
         elif mode == "segments":
             self.sample_fps = sample_fps or DEFAULT_SEGMENT_FPS
             warnings.warn(
-                f"checkpoint '{ckpt}' was trained on {sampling.get('num_segments')} segments per video (steps spread "
+                f"checkpoint '{ckpt}' was trained on {sampling.num_segments} segments per video (steps spread "
                 f"over whole videos); streaming samples {self.sample_fps:g} frames/s instead, so its predictions "
                 "early in a stream are less reliable (train on features extracted with `eleatt extract --fps F` for "
                 "online use)", stacklevel=2)
@@ -220,7 +220,7 @@ def _reason(err: BaseException) -> str:
     return getattr(err, "strerror", None) or str(err) or type(err).__name__
 
 
-def open_source(source: str, input_format: str | None = None, timeout: float = 10.0):
+def open_stream(source: str, input_format: str | None = None, timeout: float = 10.0):
     """Opens a file, a camera (/dev/videoN: FFmpeg's v4l2 input) or a URL (rtsp://, http://, file:, pipe:, ...)
     with PyAV; returns the container. Raises SourceError with the reason and the fix."""
     import av
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         print("eleatt classify --stream: error: --topk must be >= 1 and --every > 0", file=sys.stderr)
         return EXIT_USAGE
     try:
-        container = open_source(args.stream, args.input_format)
+        container = open_stream(args.stream, args.input_format)
     except SourceError as err:
         print(f"eleatt classify --stream: {err}", file=sys.stderr)
         return EXIT_SOME_FAILED

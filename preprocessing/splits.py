@@ -667,6 +667,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="video file extensions taken (default: %(default)s); sub-folders of images count as videos")
     _common(p, check=False, ext=False)
 
+    from preprocessing.skeleton import add_arguments as add_skeleton_arguments
+
+    p = sub.add_parser("ntu-skeleton", help="NTU RGB+D .skeleton files -> a skeleton feature folder and lists",
+                       description="NTU RGB+D 3D skeletons: float32 (T, 150) features (two most active bodies, "
+                       "centred on the spine) in <out>/features and the protocol's lists in <out>/lists/<protocol>; "
+                       "val held out in whole performers. Malformed files are listed and left out (exit 3).")
+    add_skeleton_arguments(p)
+
     from preprocessing.synthetic import add_arguments
 
     p = sub.add_parser("synthetic", help="generate the order-only synthetic dataset (videos + lists)",
@@ -704,6 +712,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(stop.code or 0)
     if args.dataset == "synthetic":
         return _synthetic(args)
+    if args.dataset == "ntu-skeleton":
+        from preprocessing.skeleton import run
+
+        return run(args)
     if getattr(args, "drop_missing", False) and args.check_root is None:
         print("eleatt prepare: error: --drop-missing needs --check-root DIR", file=sys.stderr)
         return EXIT_USAGE

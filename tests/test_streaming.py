@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.data.lists import read_list
-from pipeline.data.sampling import frame_indices
+from pipeline.data.sampling import Sampling
 from pipeline.data.video import load_frames, probe
 from pipeline.inference import VideoClassifier
 from pipeline.streaming import StreamingClassifier, main
@@ -71,7 +71,7 @@ def test_chunked_push_equals_classify(fps_run, models, chunk):
     for k in range(2):
         path, info, frames = _video(data, k)
         probs, numbers, times = _push_all(stream, frames, len(frames) if chunk == "all" else chunk, fps=info.fps)
-        expected = frame_indices({"mode": "fps", "fps": STEP_FPS}, info.num_frames, info.fps)  # 0, 3, 6, ...
+        expected = Sampling(fps=STEP_FPS).indices(info.num_frames, info.fps)  # 0, 3, 6, ...
         np.testing.assert_array_equal(numbers, expected)
         np.testing.assert_allclose(times, expected / info.fps)
         assert stream.steps == len(expected) == len(probs)
@@ -138,7 +138,7 @@ def test_bad_input_and_other_checkpoints(fps_run, models, tmp_path):
         StreamingClassifier(ckpt, device="cpu", sample_fps=4)
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
     checkpoint["hyper_parameters"]["extraction_settings"]["sampling"] = {"mode": "segments", "num_segments": 8}
-    checkpoint["datamodule_hyper_parameters"]["num_steps"] = 8
+    checkpoint["data_state"]["num_steps"] = 8
     other = tmp_path / "segments.ckpt"
     torch.save(checkpoint, other)
     with warnings.catch_warnings(record=True) as caught:

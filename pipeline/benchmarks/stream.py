@@ -33,14 +33,15 @@ STEP_FPS = 8.0
 
 def make_checkpoint(path: Path, backbone: str, hidden: int = 512, num_classes: int = 10) -> int:
     """Writes a checkpoint like `eleatt fit` makes on `backbone` features sampled at STEP_FPS; returns D."""
+    from pipeline.data.features import FeatureSettings
+    from pipeline.data.sampling import Sampling
     from pipeline.lit import EleAttClassifier
     from pipeline.nn.backbone import FrameEncoder
 
     encoder = FrameEncoder(backbone, weights="none")
     dim = encoder.num_features
-    settings = {"backbone": backbone, "weights": "none", "data_config": dict(encoder.data_config), "views": "center",
-                "sampling": {"mode": "fps", "fps": STEP_FPS, "num_segments": None}, "modality": "rgb",
-                "dtype": "float16", "precision": "32", "dim": dim}
+    settings = FeatureSettings(backbone=backbone, weights="none", data_config=dict(encoder.data_config),
+                               sampling=Sampling(fps=STEP_FPS), dim=dim).to_json()
     model = EleAttClassifier(dim, num_classes, hidden_size=hidden, extraction_settings=settings,
                              class_names=[f"class_{i}" for i in range(num_classes)])
     torch.save({"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict(),
@@ -55,7 +56,7 @@ def _ms(values: list[float]) -> float:
 def bench(backbone: str, video: Path, tmp: Path) -> dict:
     import warnings
 
-    from pipeline.streaming import StreamingClassifier, decode_frames, open_source
+    from pipeline.streaming import StreamingClassifier, decode_frames, open_stream
 
     ckpt = tmp / f"{backbone}.ckpt"
     dim = make_checkpoint(ckpt, backbone)
@@ -64,7 +65,7 @@ def bench(backbone: str, video: Path, tmp: Path) -> dict:
         stream = StreamingClassifier(ckpt, device="cpu")
     decode, backbone_s, rnn, push = [], [], [], []
     state = None
-    container = open_source(str(video))
+    container = open_stream(str(video))
     with torch.inference_mode():
         for frames, _, fps, decode_s in decode_frames(container):
             decode.append(decode_s)

@@ -6,7 +6,7 @@ from settings.json, classes.txt and at most one feature file), so the CLI links 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 import pytorch_lightning as pl
@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline.data.datasets import FeatureNormalizer, FeatureSequenceDataset, NormalizeMode, collate_sequences
-from pipeline.data.features import FeatureFolder
+from pipeline.data.features import FeatureFolder, FeatureSettings
 from pipeline.data.lists import ListEntry, classes_path_for, read_classes, read_list
 
 class MissingFeaturesError(FileNotFoundError):
@@ -43,6 +43,9 @@ class FeatureDataModule(pl.LightningDataModule):
         train_transform: optional per-sample hook on float32 (T, D) training tensors, after normalisation
             (e.g. augmentation).
         eval_transform: optional per-sample hook on float32 (V, T, D) evaluation tensors.
+        augment: a training-time augmentation set from the config: none, or skeleton_rotation (a random rotation
+            of every joint about x, y and z within +-rotation_degrees; skeleton feature folders, normalize none).
+        rotation_degrees: the largest rotation of skeleton_rotation, per axis (the paper's 35).
     """
 
     def __init__(
@@ -62,6 +65,8 @@ class FeatureDataModule(pl.LightningDataModule):
         pin_memory: bool = False,
         train_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         eval_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        augment: Literal["none", "skeleton_rotation"] = "none",
+        rotation_degrees: float = 35.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["train_transform", "eval_transform"])
@@ -92,12 +97,31 @@ class FeatureDataModule(pl.LightningDataModule):
         self.normalize_max_videos = normalize_max_videos
         self.normalizer = FeatureNormalizer(normalize)
 
-        settings = self.folder.settings
-        self.extraction_settings: dict | None = dict(settings) if settings else None
+        self.settings: FeatureSettings | None = self.folder.settings
+        # The plain-dict form, linked into the model's hyper-parameters (checkpoints stay weights-only loadable).
+        self.extraction_settings: dict | None = self.settings.to_json() if self.settings else None
         self.class_names: list[str] | None = self._read_class_names(classes)
         self.num_classes: int = self._resolve_num_classes()
         self.feature_dim: int = self._resolve_feature_dim()
         self.datasets: dict[str, FeatureSequenceDataset] = {}
+        if augment != "none":
+            self.train_transform = self._augmentation(augment, rotation_degrees, normalize)
+
+    def _augmentation(self, augment: str, rotation_degrees: float, normalize: str) -> Callable:
+        if augment != "skeleton_rotation":
+            raise ValueError(f"augment={augment!r} is not one of 'none', 'skeleton_rotation'")
+        if self.train_transform is not None:
+            raise ValueError("give either augment or train_transform, not both")
+        modality = self.settings.modality if self.settings is not None else "skeleton"
+        if modality != "skeleton" or self.feature_dim % 3 or normalize != "none":
+            raise ValueError(
+                f"augment=skeleton_rotation rotates x, y, z joint coordinates, but '{self.features_dir}' holds "
+                f"{modality} features of dimension {self.feature_dim} with normalize={normalize!r}; use it on a "
+                "skeleton feature folder (`eleatt prepare ntu-skeleton`) with --data.normalize none"
+            )
+        from pipeline.data.skeleton import SkeletonRotation
+
+        return SkeletonRotation(rotation_degrees)
 
     # -- what the model is linked to -------------------------------------------------------------------------------
     def _read_class_names(self, classes: str | None) -> list[str] | None:
@@ -141,8 +165,8 @@ class FeatureDataModule(pl.LightningDataModule):
         return max(labels) + 1
 
     def _resolve_feature_dim(self) -> int:
-        if self.extraction_settings and self.extraction_settings.get("dim"):
-            return int(self.extraction_settings["dim"])
+        if self.settings is not None and self.settings.dim:
+            return int(self.settings.dim)
         for name in self._existing_lists():
             for entry in self.entries(name):
                 if self.folder.feature_path(entry.path).is_file():
@@ -231,8 +255,25 @@ class FeatureDataModule(pl.LightningDataModule):
 
     # -- checkpoint state: the normalisation statistics ---------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"normalizer": self.normalizer.state_dict()}
+        """What evaluation needs besides the model: the normaliser's statistics and the test-time step count.
+        Saved in checkpoints (Lightning's datamodule state, and `data_state` by the model for classify)."""
+        return {"normalizer": self.normalizer.state_dict(), "num_steps": self.num_steps}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if "normalizer" in state_dict:
             self.normalizer.load_state_dict(state_dict["normalizer"])
+
+    @classmethod
+    def eval_state_from_checkpoint(cls, checkpoint: dict) -> tuple[int | None, FeatureNormalizer]:
+        """(num_steps, fitted normaliser) of the data a checkpoint was trained with, from its `data_state`
+        (this module's `state_dict`); checkpoints written before it fall back to Lightning's copies."""
+        state = checkpoint.get("data_state")
+        if state is None:  # older checkpoints: the module's hyper-parameters and state as Lightning stored them
+            hparams = checkpoint.get(cls.CHECKPOINT_HYPER_PARAMS_KEY) or {}
+            old = checkpoint.get(cls.__qualname__) or {}
+            state = {"num_steps": hparams.get("num_steps"),
+                     "normalizer": old.get("normalizer") or {"mode": hparams.get("normalize", "none")}}
+        normalizer_state = state.get("normalizer") or {"mode": "none"}
+        normalizer = FeatureNormalizer(normalizer_state.get("mode", "none"))
+        normalizer.load_state_dict(normalizer_state)
+        return state.get("num_steps") or None, normalizer

@@ -114,14 +114,15 @@ def main(argv: list[str] | None = None) -> int:
         header = f"{'backbone':<12} {'D':>5} {'steps':>5} {'decode':>8} {'backbone':>9} {'rnn':>7} {'push':>8} " \
                  f"{'rnn/backbone':>13} {'realtime':>9}"
         print(header)
-        ok = True
+        verdicts = []  # the target is stated for resnet18-sized (512-d) features
         for name in args.backbones:
             r = bench(name, video, tmp)
             print(f"{r['backbone']:<12} {r['dim']:>5} {r['steps']:>5} {r['decode_ms']:>8.1f} {r['backbone_ms']:>9.1f} "
                   f"{r['rnn_ms']:>7.2f} {r['push_ms']:>8.1f} {r['ratio']:>12.1%} {r['realtime']:>8.2f}x", flush=True)
-            if r["dim"] <= 512:
-                ok &= r["ratio"] < 0.10
-        print("target (recurrent step < 10% of the backbone with <= 512-d features): " + ("met" if ok else "NOT met"))
+            if r["dim"] == 512:
+                verdicts.append(r["ratio"] < 0.10)
+        verdict = "no 512-d backbone run" if not verdicts else "met" if all(verdicts) else "NOT met"
+        print(f"target (recurrent step < 10% of the backbone with 512-d features, e.g. resnet18): {verdict}")
     return 0
 
 

@@ -16,10 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.data.datamodules import FeatureDataModule
 from pipeline.data.datasets import FeatureNormalizer, sample_sequence
 from pipeline.data.features import as_views
 from pipeline.errors import EXIT_OK, EXIT_SOME_FAILED
 from pipeline.lit import EleAttClassifier, classifier_from_checkpoint, read_checkpoint
+from pipeline.paths import atomic_write, ensure_writable_dir
 
 
 @dataclass
@@ -48,14 +50,10 @@ def load_sequence_model(ckpt: str | os.PathLike) -> SequenceModel:
     feature normaliser fitted on its training data."""
     checkpoint = read_checkpoint(ckpt, map_location="cpu")
     model = classifier_from_checkpoint(checkpoint, ckpt)
-    data_hparams = checkpoint.get("datamodule_hyper_parameters") or {}
-    normalizer = FeatureNormalizer(data_hparams.get("normalize", "none"))
-    state = (checkpoint.get("FeatureDataModule") or {}).get("normalizer")
-    if state is not None:
-        normalizer.load_state_dict(state)
+    num_steps, normalizer = FeatureDataModule.eval_state_from_checkpoint(checkpoint)  # as classify reads them
     num_classes = int(model.hparams["num_classes"])
     names = list(model.hparams.get("class_names") or [f"class_{i}" for i in range(num_classes)])
-    return SequenceModel(model, normalizer, data_hparams.get("num_steps") or None, names)
+    return SequenceModel(model, normalizer, num_steps, names)
 
 
 @torch.inference_mode()
@@ -146,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.layer < 1:
         raise ValueError(f"--layer {args.layer}: layers count from 1")
     ckpt = Path(args.ckpt)
+    out = Path(args.out) if args.out else ckpt.resolve().parent / "visualize"
+    ensure_writable_dir(out, "--out folder")  # before loading and encoding anything
     sequence_model = load_sequence_model(ckpt)
     frames = None
     if args.features is not None:
@@ -175,7 +175,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.viz import plot_attention, plot_probabilities
 
-    out = Path(args.out) if args.out else ckpt.resolve().parent / "visualize"
     stem = source.stem if source.is_file() or source.suffix else source.name
     names = sequence_model.class_names
     if args.label is not None and not 0 <= args.label < len(names):
@@ -188,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     probs_png = plot_probabilities(probs, out / f"{stem}_probabilities.png", class_names=names, true_label=args.label,
                                    title=f"{source.name}: class probabilities after each step")
     arrays = out / f"{stem}_visualize.npz"
-    np.savez(arrays, gates=gates, probs=probs, classes=np.array(names, dtype=np.str_), layer=np.int64(args.layer))
+    with atomic_write(arrays) as f:
+        np.savez(f, gates=gates, probs=probs, classes=np.array(names, dtype=np.str_), layer=np.int64(args.layer))
     print(f"{source}: {seq.shape[1]} steps, layer {args.layer} gates {gates.shape[1]} elements "
           f"(mean {gates.mean():.3f}, min {gates.min():.3f}, max {gates.max():.3f}); predicted {predicted} "
           f"({probs[-1].max():.0%}){truth}")

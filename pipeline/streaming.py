@@ -286,13 +286,9 @@ def plot_stream(times: np.ndarray, probs: np.ndarray, class_names: Sequence[str]
                 max_classes: int = 8, title: str = "") -> Path:
     """Saves the class probabilities over time as a PNG: times (n,) s, probs (n, C); the `max_classes` classes
     that ever score highest are drawn, the top-1 class of each moment as a band along the bottom."""
-    import matplotlib
+    from pipeline.viz import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.5), dpi=100)
     if len(times):
         shown = np.argsort(-probs.max(0), kind="stable")[:max_classes]
@@ -310,9 +306,7 @@ def plot_stream(times: np.ndarray, probs: np.ndarray, class_names: Sequence[str]
     ax.set_title(title or "class probabilities while the video plays")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def build_parser() -> argparse.ArgumentParser:

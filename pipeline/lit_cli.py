@@ -33,7 +33,9 @@ from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
 from pipeline.data.datamodules import FeatureDataModule
-from pipeline.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, InterruptWatch, one_line, watch_interrupts
+from pipeline.errors import (
+    EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, InterruptWatch, is_user_error, usage_error, watch_interrupts,
+)
 from pipeline.lit import EleAttClassifier, read_checkpoint
 from pipeline.paths import atomic_write, ensure_writable_dir
 from pipeline.scores import accuracy_summary, read_scores
@@ -448,12 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # outside Lightning's loops (set-up, reading the data)
         print(_interrupt_message(command, argv), file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ValueError, FileNotFoundError) as err:
-        print(f"eleatt {command}: error: {one_line(err)}", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as err:
-        if err.filename is None:
+    except (ValueError, OSError) as err:  # bad input: one line naming the file and the fix (pipeline.errors)
+        if not is_user_error(err):
             raise
-        print(f"eleatt {command}: error: {one_line(err)}", file=sys.stderr)
-        return EXIT_USAGE
+        return usage_error(command, err)
     return EXIT_OK

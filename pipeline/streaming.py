@@ -122,6 +122,7 @@ class StreamingClassifier:
         self._next_k = 0  # the next step k: due at time k / sample_fps
         self._t0: float | None = None  # first timestamp pushed (timestamp mode)
         self._prev_t: float | None = None
+        self._last_stamp: float | None = None  # the latest timestamp pushed, as given
         self.last_probs: np.ndarray | None = None  # (C,) after the latest sampled frame
 
     # -- sampling ----------------------------------------------------------------------------------------------
@@ -195,6 +196,13 @@ class StreamingClassifier:
             stamps = np.asarray(timestamps, dtype=np.float64).reshape(-1)
             if len(stamps) != count:
                 raise ValueError(f"{len(stamps)} timestamps for {count} frames; give one per frame")
+            # NaN compares false with every step time: the stream would sample nothing and say nothing
+            previous = np.concatenate([[self._last_stamp], stamps]) if self._last_stamp is not None else stamps
+            if not np.isfinite(stamps).all() or (np.diff(previous) < 0).any():
+                raise ValueError(f"timestamps must be finite seconds that never go back, got {stamps.tolist()[:8]}; "
+                                 "for a source without frame times pass its rate (fps=...) instead")
+            if count:
+                self._last_stamp = float(stamps[-1])
         picks, times = self._select(count, stamps)
         numbers = self._seen + picks
         self._seen += count

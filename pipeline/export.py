@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.errors import EXIT_OK, EXIT_USAGE
-from pipeline.paths import atomic_write
+from pipeline.paths import atomic_write, ensure_writable_dir
 
 FORMATS = ("onnx", "exported", "torchscript")
 _MODES = {"LSTM": 0, "GRU": 1, "RNN_TANH": 2, "RNN_RELU": 3}
@@ -496,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         print("eleatt export: error: --weights only applies with --with-backbone", file=sys.stderr)
         return EXIT_USAGE
     _require_onnx(args.format)
+    ensure_writable_dir(Path(args.out).parent, "folder of --out")  # before the checkpoint and backbone load
     module, info = build_models(args.ckpt, with_backbone=args.with_backbone, step=args.step, weights=args.weights)
     path = export_module(module, info, args.format, args.out)
     kind = "one-step" if args.step else "whole-sequence"

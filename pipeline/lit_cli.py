@@ -26,9 +26,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
@@ -417,7 +416,7 @@ def _interrupt_message(command: str, argv: list[str]) -> str:
             except ValueError:
                 epoch = None
             done = f" (end of epoch {epoch})" if isinstance(epoch, int) else ""
-            args = [a for a in argv[1:]]
+            args = list(argv[1:])
             for flag in ("--ckpt_path", "--run_name"):  # replaced by the checkpoint
                 while flag in args:
                     i = args.index(flag)

@@ -71,6 +71,7 @@ def gates_and_probabilities(model: torch.nn.Module, seq: torch.Tensor, layer: in
         raise ValueError("put the model in eval mode (model.eval()) first: dropout would change the values")
     if seq.dim() == 2:
         seq = seq[None]
+    seq = seq.to(net.head.weight.device)
     x = net.proj(net.input_dropout(seq))  # (V, T, D')
     out, _, gates = net.rnn(x, return_attention=True)  # out (V, T, H); gates[k] (V, T, D_k)
     if not gates:
@@ -146,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = Path(args.ckpt)
     out = Path(args.out) if args.out else ckpt.resolve().parent / "visualize"
     ensure_writable_dir(out, "--out folder")  # before loading and encoding anything
-    sequence_model = load_sequence_model(ckpt)
     frames = None
     if args.features is not None:
+        sequence_model = load_sequence_model(ckpt)
         source = Path(args.features)
         if not source.is_file():
             raise FileNotFoundError(f"feature file '{source}' not found (feature folders hold one .npy per video)")
@@ -164,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         if not source.exists():
             raise FileNotFoundError(f"video '{source}' not found")
         classifier = VideoClassifier(ckpt, weights=args.weights, device=args.device)
+        # the classifier already holds the model and its test-time state: no second read of the checkpoint
+        sequence_model = SequenceModel(classifier.model, classifier.normalizer, classifier.num_steps,
+                                       classifier.class_names)
         try:
             features = classifier.features(source).numpy()  # (V, T, D)
             frames = video_frames(source)

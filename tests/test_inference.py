@@ -112,9 +112,12 @@ def test_demo_rerun_with_another_dataset_does_not_reuse_stale_features(tmp_path,
     out = tmp_path / "demo"
     for seed in ("0", "1"):
         assert demo_main(["--quick", "--videos-per-class", "3", "--out", str(out), "--seed", seed]) == 7
-        assert "extract: 30 done, 0 skipped, 0 failed of 30 videos" in capsys.readouterr().out
+        printed = capsys.readouterr().out
+        assert "flow: 30 done, 0 skipped, 0 failed of 30 videos" in printed
+        assert printed.count("extract: 30 done, 0 skipped, 0 failed of 30 videos") == 2  # RGB and flow
     assert demo_main(["--quick", "--videos-per-class", "3", "--out", str(out), "--seed", "1"]) == 7
-    assert "extract: 0 done, 30 skipped" in capsys.readouterr().out  # the same dataset again: resumed
+    printed = capsys.readouterr().out
+    assert printed.count("extract: 0 done, 30 skipped") == 2 and "flow: 0 done, 30 skipped" in printed  # resumed
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +127,7 @@ def second_run(demo_run):
     from pipeline.lit_cli import main as lightning_main
 
     data, run = demo_run
-    features = next((run.parents[1] / "features").iterdir())
+    features = next((run.parents[2] / "features").glob("rgb-*"))  # <out>/checkpoints/<session>/rgb -> <out>
     common = ["--config", str(CONFIG), "--data.features_dir", str(features), "--data.train_list",
               str(data / "train.txt"), "--data.val_list", str(data / "val.txt"), "--data.test_list",
               str(data / "test.txt"), "--data.num_workers", "0", "--trainer.default_root_dir", str(run.parent),

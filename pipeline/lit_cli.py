@@ -59,14 +59,50 @@ class _SaveFitConfig(SaveConfigCallback):
             super().setup(trainer, pl_module, stage)
 
 
+def is_end_to_end(args: list[str] | None) -> bool:
+    """True when the command line (or a --config it names) sets `data.video_root`: an end-to-end run on videos
+    (VideoEleAttClassifier + VideoDataModule) rather than one on a feature folder."""
+    args = list(sys.argv[1:] if args is None else args)
+    configs = []
+    for i, arg in enumerate(args):
+        if arg == "--data.video_root" or arg.startswith("--data.video_root="):
+            return True
+        if arg == "--config" and i + 1 < len(args):
+            configs.append(args[i + 1])
+        elif arg.startswith("--config="):
+            configs.append(arg.split("=", 1)[1])
+    for config in configs:
+        try:
+            import yaml
+
+            data = (yaml.safe_load(Path(config).read_text()) or {}).get("data") or {}
+        except (OSError, ValueError, AttributeError):  # the parser reports a bad config itself
+            continue
+        if isinstance(data, dict) and ("video_root" in data or "video_root" in (data.get("init_args") or {})):
+            return True
+    return False
+
+
 class EleAttCLI(LightningCLI):
-    """LightningCLI with the project's run folders, links from the data module to the model, and reports."""
+    """LightningCLI with the project's run folders, links from the data module to the model, and reports.
+
+    A run whose data sets `video_root` trains end to end (`pipeline.lit_video.VideoEleAttClassifier` on
+    `pipeline.data.videodata.VideoDataModule`); every other run trains on a feature folder.
+    """
 
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
         self.run_dir: Path | None = None
+        self.end_to_end = is_end_to_end(args)
+        if self.end_to_end:
+            from pipeline.data.videodata import VideoDataModule
+            from pipeline.lit_video import VideoEleAttClassifier
+
+            model_class, data_class = VideoEleAttClassifier, VideoDataModule
+        else:
+            model_class, data_class = EleAttClassifier, FeatureDataModule
         super().__init__(
-            EleAttClassifier,
-            FeatureDataModule,
+            model_class,
+            data_class,
             save_config_callback=_SaveFitConfig,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"prog": "eleatt", "description": "Train and evaluate EleAtt-RNN classifiers on features."},
@@ -80,7 +116,11 @@ class EleAttCLI(LightningCLI):
             help="run folder name under checkpoints/ (default: <config name>-<YYYYmmdd-HHMMSS>)",
         )
         # Sizes and names come from the data, never configured twice.
-        parser.link_arguments("data.feature_dim", "model.input_size", apply_on="instantiate")
+        if self.end_to_end:  # the backbone sets the frame size and normalisation; the data sets its input channels
+            parser.link_arguments("model.backbone", "data.backbone", apply_on="parse")
+            parser.link_arguments("data.in_chans", "model.in_chans", apply_on="instantiate")
+        else:
+            parser.link_arguments("data.feature_dim", "model.input_size", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
         parser.link_arguments("data.extraction_settings", "model.extraction_settings", apply_on="instantiate")

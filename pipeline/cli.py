@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "prepare": ("preprocessing.splits", "main", "write train/val/test lists and classes.txt (official splits, folders, synthetic)"),
     "extract": ("preprocessing.extract", "main", "extract per-frame timm backbone features into a feature folder (resumable)"),
     "classify": ("pipeline.inference", "main", "classify video files with a trained checkpoint"),
+    "fuse": ("pipeline.fusion", "main", "fuse the scores files of several streams (weighted, optional weight search)"),
     "demo": ("pipeline.demo", "main", "run the RGB pipeline end to end on a generated dataset"),
 }
 

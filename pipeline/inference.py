@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import sys
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -19,15 +18,15 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from pipeline.data.datasets import FeatureNormalizer, sample_sequence
-from pipeline.data.sampling import frame_indices
-from pipeline.data.transforms import eval_views
-from pipeline.data.video import load_frames, probe
+from pipeline.data.datamodules import FeatureDataModule
+from pipeline.data.datasets import sample_sequence
+from pipeline.data.features import FeatureSettings, SettingsFormatError
+from pipeline.data.frames import DECODE_CHUNK, video_views
+from pipeline.devices import resolve_device
+from pipeline.errors import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
+from pipeline.fusion import MODES, check_same_classes, check_weights, default_weights, fuse_probs
 from pipeline.lit import classifier_from_checkpoint, read_checkpoint
 from pipeline.nn.backbone import FrameEncoder
-
-from pipeline.errors import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
-DECODE_CHUNK = 64  # frames decoded at once: bounds the memory of a long video
 
 
 @dataclass
@@ -52,18 +51,6 @@ class Prediction:
                                              for n, l, p in zip(self.names, self.labels, self.probs)]}
 
 
-def _device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device {device!r}: expected auto, cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device!r}: no CUDA device is available here; use --device cpu (or auto)")
-    return dev
-
-
 class VideoClassifier:
     """A checkpoint plus the backbone it needs, ready to classify video files.
 
@@ -79,66 +66,53 @@ class VideoClassifier:
     def __init__(self, ckpt: str | os.PathLike, weights: str | None = None, device: str = "auto",
                  batch_size: int = 64, backend: str = "auto") -> None:
         ckpt = Path(ckpt)
-        self.device = _device(device)
+        self.device = resolve_device(device)
         checkpoint = read_checkpoint(ckpt, map_location="cpu")
         self.model = classifier_from_checkpoint(checkpoint, ckpt).to(self.device)
         hparams = self.model.hparams
-        settings = hparams.get("extraction_settings")
-        needed = ("backbone", "weights", "data_config", "sampling", "views")
-        if not settings or any(key not in settings for key in needed):
-            missing = [k for k in needed if not settings or k not in settings]
+        recorded = hparams.get("extraction_settings")
+        try:
+            settings = FeatureSettings.from_json(recorded, ckpt) if recorded else None
+        except SettingsFormatError as err:
+            raise ValueError(f"checkpoint {err}") from None
+        if settings is None or settings.backbone is None or settings.data_config is None:
             raise ValueError(
                 f"checkpoint '{ckpt}' does not record the feature extraction settings it was trained on "
-                f"(missing: {', '.join(missing)}), so new videos cannot be encoded the same way; retrain on a feature "
-                "folder made by `eleatt extract` (its settings.json is recorded in the checkpoint)"
+                "(backbone, weights, data_config, sampling, views), so new videos cannot be encoded the same way; "
+                "retrain on a feature folder made by `eleatt extract` (its settings.json is recorded in the checkpoint)"
             )
-        if settings.get("modality", "rgb") != "rgb":
-            raise ValueError(f"checkpoint '{ckpt}' was trained on {settings['modality']!r} features; classify "
+        if settings.modality != "rgb":
+            raise ValueError(f"checkpoint '{ckpt}' was trained on {settings.modality!r} features; classify "
                              "handles RGB checkpoints only")
         self.settings = settings
         num_classes = int(hparams["num_classes"])
         self.class_names = list(hparams.get("class_names") or [f"class_{i}" for i in range(num_classes)])
-        data_hparams = checkpoint.get("datamodule_hyper_parameters") or {}
-        self.num_steps = data_hparams.get("num_steps") or None
-        self.normalizer = FeatureNormalizer(data_hparams.get("normalize", "none"))
-        state = (checkpoint.get("FeatureDataModule") or {}).get("normalizer")
-        if state is not None:
-            self.normalizer.load_state_dict(state)
-        source = weights if weights is not None else settings["weights"]
+        # The test-time step sampling and normalisation, as the data module saved them for this checkpoint.
+        self.num_steps, self.normalizer = FeatureDataModule.eval_state_from_checkpoint(checkpoint)
+        source = weights if weights is not None else settings.weights
         try:
-            self.encoder = FrameEncoder(settings["backbone"], weights=source).to(self.device)
+            self.encoder = FrameEncoder(settings.backbone, weights=source, in_chans=settings.in_chans).to(self.device)
         except FileNotFoundError as err:
             hint = "" if weights is not None else (
-                f" (the checkpoint records weights {settings['weights']!r}; pass `--weights PATH` to a local copy "
+                f" (the checkpoint records weights {settings.weights!r}; pass `--weights PATH` to a local copy "
                 "of the same weights, or `weights=` from Python)")
             raise type(err)(f"{err}{hint}") from None
-        self.data_config = dict(settings["data_config"])
-        self.views = settings["views"]
+        self.data_config = dict(settings.data_config)
+        self.views = settings.views
         self.batch_size = batch_size
         self.backend = backend
-        self.store_dtype = torch.float16 if settings.get("dtype", "float16") == "float16" else torch.float32
-        # the network's precision at extraction ("32", "bf16" or "16" autocast), so features match the folder's
-        precision = str(settings.get("precision", "32"))
-        self.autocast_dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision)
 
     @torch.inference_mode()
     def features(self, path: str | os.PathLike) -> torch.Tensor:
         """The features of one video as extraction stores them: float32 (V, T, D) (via the stored dtype)."""
-        info = probe(path)
-        indices = frame_indices(self.settings["sampling"], info.num_frames, info.fps)  # (T,)
         chunks = []
-        for start in range(0, len(indices), DECODE_CHUNK):
-            frames = load_frames(path, indices[start:start + DECODE_CHUNK], backend=self.backend)  # (t, H, W, 3)
-            x = eval_views(frames, self.data_config, self.views)  # (V, t, C, H, W)
-            v, t = x.shape[:2]
-            flat = x.reshape(v * t, *x.shape[2:]).to(self.device)
-            context = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
-                       else nullcontext())
-            with context:
-                feats = torch.cat([self.encoder(b) for b in flat.split(self.batch_size)])  # (V*t, D)
-            chunks.append(feats.float().view(v, t, -1))
-        feats = torch.cat(chunks, dim=1)  # (V, T, D)
-        return feats.to(self.store_dtype).float().cpu()
+        for chunk in video_views(path, self.settings, backend=self.backend, chunk=DECODE_CHUNK):
+            v, t = chunk.views.shape[:2]
+            images = chunk.views.reshape(v * t, *chunk.views.shape[2:]).to(self.device)  # (V*t, C, H, W) view-major
+            feats = self.encoder.encode_stored(images, self.settings.precision, self.settings.dtype,
+                                               self.batch_size)  # (V*t, D)
+            chunks.append(feats.view(v, t, -1))
+        return torch.cat(chunks, dim=1).cpu()  # (V, T, D)
 
     @torch.inference_mode()
     def scores(self, feats: torch.Tensor) -> np.ndarray:
@@ -163,16 +137,112 @@ class VideoClassifier:
                           labels=[int(i) for i in top], scores=scores)
 
 
-def classify(paths: str | os.PathLike | Sequence[str | os.PathLike], ckpt: str | os.PathLike, topk: int = 5,
-             weights: str | None = None, device: str = "auto") -> list[Prediction]:
-    """Classifies video files with a checkpoint: one `Prediction` (top-k names and probabilities) per path.
+def _recorded_modality(ckpt: str | os.PathLike) -> str:
+    """The stream a checkpoint was trained on ('rgb', 'flow', ...), from its recorded extraction settings."""
+    # A second read of the (small, classifier-only) checkpoint: VideoClassifier takes a path.
+    hparams = read_checkpoint(ckpt, map_location="cpu").get("hyper_parameters") or {}
+    return str((hparams.get("extraction_settings") or {}).get("modality", "rgb"))
+
+
+def open_classifier(ckpt: str | os.PathLike, weights: str | None = None, device: str = "auto", batch_size: int = 64,
+                    backend: str = "auto"):
+    """The video classifier of one checkpoint, chosen by the stream its extraction settings record."""
+    modality = _recorded_modality(ckpt)
+    if modality == "rgb":
+        return VideoClassifier(ckpt, weights=weights, device=device, batch_size=batch_size, backend=backend)
+    if modality == "flow":
+        raise ValueError(f"checkpoint '{ckpt}' is a flow-stream checkpoint: classifying new videos with the flow "
+                         "stream is not supported yet; fuse its `eleatt test` scores with the RGB stream's instead "
+                         "(eleatt fuse --scores RGB/scores_test.npz FLOW/scores_test.npz)")
+    raise ValueError(f"checkpoint '{ckpt}' was trained on {modality!r} features; classify handles RGB checkpoints")
+
+
+class FusedClassifier:
+    """Several streams' classifiers (e.g. RGB and flow) fused as `eleatt fuse` fuses their scores files: each gives
+    class probabilities (C,) for the video, fused by a weighted mean (`mode="prob"`) or of log-probabilities."""
+
+    def __init__(self, classifiers: Sequence, weights: Sequence[float] | None = None, mode: str = "prob",
+                 names: Sequence[str] | None = None) -> None:
+        if mode not in MODES:
+            raise ValueError(f"fusion mode {mode!r}: expected one of {', '.join(MODES)}")
+        names = list(names) if names is not None else [f"checkpoint {i + 1}" for i in range(len(classifiers))]
+        for model, name in zip(classifiers[1:], names[1:]):
+            check_same_classes(classifiers[0].class_names, model.class_names, names[0], name, what="checkpoints")
+        self.classifiers = list(classifiers)
+        self.weights = check_weights(default_weights(len(classifiers)) if weights is None else weights,
+                                     len(classifiers))
+        self.mode = mode
+        self.class_names = list(classifiers[0].class_names)
+
+    def __call__(self, path: str | os.PathLike, topk: int = 5) -> Prediction:
+        """Classifies one video with every stream; a stream that cannot read it gives the Prediction's `error`."""
+        num_classes = len(self.class_names)
+        streams = []
+        for model in self.classifiers:
+            pred = model(path, topk=num_classes)  # every class's probability: pred.scores (C,)
+            if not pred.ok:
+                return pred
+            streams.append(pred.scores)
+        scores = fuse_probs(streams, self.weights, self.mode)  # (C,)
+        k = max(1, min(topk, num_classes))
+        top = np.argsort(-scores, kind="stable")[:k]
+        return Prediction(str(path), names=[self.class_names[i] for i in top], probs=[float(scores[i]) for i in top],
+                          labels=[int(i) for i in top], scores=scores)
+
+
+def _as_list(value, count: int, what: str) -> list:
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * count
+    if len(values) != count:
+        raise ValueError(f"{len(values)} {what} given for {count} checkpoints: give one, or one per checkpoint")
+    return values
+
+
+def open_classifiers(ckpts: str | os.PathLike | Sequence[str | os.PathLike], weights=None,
+                     stream_weights: Sequence[float] | None = None, mode: str = "prob", **kwargs):
+    """One checkpoint: its classifier; several (e.g. RGB and flow): a FusedClassifier of theirs."""
+    ckpts = [ckpts] if isinstance(ckpts, (str, os.PathLike)) else list(ckpts)
+    if not ckpts:
+        raise ValueError("no checkpoint given")
+    if len(ckpts) == 1 and stream_weights is not None:
+        raise ValueError("stream fusion weights need two or more checkpoints (e.g. --ckpt RGB.ckpt FLOW.ckpt "
+                         "--weights 1 1.5)")
+    backbones = _as_list(weights, len(ckpts), "backbone weights")
+    models = [open_classifier(c, weights=w, **kwargs) for c, w in zip(ckpts, backbones)]
+    if len(models) == 1:
+        return models[0]
+    return FusedClassifier(models, stream_weights, mode, names=[str(c) for c in ckpts])
+
+
+def classify(paths: str | os.PathLike | Sequence[str | os.PathLike],
+             ckpt: str | os.PathLike | Sequence[str | os.PathLike], topk: int = 5,
+             weights: str | None | Sequence[str | None] = None, device: str = "auto",
+             stream_weights: Sequence[float] | None = None, mode: str = "prob") -> list[Prediction]:
+    """Classifies video files with a checkpoint, or with several streams' checkpoints fused (a list, e.g.
+    [RGB, flow]; `stream_weights` default 1 : 1.5 for two, `mode` "prob" or "logit", as `eleatt fuse`):
+    one `Prediction` (top-k names and probabilities) per path. `weights` overrides the backbone weights (one
+    value, or one per checkpoint).
 
     >>> [p.names[0] for p in classify(["a.mp4", "b.mp4"], "checkpoints/run/best.ckpt")]  # doctest: +SKIP
+    >>> classify("a.mp4", ["checkpoints/rgb/best.ckpt", "checkpoints/flow/best.ckpt"])  # doctest: +SKIP
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    model = VideoClassifier(ckpt, weights=weights, device=device)
+    model = open_classifiers(ckpt, weights=weights, stream_weights=stream_weights, mode=mode, device=device)
     return [model(p, topk=topk) for p in paths]
+
+
+def _split_weights(values: list[str] | None) -> tuple[str | None, list[float] | None]:
+    """`--weights`: numbers are the streams' fusion weights, one word (a file, imagenet, none) the backbone's."""
+    if not values:
+        return None, None
+    try:
+        return None, [float(v) for v in values]
+    except ValueError:
+        pass
+    if len(values) != 1:
+        raise ValueError(f"--weights {' '.join(values)}: give numbers (one fusion weight per checkpoint, e.g. "
+                         "--weights 1 1.5) or one backbone weights file, imagenet or none")
+    return values[0], None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,11 +252,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "checkpoint records, run the EleAtt model, print the top-k classes.",
         epilog="exit status: 0 all classified; 3 some videos could not be read (each listed); 2 usage error",
     )
-    parser.add_argument("videos", nargs="+", metavar="VIDEO", help="video files or raw-frame folders")
-    parser.add_argument("--ckpt", required=True, help="checkpoint of `eleatt fit` (checkpoints/<run>/best.ckpt)")
-    parser.add_argument("--weights", default=None,
-                        help="backbone weights instead of the recorded ones: a local .safetensors/.pth/.bin file, "
-                             "'imagenet' or 'none' (default: what the training features were made with)")
+    # nargs="*" so that a missing VIDEO (swallowed by --ckpt's list) gets the message saying where to put them
+    parser.add_argument("videos", nargs="*", metavar="VIDEO", help="video files or raw-frame folders")
+    parser.add_argument("--ckpt", required=True, nargs="+",
+                        help="checkpoint of `eleatt fit` (checkpoints/<run>/best.ckpt); two or more (e.g. RGB.ckpt "
+                             "FLOW.ckpt): their streams' probabilities are fused as `eleatt fuse` does")
+    parser.add_argument("--weights", default=None, nargs="+", metavar="W",
+                        help="with several checkpoints, numbers: each stream's fusion weight (default 1 1.5 for two, "
+                             "as TSN; equal otherwise); otherwise the backbone weights instead of the recorded ones: "
+                             "a local .safetensors/.pth/.bin file, 'imagenet' or 'none' (default: what the training "
+                             "features were made with)")
+    parser.add_argument("--mode", choices=MODES, default="prob",
+                        help="fusion of several checkpoints: prob (weighted mean of probabilities, default) or "
+                             "logit (of log-probabilities)")
     parser.add_argument("--topk", type=int, default=5, help="classes to print per video (default 5)")
     parser.add_argument("--json", action="store_true", help="print one JSON object a line instead of a table")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
@@ -207,12 +285,17 @@ def _print_table(pred: Prediction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.videos:
+        parser.error("no VIDEO given; name the videos before --ckpt, which takes one or more checkpoints "
+                     "(eleatt classify a.mp4 b.mp4 --ckpt RGB.ckpt [FLOW.ckpt])")
     if args.topk < 1 or args.batch_size < 1:
         print("eleatt classify: error: --topk and --batch-size must be >= 1", file=sys.stderr)
         return EXIT_USAGE
-    model = VideoClassifier(args.ckpt, weights=args.weights, device=args.device, batch_size=args.batch_size,
-                            backend=args.backend)
+    backbone_weights, stream_weights = _split_weights(args.weights)
+    model = open_classifiers(args.ckpt, weights=backbone_weights, stream_weights=stream_weights, mode=args.mode,
+                             device=args.device, batch_size=args.batch_size, backend=args.backend)
     failed = []
     for video in args.videos:
         pred = model(video, topk=args.topk)

@@ -221,6 +221,11 @@ class EleAttClassifier(pl.LightningModule):
         checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
+        # What the data module saves for evaluation (normalisation statistics, test-time steps), under a key of
+        # ours: classify reads it from here (FeatureDataModule.eval_state_from_checkpoint).
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "state_dict"):
+            checkpoint["data_state"] = datamodule.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         stored = checkpoint.get("hyper_parameters", {}).get("class_names")

@@ -6,6 +6,8 @@ Imports neither Lightning nor the model, so that evaluation (`pipeline.lit`), la
     scores   float32 (N, C) class probabilities, averaged over views
     labels   int64 (N,)     the list's labels, -1 when unknown
     classes  unicode (C,)   class names (when known)
+
+Fused scores (`eleatt fuse`) add `weights` float32 (K,) and `inputs` unicode (K,), one per fused file.
 """
 from __future__ import annotations
 
@@ -17,9 +19,11 @@ import numpy as np
 
 
 def write_scores(
-    path: str | os.PathLike, videos: list[str], scores: np.ndarray, labels: np.ndarray, classes: list[str] | None
+    path: str | os.PathLike, videos: list[str], scores: np.ndarray, labels: np.ndarray, classes: list[str] | None,
+    extra: dict[str, np.ndarray] | None = None,
 ) -> Path:
-    """Writes a scores file atomically: videos (N,) unicode, scores (N, C) float32, labels (N,) int64, classes."""
+    """Writes a scores file atomically: videos (N,) unicode, scores (N, C) float32, labels (N,) int64, classes,
+    plus `extra` arrays (e.g. the fused file's `weights` and `inputs`; numeric or unicode, never objects)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {
@@ -29,6 +33,13 @@ def write_scores(
     }
     if classes is not None:
         arrays["classes"] = np.array(classes, dtype=np.str_)
+    for key, value in (extra or {}).items():
+        if key in arrays:
+            raise ValueError(f"extra array {key!r} would overwrite the scores file's own {key!r}")
+        value = np.asarray(value)
+        if value.dtype == object:
+            raise ValueError(f"extra array {key!r} has dtype object; a scores file is read without unpickling")
+        arrays[key] = value
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.npz", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:

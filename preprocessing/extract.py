@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sys
 import time
@@ -27,19 +26,16 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from pipeline.data.features import FeatureFolder, SettingsMismatchError
+from pipeline.data.features import PRECISIONS, FeatureFolder, FeatureSettings, SettingsMismatchError
+from pipeline.data.frames import DECODE_CHUNK, video_views
 from pipeline.data.lists import read_list
-from pipeline.data.sampling import frame_indices
-from pipeline.data.transforms import eval_views
-from pipeline.data.video import load_frames, probe
+from pipeline.data.sampling import Sampling
+from pipeline.data.transforms import VIEW_COUNTS
+from pipeline.devices import resolve_device
+from pipeline.errors import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
 from pipeline.nn.backbone import FrameEncoder
 
-from pipeline.errors import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
-VIEWS = ("center", "three", "ten")
-NUM_VIEWS = {"center": 1, "three": 3, "ten": 10}
-PRECISIONS = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
-# Frames decoded per `load_frames` call: bounds the memory of one long video (64 frames of 1080p ~ 400 MB).
-DECODE_CHUNK = 64
+VIEWS = tuple(VIEW_COUNTS)
 
 log = logging.getLogger(__name__)
 
@@ -47,47 +43,13 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------------------------
 # What to extract
 # --------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Sampling:
-    """Which frames of a video are encoded: all of them, resampled to `fps`, or `num_segments` segment centres."""
-
-    fps: float | None = None
-    num_segments: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.fps is not None and self.num_segments is not None:
-            raise ValueError("--fps and --num-segments exclude each other; pass at most one")
-        if self.fps is not None and not (math.isfinite(self.fps) and self.fps > 0):
-            raise ValueError(f"--fps {self.fps}: must be a positive number of frames per second")
-        if self.num_segments is not None and self.num_segments < 1:
-            raise ValueError(f"--num-segments {self.num_segments}: must be >= 1")
-
-    @property
-    def mode(self) -> str:
-        return "fps" if self.fps is not None else "segments" if self.num_segments is not None else "all"
-
-    def to_settings(self) -> dict:
-        return {"mode": self.mode, "fps": self.fps, "num_segments": self.num_segments}
-
-    def indices(self, num_frames: int, src_fps: float) -> np.ndarray:
-        """int64 (T,) frame indices in [0, num_frames) (the same rule `eleatt classify` applies)."""
-        return frame_indices(self.to_settings(), num_frames, src_fps)
-
-
-def make_settings(encoder: FrameEncoder, sampling: Sampling, views: str, precision: str) -> dict:
-    """The feature folder's settings (CONTRACTS "Feature settings"), plus the numeric precision of the network."""
-    return {
-        "backbone": encoder.name,
-        "weights": encoder.weights,
-        "data_config": encoder.data_config,
-        "input_size": list(encoder.data_config["input_size"]),
-        "sampling": sampling.to_settings(),
-        "views": views,
-        "modality": "rgb",
-        "dtype": "float16",
-        "dim": encoder.num_features,
-        "precision": precision,
-    }
+def make_settings(encoder: FrameEncoder, sampling: Sampling, views: str, precision: str) -> FeatureSettings:
+    """The feature folder's settings for RGB frames encoded by `encoder`."""
+    return FeatureSettings(
+        modality="rgb", backbone=encoder.name, weights=encoder.weights, data_config=encoder.data_config,
+        in_chans=encoder.in_chans, sampling=sampling, views=views, dtype="float16", dim=encoder.num_features,
+        precision=precision,
+    )
 
 
 def shard(videos: Sequence[str], rank: int, world_size: int) -> list[str]:
@@ -112,29 +74,15 @@ class FrameBatches(IterableDataset):
         errors: list of (video, message) of videos that failed (decoding, sampling, preprocessing).
     """
 
-    def __init__(self, root: str | os.PathLike, videos: Sequence[str], data_config: dict, sampling: Sampling,
-                 views: str = "center", batch_size: int = 64, backend: str = "auto") -> None:
+    def __init__(self, root: str | os.PathLike, videos: Sequence[str], settings: FeatureSettings,
+                 batch_size: int = 64, backend: str = "auto") -> None:
         super().__init__()
         self.root = Path(root)
         self.videos = list(videos)
-        self.data_config = data_config
-        self.sampling = sampling
-        self.views = views
-        self.num_views = NUM_VIEWS[views]
+        self.settings = settings
+        self.num_views = settings.num_views
         self.batch_size = batch_size
         self.backend = backend
-
-    def _decoded(self, video: str) -> Iterator[tuple[dict, torch.Tensor]]:
-        """(piece without count, frames uint8 (t, H, W, 3)) per decoded chunk of one video; raises on a bad video."""
-        path = self.root / video
-        info = probe(path)
-        indices = self.sampling.indices(info.num_frames, info.fps)  # (T,)
-        total = int(len(indices))
-        for d0 in range(0, total, DECODE_CHUNK):
-            frames = load_frames(path, indices[d0:d0 + DECODE_CHUNK], backend=self.backend)  # (t, H, W, 3)
-            piece = {"video": video, "start": d0, "total": total, "views": self.num_views,
-                     "source_frames": int(info.num_frames), "source_fps": float(info.fps)}
-            yield piece, frames
 
     def __iter__(self) -> Iterator[dict]:
         worker = get_worker_info()
@@ -152,18 +100,20 @@ class FrameBatches(IterableDataset):
 
         for video in mine:
             try:
-                for chunk, frames in self._decoded(video):
-                    t0 = 0
-                    while t0 < frames.shape[0]:
+                for chunk in video_views(self.root / video, self.settings, backend=self.backend, chunk=DECODE_CHUNK):
+                    piece = {"video": video, "total": chunk.total, "views": self.num_views,
+                             "source_frames": chunk.source.num_frames, "source_fps": chunk.source.fps}
+                    t0, count = 0, chunk.views.shape[1]
+                    while t0 < count:
                         # As many frames as fill this batch (at least one frame's views), so batches stay full.
                         k = max(1, (self.batch_size - filled) // self.num_views)
                         if filled and filled + k * self.num_views > self.batch_size:
                             yield flush()
                             continue
-                        x = eval_views(frames[t0:t0 + k], self.data_config, self.views)  # (V, k, C, H, W)
+                        x = chunk.views[:, t0:t0 + k]  # (V, k, C, H, W)
                         v, k = x.shape[:2]
                         images.append(x.reshape(v * k, *x.shape[2:]))  # view-major (V * k, C, H, W)
-                        pieces.append({**chunk, "start": chunk["start"] + t0, "count": int(k)})
+                        pieces.append({**piece, "start": chunk.start + t0, "count": int(k)})
                         filled += v * k
                         t0 += k
                         if filled >= self.batch_size:
@@ -183,9 +133,7 @@ class LoaderSpec:
 
     root: Path
     remaining: list[str]  # the videos of the list not finished before this run, the same on every rank
-    data_config: dict
-    sampling: Sampling
-    views: str
+    settings: FeatureSettings
     batch_size: int
     backend: str
     workers: int
@@ -193,8 +141,7 @@ class LoaderSpec:
 
     def build(self, rank: int, world_size: int) -> DataLoader:
         videos = shard(self.remaining, rank, world_size)
-        dataset = FrameBatches(self.root, videos, self.data_config, self.sampling, self.views, self.batch_size,
-                               self.backend)
+        dataset = FrameBatches(self.root, videos, self.settings, self.batch_size, self.backend)
         return DataLoader(dataset, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory,
                           prefetch_factor=4 if self.workers else None)
 
@@ -228,7 +175,8 @@ class EncoderModule(pl.LightningModule):
             # A compiled graph is specialised to its batch size: pad the last batch instead of recompiling.
             images = torch.cat([images, images.new_zeros((self.batch_size - n, *images.shape[1:]))])
         start = time.perf_counter()
-        feats = self.encoder(images)[:n]  # (n, D)
+        # The stored precision: autocast and float16 round trip as classify does them (FrameEncoder.encode_stored).
+        feats = self.encoder.encode_stored(images, self.loader.settings.precision, self.loader.settings.dtype)[:n]
         if batch_idx > 0 and feats.device.type == "cpu":
             self.network_seconds += time.perf_counter() - start
         return feats
@@ -416,14 +364,8 @@ def default_workers(accelerator: str) -> int:
 
 def _device_args(device: str, devices: str) -> tuple[str, Any]:
     """--device/--devices -> Lightning's (accelerator, devices); "cuda:1" names one GPU."""
-    device = device.lower()
-    if device.startswith("cuda:"):
-        return "cuda", [int(device.split(":", 1)[1])]
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda", "gpu", "mps"):
-        raise ValueError(f"--device {device!r}: expected auto, cpu, cuda, cuda:N or mps")
-    return device, devices
+    dev = resolve_device(device)
+    return dev.type, ([dev.index] if dev.index is not None else devices)
 
 
 def extract(list_path: str | os.PathLike, root: str | os.PathLike, out: str | os.PathLike, backbone: str,
@@ -469,7 +411,7 @@ def extract(list_path: str | os.PathLike, root: str | os.PathLike, out: str | os
     try:
         trainer = pl.Trainer(
             accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
-            precision=PRECISIONS[precision], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            precision="32-true", logger=False, enable_checkpointing=False, enable_progress_bar=False,
             enable_model_summary=False, use_distributed_sampler=False, inference_mode=True,
         )
     except (MisconfigurationException, TypeError) as err:
@@ -478,7 +420,7 @@ def extract(list_path: str | os.PathLike, root: str | os.PathLike, out: str | os
             "(check the device flags against the machine: --device cpu, or a count of GPUs it has)"
         ) from None
     encoder = FrameEncoder(backbone, weights=weights)
-    folder.check_settings(make_settings(encoder, sampling, views, precision))
+    settings = folder.check_settings(make_settings(encoder, sampling, views, precision))
     # Every process reads the folder *before* joining the process group (inside predict; spawned ranks get this
     # list from their parent) and no rank writes before all have joined, so all ranks see the same remaining
     # videos and their strided shares are disjoint.
@@ -491,7 +433,7 @@ def extract(list_path: str | os.PathLike, root: str | os.PathLike, out: str | os
 
     stats = RunStats()
     if remaining:
-        spec = LoaderSpec(root, remaining, encoder.data_config, sampling, views, batch_size, backend, workers,
+        spec = LoaderSpec(root, remaining, settings, batch_size, backend, workers,
                           pin_memory=accelerator in ("cuda", "gpu"))
         writer = FeatureWriter(out, progress=progress)
         trainer.callbacks.append(writer)
@@ -550,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def quiet_lightning() -> None:
+def quiet_extraction_logs() -> None:
     """Lightning's banners and tips (GPU available, litlogger, process-group set-up) would bury our own output."""
     for name in ("pytorch_lightning", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -560,7 +502,7 @@ def quiet_lightning() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    quiet_lightning()
+    quiet_extraction_logs()
     try:
         summary = extract(
             args.list, args.root, args.out, args.backbone, weights=args.weights, fps=args.fps,

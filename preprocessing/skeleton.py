@@ -20,23 +20,23 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.data.features import FeatureFolder
+from pipeline.data.features import FeatureFolder, FeatureSettings
 from pipeline.data.lists import ListEntry
 from pipeline.data.skeleton import CENTRE_JOINT, FEATURE_DIM, NUM_BODIES, NUM_JOINTS, load_skeleton
 from pipeline.errors import EXIT_INTERRUPTED
 from preprocessing.splits import NTU_BENCHMARKS, NTU_NAME, finish, scan_ntu
 
 SUFFIX = ".skeleton"
-SETTINGS = {
-    "modality": "skeleton",
-    "dtype": "float32",
-    "dim": FEATURE_DIM,
-    "bodies": NUM_BODIES,
-    "joints": NUM_JOINTS,
-    "layout": "body-major: body, joint (NTU order), x/y/z in metres",
-    "centre": f"joint {CENTRE_JOINT + 1} (middle of the spine) of the first frame with a body",
-    "selection": "two most active bodies (position variance), frames without a body dropped",
-}
+SETTINGS = FeatureSettings(
+    modality="skeleton", backbone=None, dtype="float32", dim=FEATURE_DIM,
+    options={
+        "bodies": NUM_BODIES,
+        "joints": NUM_JOINTS,
+        "layout": "body-major: body, joint (NTU order), x/y/z in metres",
+        "centre": f"joint {CENTRE_JOINT + 1} (middle of the spine) of the first frame with a body",
+        "selection": "two most active bodies (position variance), frames without a body dropped",
+    },
+)
 
 
 def read_missing_list(path: str | os.PathLike) -> set[str]:

@@ -121,3 +121,133 @@ def test_demo_rerun_with_another_dataset_does_not_reuse_stale_features(tmp_path,
         assert "extract: 30 done, 0 skipped, 0 failed of 30 videos" in capsys.readouterr().out
     assert demo_main(["--quick", "--videos-per-class", "3", "--out", str(out), "--seed", "1"]) == 7
     assert "extract: 0 done, 30 skipped" in capsys.readouterr().out  # the same dataset again: resumed
+
+
+@pytest.fixture(scope="module")
+def second_run(demo_run):
+    """Another RGB stream on the demo's features (other seed and size), trained and tested like the demo's run."""
+    from pipeline.demo import CONFIG, TRAINING
+    from pipeline.lit_cli import main as lightning_main
+
+    data, run = demo_run
+    features = next((run.parents[1] / "features").iterdir())
+    common = ["--config", str(CONFIG), "--data.features_dir", str(features), "--data.train_list",
+              str(data / "train.txt"), "--data.val_list", str(data / "val.txt"), "--data.test_list",
+              str(data / "test.txt"), "--data.num_workers", "0", "--trainer.default_root_dir", str(run.parent),
+              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+              "--seed_everything", "1", "--model.hidden_size", "16", *TRAINING]
+    assert lightning_main(["fit", *common, "--run_name", "second", "--trainer.max_epochs", "3"]) == 0
+    second = run.parent / "second"
+    assert lightning_main(["test", *common, "--ckpt_path", str(second / "best.ckpt")]) == 0
+    return second
+
+
+def test_two_checkpoints_give_what_test_and_fuse_give(demo_run, second_run, tmp_path, capsys):
+    """classify with two streams' checkpoints = `test` of each + `eleatt fuse` of their scores (within 2e-3)."""
+    from pipeline.cli import main as eleatt
+
+    data, run = demo_run
+    tests = read_list(data / "test.txt")
+    ckpts = [run / "best.ckpt", second_run / "best.ckpt"]
+    fused = {}
+    for mode, weights in (("prob", []), ("logit", ["--weights", "1", "0.5"])):
+        assert eleatt(["fuse", "--scores", str(run / "scores_test.npz"), str(second_run / "scores_test.npz"),
+                       "--out", str(tmp_path / f"{mode}.npz"), "--mode", mode, "--no-plot", *weights]) == 0
+        fused[mode] = read_scores(tmp_path / f"{mode}.npz")
+        assert list(fused[mode]["videos"]) == [e.path for e in tests]
+    # four test videos (each is encoded once per stream), the default fusion (1 : 1.5 of probabilities)
+    picks = list(range(0, len(tests), max(1, len(tests) // 4)))[:4]
+    predictions = classify([data / tests[i].path for i in picks], ckpts, topk=2, device="cpu")
+    for i, pred in zip(picks, predictions):
+        entry, row = tests[i], fused["prob"]["scores"][i]
+        assert pred.ok, pred.error
+        np.testing.assert_allclose(pred.scores, row, atol=2e-3, err_msg=entry.path)
+        assert pred.labels[0] == int(row.argmax()) and len(pred.names) == 2
+    alone = read_scores(run / "scores_test.npz")["scores"]
+    assert np.abs(fused["prob"]["scores"] - alone).max() > 1e-3  # the streams differ: the fusion is neither
+
+    # the command line, log-probabilities 1 : 0.5: with two checkpoints, --weights are the streams' weights
+    capsys.readouterr()
+    assert main([str(data / tests[0].path), "--ckpt", *map(str, ckpts), "--weights", "1", "0.5", "--mode", "logit",
+                 "--json", "--topk", "3", "--device", "cpu"]) == 0
+    top = json.loads(capsys.readouterr().out)["topk"]
+    row = fused["logit"]["scores"][0]
+    assert [t["label"] for t in top] == list(np.argsort(-row, kind="stable")[:3])
+    np.testing.assert_allclose([t["prob"] for t in top], np.sort(row)[::-1][:3], atol=2e-3)
+
+
+def test_two_checkpoint_refusals(demo_run, second_run, tmp_path, capsys):
+    from pipeline.cli import main as eleatt
+
+    data, run = demo_run
+    video = str(data / read_list(data / "test.txt")[0].path)
+    checkpoint = torch.load(run / "best.ckpt", map_location="cpu", weights_only=True)
+    flow = json.loads(json.dumps(checkpoint["hyper_parameters"]["extraction_settings"]))
+    flow["modality"] = "flow"
+    checkpoint["hyper_parameters"]["extraction_settings"] = flow
+    torch.save(checkpoint, tmp_path / "flow.ckpt")
+    assert eleatt(["classify", video, "--ckpt", str(run / "best.ckpt"), str(tmp_path / "flow.ckpt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "flow.ckpt' is a flow-stream checkpoint" in err and "not supported yet" in err
+    with pytest.raises(ValueError, match="not supported yet"):
+        classify(video, [run / "best.ckpt", tmp_path / "flow.ckpt"], device="cpu")
+
+    renamed = torch.load(second_run / "best.ckpt", map_location="cpu", weights_only=True)
+    names = list(renamed["hyper_parameters"]["class_names"])
+    renamed["hyper_parameters"]["class_names"] = [names[1], names[0], *names[2:]]
+    torch.save(renamed, tmp_path / "renamed.ckpt")
+    with pytest.raises(ValueError, match=f"class 0 is '{names[0]}' in .* but '{names[1]}' in .*renamed.ckpt"):
+        classify(video, [run / "best.ckpt", tmp_path / "renamed.ckpt"], device="cpu")
+
+    for argv, message in (
+        ([video, "--ckpt", str(run / "best.ckpt"), "--weights", "1", "2"], "need two or more checkpoints"),
+        ([video, "--ckpt", str(run / "best.ckpt"), str(second_run / "best.ckpt"), "--weights", "1"],
+         "1 weights given for 2 streams"),
+        ([video, "--ckpt", str(run / "best.ckpt"), str(second_run / "best.ckpt"), "--weights", "a", "b"],
+         "give numbers"),
+    ):
+        assert eleatt(["classify", *argv, "--device", "cpu"]) == 2
+        assert message in capsys.readouterr().err, argv
+    with pytest.raises(SystemExit) as stop:  # videos after --ckpt are taken as checkpoints: say where they go
+        main(["--ckpt", str(run / "best.ckpt"), video])
+    assert stop.value.code == 2 and "name the videos before --ckpt" in capsys.readouterr().err
+
+
+def test_a_checkpoint_written_before_feature_settings_classifies_the_same(demo_run, tmp_path):
+    """Old checkpoints: settings without `format`, data state only under Lightning's own keys."""
+    from pipeline.data.features import FeatureSettings
+
+    data, run = demo_run
+    checkpoint = torch.load(run / "best.ckpt", map_location="cpu", weights_only=True)
+    state = checkpoint.pop("data_state")
+    assert set(state) == {"normalizer", "num_steps"}
+    checkpoint["FeatureDataModule"] = {"normalizer": state["normalizer"]}
+    checkpoint["datamodule_hyper_parameters"]["num_steps"] = state["num_steps"]
+    new = checkpoint["hyper_parameters"]["extraction_settings"]
+    old_keys = ("backbone", "weights", "data_config", "input_size", "sampling", "views", "modality", "dtype", "dim",
+                "precision")
+    checkpoint["hyper_parameters"]["extraction_settings"] = {k: new[k] for k in old_keys}
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    video = data / read_list(data / "test.txt")[0].path
+    then, now = VideoClassifier(old, device="cpu"), VideoClassifier(run / "best.ckpt", device="cpu")
+    assert then.settings == now.settings == FeatureSettings.from_json(new)
+    assert then.num_steps == now.num_steps and then.normalizer.mode == now.normalizer.mode
+    for key in ("mean", "std"):
+        a, b = then.normalizer.state_dict()[key], now.normalizer.state_dict()[key]
+        assert (a is None and b is None) or torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+    np.testing.assert_array_equal(then(video).scores, now(video).scores)
+
+
+def test_classify_makes_exactly_the_stored_features(demo_run):
+    """extract and classify share the path (data/frames.video_views + FrameEncoder.encode_stored): equal bits."""
+    from pipeline.data.features import FeatureFolder, as_views
+
+    data, run = demo_run
+    (features,) = [p for p in (data.parent / "features").iterdir() if (p / "settings.json").is_file()]
+    folder = FeatureFolder(features)
+    model = VideoClassifier(run / "best.ckpt", device="cpu")
+    assert model.settings == folder.settings
+    for entry in read_list(data / "test.txt")[:2]:
+        stored = as_views(folder.load(entry.path)).astype(np.float32)  # (V, T, D)
+        np.testing.assert_array_equal(model.features(data / entry.path).numpy(), stored)

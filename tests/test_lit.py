@@ -107,9 +107,10 @@ def test_checkpoint_is_weights_only_and_records_what_classify_needs(trained, ord
     checkpoint = torch.load(trained / "best.ckpt", map_location="cpu", weights_only=True)
     hparams = checkpoint["hyper_parameters"]
     assert hparams["class_names"] == ["order_012", "order_021", "order_102", "order_120"]
-    from pipeline.data.features import FeatureFolder
+    from pipeline.data.features import FeatureFolder, FeatureSettings
 
-    assert hparams["extraction_settings"] == FeatureFolder(order_features["features"]).settings
+    recorded = FeatureSettings.from_json(hparams["extraction_settings"])  # a plain dict in the checkpoint
+    assert recorded == FeatureFolder(order_features["features"]).settings
     assert (hparams["input_size"], hparams["num_classes"], hparams["hidden_size"]) == (8, 4, 32)
     model = load_classifier(trained / "best.ckpt")
     assert not model.training and model.hparams.class_names == hparams["class_names"]

@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from pipeline.nn.backbone import FrameEncoder
-from preprocessing.extract import quiet_lightning, default_workers, extract
+from preprocessing.extract import quiet_extraction_logs, default_workers, extract
 from preprocessing.synthetic import CLASSES, render_video, video_seed, write_lossless_video
 
 
@@ -69,7 +69,7 @@ def backbone_alone(name: str, batch_size: int, device: str, precision: str, comp
 
 
 def run(args: argparse.Namespace) -> int:
-    quiet_lightning()
+    quiet_extraction_logs()
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     print(f"device {device}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{args.videos} videos x {args.frames} frames of {args.size}x{args.size} (lossless H.264)")

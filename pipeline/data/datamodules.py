@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline.data.datasets import FeatureNormalizer, FeatureSequenceDataset, NormalizeMode, collate_sequences
-from pipeline.data.features import FeatureFolder
+from pipeline.data.features import FeatureFolder, FeatureSettings
 from pipeline.data.lists import ListEntry, classes_path_for, read_classes, read_list
 
 class MissingFeaturesError(FileNotFoundError):
@@ -97,8 +97,9 @@ class FeatureDataModule(pl.LightningDataModule):
         self.normalize_max_videos = normalize_max_videos
         self.normalizer = FeatureNormalizer(normalize)
 
-        settings = self.folder.settings
-        self.extraction_settings: dict | None = dict(settings) if settings else None
+        self.settings: FeatureSettings | None = self.folder.settings
+        # The plain-dict form, linked into the model's hyper-parameters (checkpoints stay weights-only loadable).
+        self.extraction_settings: dict | None = self.settings.to_json() if self.settings else None
         self.class_names: list[str] | None = self._read_class_names(classes)
         self.num_classes: int = self._resolve_num_classes()
         self.feature_dim: int = self._resolve_feature_dim()
@@ -111,7 +112,7 @@ class FeatureDataModule(pl.LightningDataModule):
             raise ValueError(f"augment={augment!r} is not one of 'none', 'skeleton_rotation'")
         if self.train_transform is not None:
             raise ValueError("give either augment or train_transform, not both")
-        modality = (self.extraction_settings or {}).get("modality", "skeleton")
+        modality = self.settings.modality if self.settings is not None else "skeleton"
         if modality != "skeleton" or self.feature_dim % 3 or normalize != "none":
             raise ValueError(
                 f"augment=skeleton_rotation rotates x, y, z joint coordinates, but '{self.features_dir}' holds "
@@ -164,8 +165,8 @@ class FeatureDataModule(pl.LightningDataModule):
         return max(labels) + 1
 
     def _resolve_feature_dim(self) -> int:
-        if self.extraction_settings and self.extraction_settings.get("dim"):
-            return int(self.extraction_settings["dim"])
+        if self.settings is not None and self.settings.dim:
+            return int(self.settings.dim)
         for name in self._existing_lists():
             for entry in self.entries(name):
                 if self.folder.feature_path(entry.path).is_file():
@@ -254,8 +255,25 @@ class FeatureDataModule(pl.LightningDataModule):
 
     # -- checkpoint state: the normalisation statistics ---------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"normalizer": self.normalizer.state_dict()}
+        """What evaluation needs besides the model: the normaliser's statistics and the test-time step count.
+        Saved in checkpoints (Lightning's datamodule state, and `data_state` by the model for classify)."""
+        return {"normalizer": self.normalizer.state_dict(), "num_steps": self.num_steps}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if "normalizer" in state_dict:
             self.normalizer.load_state_dict(state_dict["normalizer"])
+
+    @classmethod
+    def eval_state_from_checkpoint(cls, checkpoint: dict) -> tuple[int | None, FeatureNormalizer]:
+        """(num_steps, fitted normaliser) of the data a checkpoint was trained with, from its `data_state`
+        (this module's `state_dict`); checkpoints written before it fall back to Lightning's copies."""
+        state = checkpoint.get("data_state")
+        if state is None:  # older checkpoints: the module's hyper-parameters and state as Lightning stored them
+            hparams = checkpoint.get(cls.CHECKPOINT_HYPER_PARAMS_KEY) or {}
+            old = checkpoint.get(cls.__qualname__) or {}
+            state = {"num_steps": hparams.get("num_steps"),
+                     "normalizer": old.get("normalizer") or {"mode": hparams.get("normalize", "none")}}
+        normalizer_state = state.get("normalizer") or {"mode": "none"}
+        normalizer = FeatureNormalizer(normalizer_state.get("mode", "none"))
+        normalizer.load_state_dict(normalizer_state)
+        return state.get("num_steps") or None, normalizer

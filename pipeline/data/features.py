@@ -13,22 +13,175 @@ and restarted redoes only the videos without a record; a torn last manifest line
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import numpy as np
+
+from pipeline.data.sampling import Sampling
+from pipeline.data.transforms import VIEW_COUNTS
 
 SETTINGS = "settings.json"
 TMP_SUFFIX = ".tmp.npy"
 DTYPES = ("float16", "float32")
+MODALITIES = ("rgb", "flow", "skeleton")
+PRECISIONS = ("32", "bf16", "16")  # the backbone's arithmetic: float32, or bfloat16 / float16 autocast
+SETTINGS_FORMAT = 1  # settings.json's "format"; files without one were written before it (read as legacy)
 
 
 class SettingsMismatchError(ValueError):
     """A feature folder was made with other settings than the ones asked for now."""
+
+
+class SettingsFormatError(ValueError):
+    """A settings.json (or a checkpoint's copy of it) that cannot be read: missing or unknown keys, bad values."""
+
+
+@dataclass(frozen=True)
+class FeatureSettings:
+    """How the inputs of a stream become the features an EleAtt stack reads: the one description of a stream.
+
+    Written to `<folder>/settings.json` (`to_json`, with a `format` version) by whoever makes the folder, read
+    back (`from_json`, validated) by training, classify and streaming, recorded in checkpoints as its plain-dict
+    form (`hyper_parameters.extraction_settings`, so that checkpoints stay weights-only loadable).
+
+    Fields:
+        modality: "rgb" (video frames), "flow" (stacks of optical flow fields), "skeleton" (joint coordinates).
+        backbone: the timm model that encodes images (None where no backbone is used, e.g. skeletons).
+        weights: the backbone's weights source: "imagenet", "none" or an absolute file path.
+        data_config: timm's eval data config of the backbone (input_size (C, H, W), mean, std, crop_pct,
+            interpolation, crop_mode) as a plain dict; None without a backbone.
+        in_chans: channels of one backbone input image (3 for RGB; 2 * stack for flow).
+        sampling: which source frames become feature steps.
+        views: spatial test-time views per step: "center" (stored (T, D)), "three" or "ten" (stored (V, T, D)).
+        dtype: the stored array dtype, "float16" (default) or "float32".
+        dim: D, the feature size.
+        precision: the backbone's arithmetic at extraction: "32", or "bf16" / "16" autocast.
+        stack: source items stacked into one input image (flow: L flow fields -> 2L channels); 1 for RGB.
+        options: modality-specific extras, plain JSON values (e.g. a flow folder's quantisation bound).
+    """
+
+    modality: str = "rgb"
+    backbone: str | None = None
+    weights: str = "none"
+    data_config: Mapping[str, Any] | None = None
+    in_chans: int = 3
+    sampling: Sampling = field(default_factory=Sampling)
+    views: str = "center"
+    dtype: str = "float16"
+    dim: int | None = None
+    precision: str = "32"
+    stack: int = 1
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (("modality", self.modality, MODALITIES), ("views", self.views, tuple(VIEW_COUNTS)),
+                                     ("dtype", self.dtype, DTYPES), ("precision", self.precision, PRECISIONS)):
+            if value not in allowed:
+                raise SettingsFormatError(f"settings {name} {value!r} is not one of {allowed}")
+        if not isinstance(self.sampling, Sampling):
+            raise SettingsFormatError(f"settings sampling must be a Sampling, got {self.sampling!r}")
+        for name in ("in_chans", "stack"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SettingsFormatError(f"settings {name} must be an integer >= 1, got {value!r}")
+        if self.dim is not None and (isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim < 1):
+            raise SettingsFormatError(f"settings dim must be an integer >= 1 (or null), got {self.dim!r}")
+        # Stored as JSON would give them back (tuples as lists), so a folder's settings equal the ones asked for.
+        object.__setattr__(self, "data_config", None if self.data_config is None else _canonical(dict(self.data_config)))
+        object.__setattr__(self, "options", _canonical(dict(self.options)))
+
+    @property
+    def num_views(self) -> int:
+        """V, the stored views per step."""
+        return VIEW_COUNTS[self.views]
+
+    @property
+    def input_size(self) -> tuple[int, ...] | None:
+        """(C, H, W) of one backbone input image, from the data config."""
+        size = (self.data_config or {}).get("input_size")
+        return None if size is None else tuple(size)
+
+    def replace(self, **changes: Any) -> "FeatureSettings":
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        """The settings.json form (and the checkpoint's): plain JSON types, with the format version."""
+        out: dict[str, Any] = {"format": SETTINGS_FORMAT}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.to_json() if isinstance(value, Sampling) else value
+        size = self.input_size
+        out["input_size"] = None if size is None else list(size)  # derived, for people reading the file
+        return _canonical(out)
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any], source: str | os.PathLike = "<settings>") -> "FeatureSettings":
+        """Reads a settings.json object; `source` names the file (or checkpoint) in errors.
+
+        Format 1 needs every key and accepts no other. Objects without `format` come from folders and checkpoints
+        made before it (keys backbone, weights, data_config, input_size, sampling, views, modality, dtype, dim,
+        precision, all optional): they read with the defaults for what they lack and keep loading.
+        """
+        if isinstance(value, FeatureSettings):
+            return value
+        if not isinstance(value, Mapping):
+            raise SettingsFormatError(f"'{source}': settings must be a JSON object, got {type(value).__name__}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        version = value.get("format")
+        if version is None:
+            known, required = _LEGACY_KEYS, set()
+        elif version == SETTINGS_FORMAT:
+            known = fields | {"format", "input_size"}
+            required = known
+        else:
+            raise SettingsFormatError(
+                f"'{source}': settings format {version!r} is not one this version reads ({SETTINGS_FORMAT}); "
+                "upgrade the package, or make the folder again with this version"
+            )
+        unknown, missing = sorted(set(value) - known), sorted(required - set(value))
+        if unknown or missing:
+            raise SettingsFormatError(
+                f"'{source}': settings {'with unknown keys ' + str(unknown) if unknown else ''}"
+                f"{' and ' if unknown and missing else ''}{'missing keys ' + str(missing) if missing else ''} "
+                f"(format {version if version is not None else 'before 1'}; known keys: {sorted(known)}); "
+                "the file was edited or made by another tool: make the folder again with `eleatt extract`"
+            )
+        kwargs = {k: v for k, v in value.items() if k in fields}
+        try:
+            if "sampling" in kwargs:
+                kwargs["sampling"] = Sampling.from_json(kwargs["sampling"])
+            if version is None and kwargs.get("data_config") is None and value.get("input_size") is not None:
+                kwargs["data_config"] = {"input_size": list(value["input_size"])}
+            if version is None and kwargs.get("data_config") is not None:
+                kwargs.setdefault("in_chans", int(kwargs["data_config"]["input_size"][0]))
+            for name, default in (("modality", "rgb"), ("weights", "none"), ("views", "center"),
+                                  ("dtype", "float16"), ("precision", "32")):
+                if kwargs.get(name) is None:  # legacy files may hold null for these
+                    kwargs[name] = default
+            return cls(**kwargs)
+        except (SettingsFormatError, ValueError, TypeError, KeyError) as err:
+            raise SettingsFormatError(f"'{source}': bad settings: {err}") from None
+
+    def differences(self, other: "FeatureSettings") -> list[str]:
+        """`field: stored X, asked Y` for every field where `other` (asked) differs from these (stored)."""
+        return [f"{f.name}: stored {_shown(getattr(self, f.name))!r}, asked {_shown(getattr(other, f.name))!r}"
+                for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+
+
+# The keys of settings.json files written before the format version (all optional when read).
+_LEGACY_KEYS = frozenset({"backbone", "weights", "data_config", "input_size", "sampling", "views", "modality",
+                          "dtype", "dim", "precision"})
+
+
+def _shown(value: Any) -> Any:
+    return value.to_json() if isinstance(value, Sampling) else value
 
 
 def as_views(features: np.ndarray) -> np.ndarray:
@@ -79,41 +232,42 @@ class FeatureFolder:
         return self.root / SETTINGS
 
     @property
-    def settings(self) -> dict | None:
-        """The folder's settings, or None for a folder that has none yet."""
+    def settings(self) -> FeatureSettings | None:
+        """The folder's settings (validated), or None for a folder that has none yet."""
         if not self.settings_path.is_file():
             return None
-        with open(self.settings_path, encoding="utf-8") as f:
-            return json.load(f)
+        try:
+            with open(self.settings_path, encoding="utf-8") as f:
+                value = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise SettingsFormatError(f"'{self.settings_path}' is not valid JSON ({err}); make the folder again "
+                                      "with `eleatt extract`") from None
+        return FeatureSettings.from_json(value, self.settings_path)
 
-    def check_settings(self, settings: dict) -> None:
-        """Records `settings` in a new folder; in an existing one, refuses any that differ.
+    def check_settings(self, settings: FeatureSettings | Mapping[str, Any]) -> FeatureSettings:
+        """Records `settings` in a new folder; in an existing one, refuses any that differ. Returns them.
 
-        Raises SettingsMismatchError naming every differing key with the stored and the new value.
+        Raises SettingsMismatchError naming every differing field with the stored and the new value.
         Safe when several ranks call it at once: the first to create `settings.json` wins, the others compare.
         """
-        new = _canonical(settings)
-        if new.get("dtype", "float16") not in DTYPES:
-            raise ValueError(f"settings dtype {new.get('dtype')!r} is not one of {DTYPES}")
+        new = FeatureSettings.from_json(settings, "the settings asked for")
         self.root.mkdir(parents=True, exist_ok=True)
         if not self.settings_path.exists():
             fd, tmp = tempfile.mkstemp(prefix=".settings.", suffix=".tmp", dir=self.root)
             with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(new, f, indent=2, sort_keys=True)
+                json.dump(new.to_json(), f, indent=2, sort_keys=True)
                 f.write("\n")
             try:
                 os.link(tmp, self.settings_path)  # fails if another process created it first
-                return
+                return new
             except FileExistsError:
                 pass
             finally:
                 os.unlink(tmp)
         old = self.settings
-        if old == new:
-            return
-        keys = sorted(set(old) | set(new))
-        diffs = [f"{k}: stored {old.get(k, '<absent>')!r}, asked {new.get(k, '<absent>')!r}"
-                 for k in keys if old.get(k) != new.get(k)]
+        diffs = old.differences(new)
+        if not diffs:
+            return old
         raise SettingsMismatchError(
             f"feature folder '{self.root}' was made with other settings ({'; '.join(diffs)}); "
             f"write into a new folder (--out), or rerun with the stored settings ({self.settings_path})"
@@ -121,7 +275,8 @@ class FeatureFolder:
 
     @property
     def dtype(self) -> np.dtype:
-        return np.dtype((self.settings or {}).get("dtype", "float16"))
+        settings = self.settings
+        return np.dtype(settings.dtype if settings is not None else "float16")
 
     # --- paths ----------------------------------------------------------------------------------------------
     def feature_path(self, video: str) -> Path:
@@ -249,7 +404,7 @@ class FeatureFolder:
         return count
 
 
-def read_settings(root: str | os.PathLike) -> dict:
+def read_settings(root: str | os.PathLike) -> FeatureSettings:
     """The settings of an existing feature folder; a clear error when it has none."""
     folder = FeatureFolder(root)
     settings = folder.settings

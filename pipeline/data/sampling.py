@@ -8,11 +8,12 @@ asked never crash: segment samplers repeat frames, clip samplers follow an expli
 from __future__ import annotations
 
 import math
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping
 
 import numpy as np
 
-__all__ = ["Pad", "PAD_POLICIES", "segment_indices", "clip_indices", "fps_indices", "sequence_indices", "frame_indices"]
+__all__ = ["Pad", "PAD_POLICIES", "segment_indices", "clip_indices", "fps_indices", "sequence_indices", "Sampling"]
 
 Pad = Literal["loop", "repeat_last"]
 PAD_POLICIES: tuple[str, ...] = ("loop", "repeat_last")
@@ -163,18 +164,51 @@ def sequence_indices(
     return segment_indices(length, num_steps, train, rng)
 
 
-def frame_indices(sampling: dict, num_frames: int, src_fps: float) -> np.ndarray:
-    """The frames a feature folder's `sampling` settings select from a video (test-time, deterministic).
+@dataclass(frozen=True)
+class Sampling:
+    """The frames of a stream's source that become feature steps: all of them, resampled to `fps`, or
+    `num_segments` segment centres. Part of a stream's `FeatureSettings`; test-time and deterministic."""
 
-    sampling: `{"mode": "all" | "fps" | "segments", "fps": F, "num_segments": N}` as extraction records it.
-    Returns int64 `(T,)` indices in `[0, num_frames)`. Extraction and classification both call this, so a new
-    video is sampled exactly as the training videos were.
-    """
-    mode = sampling.get("mode", "all")
-    if mode == "fps":
-        return fps_indices(num_frames, src_fps, sampling["fps"])
-    if mode == "segments":
-        return segment_indices(num_frames, int(sampling["num_segments"]), train=False)
-    if mode == "all":
+    fps: float | None = None
+    num_segments: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.fps is not None and self.num_segments is not None:
+            raise ValueError("--fps and --num-segments exclude each other; pass at most one")
+        if self.fps is not None and not (isinstance(self.fps, (int, float)) and math.isfinite(self.fps)
+                                         and self.fps > 0):
+            raise ValueError(f"--fps {self.fps}: must be a positive number of frames per second")
+        if self.num_segments is not None and not (isinstance(self.num_segments, int) and self.num_segments >= 1):
+            raise ValueError(f"--num-segments {self.num_segments}: must be an integer >= 1")
+
+    @property
+    def mode(self) -> str:
+        return "fps" if self.fps is not None else "segments" if self.num_segments is not None else "all"
+
+    def to_json(self) -> dict:
+        return {"mode": self.mode, "fps": self.fps, "num_segments": self.num_segments}
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any]) -> "Sampling":
+        """From `{"mode": "all" | "fps" | "segments", "fps": F, "num_segments": N}` (settings.json)."""
+        if not isinstance(value, Mapping):
+            raise ValueError(f"sampling must be an object with mode/fps/num_segments, got {value!r}")
+        unknown = set(value) - {"mode", "fps", "num_segments"}
+        if unknown:
+            raise ValueError(f"sampling has unknown keys {sorted(unknown)} (known: mode, fps, num_segments)")
+        mode = value.get("mode", "all")
+        if mode == "fps":
+            return cls(fps=float(value.get("fps")))
+        if mode == "segments":
+            return cls(num_segments=int(value.get("num_segments")))
+        if mode == "all":
+            return cls()
+        raise ValueError(f"sampling mode {mode!r} is not one of 'all', 'fps', 'segments'")
+
+    def indices(self, num_frames: int, src_fps: float) -> np.ndarray:
+        """int64 `(T,)` indices in `[0, num_frames)` of a source with `num_frames` frames at `src_fps`."""
+        if self.mode == "fps":
+            return fps_indices(num_frames, src_fps, self.fps)
+        if self.mode == "segments":
+            return segment_indices(num_frames, self.num_segments, train=False)
         return np.arange(_check_count("num_frames", num_frames), dtype=np.int64)
-    raise ValueError(f"sampling mode {mode!r} is not one of 'all', 'fps', 'segments'")

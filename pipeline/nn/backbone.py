@@ -20,12 +20,16 @@ from timm.models import get_pretrained_cfg, load_state_dict
 from timm.models._manipulate import adapt_input_conv
 from torch import nn
 
-__all__ = ["FrameEncoder", "MissingWeightsError", "resolve_weights", "weights_source", "WEIGHT_FILE_SUFFIXES"]
+__all__ = ["FrameEncoder", "MissingWeightsError", "resolve_weights", "WEIGHT_FILE_SUFFIXES", "STORED_DTYPES",
+           "AUTOCAST_DTYPES"]
 
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 _SPECIAL_WEIGHTS = ("imagenet", "none")
 _HF_WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 _TRUE = {"1", "on", "yes", "true"}
+# A stream's precision (its settings) -> the autocast dtype of the backbone (None: float32 arithmetic).
+AUTOCAST_DTYPES = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
+STORED_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -55,10 +59,6 @@ def resolve_weights(weights: str | os.PathLike | None) -> str:
             "(a state dict saved with safetensors or torch.save)"
         )
     return str(path.resolve())
-
-
-# The string recorded in a feature folder's settings: the same normalisation.
-weights_source = resolve_weights
 
 
 def _offline() -> bool:
@@ -254,6 +254,24 @@ class FrameEncoder(nn.Module):
         if batch_size is None or x.shape[0] <= batch_size:
             return self(x)
         return torch.cat([self(chunk) for chunk in x.split(batch_size)])
+
+    @torch.inference_mode()
+    def encode_stored(self, x: torch.Tensor, precision: str = "32", dtype: str = "float16",
+                      batch_size: int | None = None) -> torch.Tensor:
+        """Features exactly as a feature folder stores them: the one place for the autocast and the store round trip.
+
+        x float (N, C, H, W) normalised images -> float32 (N, D), computed under `precision` ("32", or "bf16" /
+        "16" autocast on x's device) and rounded through the stored `dtype` ("float16" or "float32"), so that
+        features made for a new video (classify, streaming) equal the stored ones of the same frames.
+        """
+        if precision not in AUTOCAST_DTYPES:
+            raise ValueError(f"precision {precision!r} is not one of {tuple(AUTOCAST_DTYPES)}")
+        if dtype not in STORED_DTYPES:
+            raise ValueError(f"stored dtype {dtype!r} is not one of {tuple(STORED_DTYPES)}")
+        autocast = AUTOCAST_DTYPES[precision]
+        with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
+            feats = self.encode(x, batch_size)  # (N, D)
+        return feats.to(STORED_DTYPES[dtype]).float()
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, weights={self.weights!r}, in_chans={self.in_chans}, num_features={self.num_features}"

@@ -81,7 +81,8 @@ def test_datamodule_links_sizes_and_serves_batches(multiview):
         test_list=str(multiview / "lists/test.txt"), num_steps=4, batch_size=2,
     )
     assert (dm.feature_dim, dm.num_classes, dm.class_names) == (4, 2, ["zero", "one"])
-    assert dm.extraction_settings == FeatureFolder(multiview / "features").settings
+    assert dm.settings == FeatureFolder(multiview / "features").settings
+    assert dm.extraction_settings == dm.settings.to_json()  # the plain-dict form linked into the model
     dm.setup("fit")
     train = next(iter(dm.train_dataloader()))
     assert train["feats"].shape == (2, 4, 4) and set(train["labels"].tolist()) <= {0, 1}

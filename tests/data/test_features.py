@@ -32,7 +32,7 @@ def test_settings_mismatch_names_the_key(tmp_path):
     FeatureFolder(tmp_path).check_settings(dict(SETTINGS))  # same settings (tuple vs list): accepted
     with pytest.raises(SettingsMismatchError, match="backbone: stored 'test_resnet', asked 'resnet50'"):
         FeatureFolder(tmp_path).check_settings({**SETTINGS, "backbone": "resnet50"})
-    assert read_settings(tmp_path)["backbone"] == "test_resnet"
+    assert read_settings(tmp_path).backbone == "test_resnet"
     with pytest.raises(FileNotFoundError, match="not a feature folder"):
         read_settings(tmp_path / "empty")
 

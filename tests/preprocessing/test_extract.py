@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline.data.features import FeatureFolder
+from pipeline.data.sampling import Sampling
 from pipeline.data.transforms import eval_views
 from pipeline.data.video import load_frames, probe
 from pipeline.nn.backbone import FrameEncoder
@@ -86,12 +87,15 @@ def test_features_settings_and_manifest(synthetic_dataset, weights, tmp_path, ca
     assert main(_args(lst, synthetic_dataset, out, weights, "--batch-size", "6", "--workers", "0")) == 0
     assert "4 done, 0 skipped, 0 failed of 4 videos" in capsys.readouterr().out
 
-    settings = json.loads((out / "settings.json").read_text())
-    assert settings["backbone"] == BACKBONE and settings["weights"] == str(weights.resolve())
-    assert settings["sampling"] == {"mode": "all", "fps": None, "num_segments": None}
-    assert settings["views"] == "center" and settings["dtype"] == "float16" and settings["modality"] == "rgb"
-    assert settings["input_size"] == [3, 160, 160] and settings["dim"] == 96
-    assert settings["data_config"]["crop_pct"] == 0.95
+    settings = FeatureFolder(out).settings
+    assert settings.backbone == BACKBONE and settings.weights == str(weights.resolve())
+    assert settings.sampling == Sampling() and settings.in_chans == 3
+    assert settings.views == "center" and settings.dtype == "float16" and settings.modality == "rgb"
+    assert settings.input_size == (3, 160, 160) and settings.dim == 96
+    assert settings.data_config["crop_pct"] == 0.95
+    raw = json.loads((out / "settings.json").read_text())  # the file itself: versioned, sampling spelled out
+    assert raw["format"] == 1 and raw["sampling"] == {"mode": "all", "fps": None, "num_segments": None}
+    assert raw["input_size"] == [3, 160, 160]
 
     folder = FeatureFolder(out)
     assert set(folder.finished()) == set(videos)
@@ -267,7 +271,8 @@ def test_resume_after_crash_states(synthetic_dataset, weights, tmp_path):
                                    _reference(synthetic_dataset, video, weights)[0], rtol=2e-3, atol=2e-3)
 
 
-@pytest.mark.slow  # a subprocess start-up and a run; test_resume_after_crash_states covers the states quickly
+# Not marked slow (about a minute): the real kill of a running process is the one check of crash safety that
+# test_resume_after_crash_states (states written by hand) cannot make, so `make test` / CI runs it every time.
 def test_kill_and_resume(synthetic_dataset, weights, tmp_path):
     videos = _videos(synthetic_dataset, 12)
     lst = _write_list(tmp_path / "list.txt", videos)

@@ -71,7 +71,7 @@ def test_prepare_writes_the_feature_folder_and_the_cross_subject_lists(ntu, tmp_
 
     folder = FeatureFolder(out / "features")
     settings = folder.settings
-    assert (settings["modality"], settings["dtype"], settings["dim"]) == ("skeleton", "float32", 150)
+    assert (settings.modality, settings.dtype, settings.dim, settings.backbone) == ("skeleton", "float32", 150, None)
     done = folder.finished()
     assert len(done) == 60 and all((r["frames"], r["dim"], r["views"]) == (20, 150, 1) for r in done.values())
     feats = folder.load(f"nturgb+d_skeletons/{info['names'][0]}.skeleton")

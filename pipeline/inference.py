@@ -68,7 +68,12 @@ class VideoClassifier:
         ckpt = Path(ckpt)
         self.device = resolve_device(device)
         checkpoint = read_checkpoint(ckpt, map_location="cpu")
-        self.model = classifier_from_checkpoint(checkpoint, ckpt).to(self.device)
+        from pipeline.lit_video import is_video_checkpoint, video_classifier_from_checkpoint
+
+        # An end-to-end checkpoint holds its own (fine-tuned) backbone; a feature checkpoint names the one to build.
+        end_to_end = is_video_checkpoint(checkpoint)
+        load = video_classifier_from_checkpoint if end_to_end else classifier_from_checkpoint
+        self.model = load(checkpoint, ckpt).to(self.device)
         hparams = self.model.hparams
         recorded = hparams.get("extraction_settings")
         try:
@@ -90,17 +95,23 @@ class VideoClassifier:
         # The test-time step sampling and normalisation, as the data module saved them for this checkpoint.
         self.num_steps, self.normalizer = FeatureDataModule.eval_state_from_checkpoint(checkpoint)
         source = weights if weights is not None else settings.weights
+        if end_to_end:
+            self.encoder = self.model.encoder
+        else:
+            self.encoder = self._build_encoder(settings, source, weights)
+        self.data_config = dict(settings.data_config)
+        self.views = settings.views
+        self.batch_size = batch_size
+        self.backend = backend
+
+    def _build_encoder(self, settings: FeatureSettings, source: str, weights: str | None) -> FrameEncoder:
         try:
-            self.encoder = FrameEncoder(settings.backbone, weights=source, in_chans=settings.in_chans).to(self.device)
+            return FrameEncoder(settings.backbone, weights=source, in_chans=settings.in_chans).to(self.device)
         except FileNotFoundError as err:
             hint = "" if weights is not None else (
                 f" (the checkpoint records weights {settings.weights!r}; pass `--weights PATH` to a local copy "
                 "of the same weights, or `weights=` from Python)")
             raise type(err)(f"{err}{hint}") from None
-        self.data_config = dict(settings.data_config)
-        self.views = settings.views
-        self.batch_size = batch_size
-        self.backend = backend
 
     @torch.inference_mode()
     def features(self, path: str | os.PathLike) -> torch.Tensor:

@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from pipeline.data.features import FeatureSettings
 from pipeline.lit import EleAttClassifier, read_checkpoint
 from pipeline.nn.backbone import FrameEncoder
 
@@ -88,8 +89,12 @@ class VideoEleAttClassifier(EleAttClassifier):
         if not (freeze in ("none", "all") or (isinstance(freeze, int) and not isinstance(freeze, bool) and freeze >= 0)):
             raise ValueError(f"freeze={freeze!r}: use none, all, or k >= 0 (the stem and the first k stages)")
         encoder = FrameEncoder(backbone, weights=weights, in_chans=in_chans)
-        settings = dict(extraction_settings or {})
-        settings.update(backbone=backbone, weights=encoder.weights, dim=encoder.num_features, end_to_end=True)
+        # The stream's settings (from the data module): the backbone that made the features, and their size.
+        base = FeatureSettings.from_json(extraction_settings) if extraction_settings else FeatureSettings(
+            backbone=backbone, data_config=encoder.data_config, in_chans=in_chans, dtype="float32",
+            options={"end_to_end": True})
+        settings = base.replace(backbone=backbone, weights=encoder.weights, dim=encoder.num_features,
+                                in_chans=in_chans).to_json()
         super().__init__(
             input_size=encoder.num_features, num_classes=num_classes, cell=cell, hidden_size=hidden_size,
             num_layers=num_layers, attention_layers=attention_layers, dropout=dropout, input_dropout=input_dropout,

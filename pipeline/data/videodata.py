@@ -30,9 +30,11 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline.data.features import FeatureSettings
 from pipeline.data.lists import ListEntry, classes_path_for, read_classes, read_list
-from pipeline.data.sampling import segment_indices
-from pipeline.data.transforms import VIEW_COUNTS, eval_views, train_clip_transform
+from pipeline.data.sampling import Sampling, segment_indices
+from pipeline.data.frames import video_views
+from pipeline.data.transforms import VIEW_COUNTS, eval_views, hflip, train_clip_transform
 from pipeline.data.video import VideoReadError, load_frames, probe
 
 log = logging.getLogger(__name__)
@@ -71,7 +73,9 @@ class VideoClipDataset(Dataset):
         train: random frame per segment + training augmentation; otherwise centres + evaluation views.
         views: evaluation views: center, three or ten.
         augment: training crop: multi_scale (TSN) or random_resized.
-        modality: rgb (video files or raw-frame folders) or flow (a flow folder, `pipeline.data.flow`).
+        modality: rgb (video files or raw-frame folders) or flow (a flow folder, `pipeline.data.flow`: the list
+            path `a/b.avi` reads `<root>/a/b.flow.zip`; stacks of L pairs divided by the bound, so the data config's
+            mean/std should be 0/1).
         flow_length: L, flow fields per stack (flow only; the backbone then takes 2L channels).
         backend: the video decoding backend (`load_frames`).
     """
@@ -95,6 +99,12 @@ class VideoClipDataset(Dataset):
         self.modality = modality
         self.flow_length = flow_length
         self.backend = backend
+        if modality == "flow" and views == "ten":
+            raise ValueError("views='ten' mirrors crops, which flow stacks need with their x channels negated; use "
+                             "views 'center' or 'three' for flow")
+        self.settings = FeatureSettings(modality=modality, data_config=self.data_config,
+                                        in_chans=int(self.data_config["input_size"][0]),
+                                        sampling=Sampling(num_segments=num_segments), views=views)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -103,18 +113,29 @@ class VideoClipDataset(Dataset):
         """One video -> training clip (T, C, H, W) or evaluation views (V, T, C, H, W), float32, normalised."""
         if self.modality == "flow":
             return self._flow_clip(path, rng)
+        if not self.train:  # the shared path from a video to views: classify and extract see a video the same way
+            return torch.cat([c.views for c in video_views(path, self.settings, backend=self.backend)], dim=1)
         n = probe(path).num_frames
-        idx = segment_indices(n, self.num_segments, train=self.train, rng=rng)  # (T,)
+        idx = segment_indices(n, self.num_segments, train=True, rng=rng)  # (T,)
         frames = load_frames(path, idx, backend=self.backend)  # uint8 (T, H, W, 3)
-        if self.train:
-            return train_clip_transform(frames, self.data_config, rng, augment=self.augment)
-        return eval_views(frames, self.data_config, self.views)
+        return train_clip_transform(frames, self.data_config, rng, augment=self.augment)
 
     def _flow_clip(self, path: Path, rng: np.random.Generator | None) -> torch.Tensor:
-        from pipeline.data import flow as F
+        """Flow stacks at the sampled positions: (T, 2L, H, W) in training, (V, T, 2L, H, W) in evaluation."""
+        from pipeline.data.flow import FlowFolder, flow_info, flow_stack
 
-        return F.flow_clip(path, self.num_segments, self.flow_length, self.data_config, train=self.train, rng=rng,
-                           views=self.views, augment=self.augment)
+        file = FlowFolder(self.root).feature_path(str(path.relative_to(self.root)))
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: no flow file for this video; run `eleatt flow` for the list into "
+                                    f"'{self.root}' (it resumes), or drop the video from the list")
+        pairs = int(flow_info(file)["pairs"])
+        idx = segment_indices(pairs, self.num_segments, train=self.train, rng=rng)  # (T,) first pair of each stack
+        stack = torch.from_numpy(flow_stack(file, idx, self.flow_length, normalize=True))  # (T, 2L, H, W) in [-1, 1]
+        frames = stack.permute(0, 2, 3, 1)  # (T, H, W, 2L), what the clip transforms take
+        if not self.train:
+            return eval_views(frames, self.data_config, self.views)
+        x = train_clip_transform(frames, self.data_config, rng, augment=self.augment, flip=False)
+        return hflip(x, flow=True) if rng.random() < 0.5 else x  # a mirror reverses horizontal motion
 
     def _read(self, index: int, rng: np.random.Generator | None) -> tuple[torch.Tensor | None, str | None]:
         entry = self.entries[index]
@@ -231,6 +252,8 @@ class VideoDataModule(pl.LightningDataModule):
         self.modality = modality
         self.in_chans: int = 2 * flow_length if modality == "flow" else 3
         self.data_config = backbone_data_config(backbone, frame_size, self.in_chans)
+        if modality == "flow":  # stacks come divided by the flow bound ([-1, 1], zero motion at 0): no mean/std
+            self.data_config.update(mean=(0.0,), std=(1.0,))
         self._lists: dict[str, list[ListEntry]] = {}
         self.class_names: list[str] | None = self._read_class_names(classes)
         self.num_classes: int = self._resolve_num_classes()
@@ -239,12 +262,16 @@ class VideoDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.datasets: dict[str, VideoClipDataset] = {}
-        # What classify needs to see a new video as a test video was seen (the feature path's settings.json keys).
-        self.extraction_settings: dict[str, Any] = {
-            "backbone": backbone, "data_config": self.data_config, "modality": modality, "views": views,
-            "sampling": {"mode": "segments", "num_segments": num_segments}, "end_to_end": True,
-            **({"flow_length": flow_length} if modality == "flow" else {}),
-        }
+        # The stream's description, recorded in checkpoints (hyper_parameters.extraction_settings) so that classify
+        # sees a new video as a test video was seen; the model fills in the backbone's weights and feature size.
+        # float32: end to end, features go from the backbone to the stack without a stored float16 round trip.
+        self.settings = FeatureSettings(
+            modality=modality, backbone=backbone, data_config=self.data_config, in_chans=self.in_chans,
+            sampling=Sampling(num_segments=num_segments), views=views, dtype="float32",
+            stack=flow_length if modality == "flow" else 1,
+            options={"end_to_end": True, **({"flow_norm": "bound"} if modality == "flow" else {})},
+        )
+        self.extraction_settings: dict[str, Any] = self.settings.to_json()
 
     def _read_class_names(self, classes: str | None) -> list[str] | None:
         if classes:

@@ -92,7 +92,7 @@ def test_data_module_reads_lists_classes_and_records_settings(videos):
                          backbone="test_resnet", frame_size=32, num_segments=4, batch_size=4, num_workers=0)
     assert dm.num_classes == 4 and dm.class_names == ["grow", "shrink", "move_right", "move_left"]
     assert dm.in_chans == 3 and dm.data_config["input_size"] == (3, 32, 32)
-    assert dm.extraction_settings["sampling"] == {"mode": "segments", "num_segments": 4}
+    assert dm.extraction_settings["sampling"] == {"mode": "segments", "fps": None, "num_segments": 4}
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch["feats"].shape == (4, 4, 3, 32, 32)

@@ -161,6 +161,11 @@ class VideoEleAttClassifier(EleAttClassifier):
 
     def on_fit_start(self) -> None:
         self._skipped = {}
+        # Record the backbone's arithmetic, so that classify encodes new videos as training and test did.
+        precision = str(self.trainer.precision)
+        settings = dict(self.hparams.extraction_settings)
+        settings["precision"] = "bf16" if precision.startswith("bf16") else "16" if precision.startswith("16") else "32"
+        self.hparams["extraction_settings"] = settings
 
     def _report_skipped(self, stage: str) -> None:
         count = getattr(self, "_skipped", {}).pop(stage, 0)

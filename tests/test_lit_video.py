@@ -142,7 +142,8 @@ def e2e_args(videos: Path, *extra: str) -> list[str]:
             "--data.test_list", str(videos / "test.txt"), "--model.backbone", "test_resnet", "--model.weights", "none",
             "--model.hidden_size", "16", "--data.frame_size", "32", "--data.num_segments", "4",
             "--data.batch_size", "4", "--data.num_workers", "0", "--trainer.accelerator", "cpu",
-            "--trainer.devices", "1", "--trainer.enable_progress_bar", "false", *extra]
+            "--trainer.devices", "1", "--trainer.precision", "32-true", "--trainer.enable_progress_bar", "false",
+            *extra]
 
 
 def printed(stage: str, out: str) -> dict[str, float]:
@@ -214,7 +215,4 @@ def test_classify_on_an_end_to_end_checkpoint_agrees_with_test(e2e_run, videos, 
     for video, expected in zip(scores["videos"], scores["scores"]):
         pred = classifier(videos / str(video), topk=2)
         assert pred.ok, pred.error
-        # the same frames, views and network; only the batch differs (4 clips in test, 1 here), which moves
-        # float32 convolution sums by a few ulps that the random-weight backbone amplifies to ~1e-4
-        np.testing.assert_allclose(pred.scores, expected, atol=3e-4)
-        assert pred.labels[0] == int(np.argmax(expected))
+        np.testing.assert_allclose(pred.scores, expected, atol=1e-5)

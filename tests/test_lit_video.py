@@ -216,3 +216,15 @@ def test_classify_on_an_end_to_end_checkpoint_agrees_with_test(e2e_run, videos, 
         pred = classifier(videos / str(video), topk=2)
         assert pred.ok, pred.error
         np.testing.assert_allclose(pred.scores, expected, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_train_benchmark_quick(capsys):
+    from pipeline.benchmarks import train
+
+    assert train.main(["--quick", "--workers", "0"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()
+            if line.startswith(("end to end", "features"))}
+    assert set(rows) == {"end", "features"}
+    for r in rows.values():
+        assert float(r[-3]) > 0 and 0 <= float(r[-1].rstrip("%")) <= 100  # clips/s, data wait share

@@ -3,7 +3,9 @@
 `fit|validate|test|predict` go to the LightningCLI (`pipeline.lit_cli`); every other subcommand has its own
 parser in its own module, imported only when that subcommand runs so that `eleatt --help` stays fast.
 Each subcommand's `main(argv) -> int` returns the design's exit codes: 0 all done, 3 some inputs failed,
-2 usage errors and refused runs.
+2 usage errors and refused runs. The dispatcher gives every subcommand, present and future, the same treatment of
+what escapes it: ValueError/FileNotFoundError and OSErrors naming a file become one line and exit 2, Ctrl-C becomes
+exit 130 with one line saying what was kept and the command that resumes (`pipeline.errors.set_interrupt_note`).
 """
 from __future__ import annotations
 
@@ -21,12 +23,15 @@ LIGHTNING_COMMANDS = {
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "prepare": ("preprocessing.splits", "main", "write train/val/test lists and classes.txt (official splits, folders, synthetic)"),
     "extract": ("preprocessing.extract", "main", "extract per-frame timm backbone features into a feature folder (resumable)"),
+    "flow": ("preprocessing.flow", "main", "compute dense optical flow into a flow folder (resumable); import/export JPEG flow"),
     "classify": ("pipeline.inference", "main", "classify video files with a trained checkpoint"),
     "fuse": ("pipeline.fusion", "main", "fuse the scores files of several streams (weighted, optional weight search)"),
     "demo": ("pipeline.demo", "main", "run the RGB pipeline end to end on a generated dataset"),
 }
 
-from pipeline.errors import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
+from pipeline.errors import (
+    EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, interrupt_message, one_line, set_interrupt_note, watch_interrupts,
+)
 
 
 def usage() -> str:
@@ -52,16 +57,34 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eleatt: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return EXIT_USAGE
     module, function, _ = COMMANDS[command]
-    entry = getattr(importlib.import_module(module), function)
+    set_interrupt_note(None)
+    with watch_interrupts() as ctrl_c:
+        try:
+            return _run(command, getattr(importlib.import_module(module), function), rest)
+        except SystemExit as exit_:
+            if ctrl_c.happened:  # a library caught the Ctrl-C and exited by itself (Lightning's predict loop)
+                print(interrupt_message(command, rest), file=sys.stderr)
+                return EXIT_INTERRUPTED
+            raise
+
+
+def _run(command: str, entry, rest: list[str]) -> int:
     try:
         return int(entry(rest) or 0)
     except (ValueError, FileNotFoundError) as err:
         # Bad user input: one clear line (the message names the file and the fix), no traceback.
-        print(f"eleatt {command}: error: {err}", file=sys.stderr)
+        print(f"eleatt {command}: error: {one_line(err)}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as err:
+        if err.filename is None:
+            raise  # not about a path the user gave: a real failure, keep its traceback
+        # A location the user gave that cannot be read or written (permissions, read-only file system, a file
+        # where a folder should be): one line naming it.
+        print(f"eleatt {command}: error: {one_line(err)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"eleatt {command}: interrupted", file=sys.stderr)
-        return 130
+        print(interrupt_message(command, rest), file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

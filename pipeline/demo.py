@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "configs" / "features_lstm.yaml"
+# Shipped inside the package (pipeline/configs links to the checkout's configs/), so an installed wheel finds it too.
+CONFIG = Path(__file__).resolve().parent / "configs" / "features_lstm.yaml"
 
 # (videos per class, frames, size, backbone, epochs, hidden size) for the full and the --quick demo
 # Random (seeded) backbone weights need no download; their features are small and nearly constant over time, so
@@ -59,8 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None:
             opts[key] = value
     if not CONFIG.is_file():
-        raise FileNotFoundError(f"config '{CONFIG}' not found: run the demo from a checkout of the project")
-    out = Path(args.out).resolve()
+        raise FileNotFoundError(f"config '{CONFIG}' not found: the installation lacks its configs; reinstall eleatt")
+    from pipeline.paths import ensure_writable_dir
+
+    out = ensure_writable_dir(Path(args.out), "--out").resolve()
     # The videos are regenerated on every run, so features are kept per dataset: a rerun with other sizes or seed
     # into the same --out must not resume (skip) from features of different videos.
     dataset_tag = f"{opts['videos_per_class']}v{opts['num_frames']}f{opts['size']}px-seed{args.seed}"

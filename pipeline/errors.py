@@ -1,7 +1,78 @@
-"""Exit codes of the non-Lightning commands (DESIGN "Exit codes"), defined once for every command."""
+"""Exit codes of the commands (DESIGN "Exit codes"), defined once for every command, and the one-line error text.
+
+Commands raise ValueError/FileNotFoundError (or subclasses) for bad input; the dispatcher (`pipeline.cli`) and the
+Lightning CLI (`pipeline.lit_cli`) turn them into one line and EXIT_USAGE, an OSError naming a file into one line
+too, and Ctrl-C into EXIT_INTERRUPTED with what was kept and the command that resumes (`set_interrupt_note`).
+"""
 from __future__ import annotations
+
+import contextlib
+import signal
+import shlex
+import threading
 
 EXIT_OK = 0  # all done
 EXIT_USAGE = 2  # usage error or refused run; the message gives the reason and the fix
 EXIT_SOME_FAILED = 3  # some inputs failed, were missing or did not match; each is listed
 EXIT_INTERRUPTED = 130  # Ctrl-C: what was kept and the command that resumes are printed
+
+_interrupt_note: str | None = None
+
+
+def set_interrupt_note(note: str | None) -> None:
+    """What a long command keeps if interrupted now and how to resume it (said once per phase, e.g.
+    "finished videos are kept in out/; resume with: eleatt extract ..."). None: the generic note."""
+    global _interrupt_note
+    _interrupt_note = note
+
+
+class InterruptWatch:
+    """Whether Ctrl-C was pressed while `watch_interrupts()` was active, even if a library caught the
+    KeyboardInterrupt and exited on its own (Lightning's loops catch it, tear down and call sys.exit(1))."""
+
+    happened = False
+
+
+@contextlib.contextmanager
+def watch_interrupts():
+    """`with watch_interrupts() as watch:` ... `watch.happened`. SIGINT still raises KeyboardInterrupt as usual; the
+    previous handler is restored afterwards (Lightning leaves Ctrl-C ignored after catching one)."""
+    watch = InterruptWatch()
+    if threading.current_thread() is not threading.main_thread():  # signals can only be handled there
+        yield watch
+        return
+
+    def handler(signum, frame):
+        watch.happened = True
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield watch
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+
+def interrupt_message(command: str, argv: list[str]) -> str:
+    """The one line printed on Ctrl-C: the command's own note, or "rerun the same command" (our long commands
+    resume: finished work is written atomically and skipped on a rerun)."""
+    note = _interrupt_note or (
+        f"finished work is kept (written whole, never half); resume with: eleatt {shlex.join([command, *argv])}"
+    )
+    return f"eleatt {command}: interrupted (Ctrl-C); {note}"
+
+
+def one_line(err: BaseException) -> str:
+    """An error's message as one line. An error re-raised from a DataLoader worker carries the worker's traceback
+    ("Caught ValueError in DataLoader worker process 0. Original Traceback ..."): its last line holds our message."""
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        name = type(err).__name__
+        for prefix in (f"{type(err).__module__}.{name}: ", f"{name}: "):
+            if last.startswith(prefix):
+                last = last[len(prefix):]
+        text = last.strip()
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        text = f"cannot use '{err.filename}': {err.strerror}"
+    return text

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import pickle
 from pathlib import Path
 from typing import Literal
 
@@ -17,12 +16,17 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from pipeline.nn.classifier import SequenceClassifier
 from pipeline.scores import write_scores
 
 SCORE_STAGES = {"validate": "val", "test": "test", "predict": "predict"}  # trainer.fn -> scores_<name>.npz
+
+
+class NonFiniteError(ValueError):
+    """Training produced a NaN/inf loss or gradient, or a checkpoint would hold non-finite weights."""
 
 
 class EleAttClassifier(pl.LightningModule):
@@ -84,8 +88,11 @@ class EleAttClassifier(pl.LightningModule):
         self.topk_acc = nn.ModuleDict(
             {s: MulticlassAccuracy(num_classes, top_k=self.topk, average="micro") for s in ("val", "test")}
         )
+        # Mean negative log-likelihood of the view-averaged probabilities; a torchmetrics metric, so that DDP
+        # reduces it over the ranks (and every rank takes the same branch below).
+        self.eval_loss = nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})
         self._collected: dict[str, list] = {}
-        self._loss_sum: dict[str, list[float]] = {}
+        self._batch_videos: list[str] = []  # the videos of the current training batch, for error messages
         self.scores_paths: dict[str, Path] = {}  # stage -> the scores file written last
 
     @property
@@ -109,11 +116,38 @@ class EleAttClassifier(pl.LightningModule):
         logits = self(batch["feats"], batch["lengths"])  # (B, C)
         labels = batch["labels"]
         loss = F.cross_entropy(logits, labels)
+        self._batch_videos = list(batch.get("videos", []))
+        # Every rank takes the decision together (a rank raising alone would leave the others waiting forever).
+        if self._any_rank(not bool(torch.isfinite(loss))):
+            self._stop_non_finite(f"the training loss is {float(loss.detach())}")
         self.train_top1(logits, labels)
         size = len(labels)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size, sync_dist=True)
         self.log("train/top1", self.train_top1, on_step=False, on_epoch=True, batch_size=size)
         return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # A finite loss can still give inf/NaN gradients (overflow); stepping would make every weight NaN.
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            bad = not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+            if self._any_rank(bad):
+                self._stop_non_finite("the gradients are not finite")
+
+    def _any_rank(self, flag: bool) -> bool:
+        if self._trainer is None or self.trainer.world_size == 1:
+            return flag
+        return bool(self.trainer.strategy.reduce_boolean_decision(flag, all=False))
+
+    def _stop_non_finite(self, what: str) -> None:
+        shown = ", ".join(self._batch_videos[:8]) + (" ..." if len(self._batch_videos) > 8 else "")
+        where = f" in epoch {self.current_epoch}, step {self.global_step}" if self._trainer is not None else ""
+        raise NonFiniteError(
+            f"{what}{where} (batch videos: {shown or 'on another rank'}); training stopped, the checkpoints "
+            "already written are kept. Check those videos' features (`eleatt fit` refuses NaN/inf features when it "
+            "reads them), then lower the learning rate (--optimizer.init_args.lr) or clip gradients "
+            "(--trainer.gradient_clip_val 1.0), and resume from last.ckpt"
+        )
 
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.parameters(), lr=1e-3)
@@ -137,30 +171,27 @@ class EleAttClassifier(pl.LightningModule):
             p, y = probs[known], labels[known]
             self.confusion[stage].update(p, y)
             self.topk_acc[stage].update(p, y)
-            nll = -torch.log(p.gather(1, y[:, None]).clamp_min(1e-12)).sum()
-            total = self._loss_sum.setdefault(stage, [0.0, 0])
-            total[0] += float(nll)
-            total[1] += int(known.sum())
+            nll = -torch.log(p.gather(1, y[:, None]).clamp_min(1e-12))[:, 0]  # (B',)
+            self.eval_loss[stage].update(nll.float())
         return probs
 
     def _eval_epoch_end(self, stage: str) -> None:
         collected = self._collected.pop(stage, [])
-        loss_sum, count = self._loss_sum.pop(stage, [0.0, 0])
         if stage in self.confusion:
-            if self._trainer is not None and self.trainer.world_size > 1:
-                # every rank must take the same branch: compute() below is a collective under DDP
-                totals = self.trainer.strategy.reduce(torch.tensor([loss_sum, count], dtype=torch.float64,
-                                                                   device=self.device), reduce_op="sum")
-                loss_sum, count = float(totals[0]), int(totals[1])
-            if count:
-                cm = self.confusion[stage].compute().double()  # (C, C), rows = true class
+            # compute() reduces over the ranks under DDP (a collective: every rank gets here); the confusion
+            # matrix's total is the labelled count over all ranks, the same on each, so all take the same branch.
+            cm = self.confusion[stage].compute().double()  # (C, C), rows = true class
+            if cm.sum() > 0:
                 support = cm.sum(1)
-                self.log(f"{stage}/loss", loss_sum / count)
-                self.log(f"{stage}/top1", float(cm.trace() / cm.sum()), prog_bar=True)
-                self.log(f"{stage}/top{self.topk}", float(self.topk_acc[stage].compute()))
-                self.log(f"{stage}/mca", float((cm.diag()[support > 0] / support[support > 0]).mean()))
+                # Values already reduced over the ranks: sync_dist only tells Lightning so (no warning under DDP).
+                log = dict(sync_dist=True)
+                self.log(f"{stage}/loss", self.eval_loss[stage].compute(), **log)
+                self.log(f"{stage}/top1", cm.trace() / cm.sum(), prog_bar=True, **log)
+                self.log(f"{stage}/top{self.topk}", self.topk_acc[stage].compute(), **log)
+                self.log(f"{stage}/mca", (cm.diag()[support > 0] / support[support > 0]).mean(), **log)
             self.confusion[stage].reset()
             self.topk_acc[stage].reset()
+            self.eval_loss[stage].reset()
         fn = str(self.trainer.state.fn.value) if self._trainer is not None else ""
         if SCORE_STAGES.get(fn) == stage:
             videos, scores, labels = self._gather_scores(collected)
@@ -216,6 +247,11 @@ class EleAttClassifier(pl.LightningModule):
 
     # -- checkpoints ------------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Never replace a good best.ckpt/last.ckpt with weights that went NaN/inf.
+        bad = [name for name, value in checkpoint["state_dict"].items()
+               if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+        if bad:
+            self._stop_non_finite(f"the weights {bad[:3]} are not finite")
         # The generator state lets a resumed run draw the same shuffles, samples and dropout masks as an
         # uninterrupted one (a uint8 tensor: still weights-only loadable).
         checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
@@ -259,12 +295,16 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise FileNotFoundError(f"checkpoint '{path}' not found (runs keep best.ckpt and last.ckpt in checkpoints/<run>/)")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, EOFError, RuntimeError) as err:  # not a checkpoint, truncated, damaged
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ValueError(f"checkpoint '{path}' cannot be loaded ({type(err).__name__}: {reason}); pass a "
+    except Exception as err:  # not a checkpoint, truncated, damaged: pickle, zip and torch errors alike
+        reason = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+        if "Weights only load failed" in reason:  # torch's advice to unpickle anything is not ours to give
+            reason = "not a PyTorch checkpoint, or one holding arbitrary Python objects"
+        raise ValueError(f"checkpoint '{path}' cannot be loaded ({reason}); pass a "
                          "best.ckpt / last.ckpt written by `eleatt fit` (it may be truncated or damaged)") from None
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"'{path}' holds a {type(checkpoint).__name__}, not a training checkpoint")
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        what = type(checkpoint).__name__ if not isinstance(checkpoint, dict) else "dict without a state_dict"
+        raise ValueError(f"'{path}' holds a {what}, not a training checkpoint; pass a best.ckpt / last.ckpt "
+                         "written by `eleatt fit`")
     return checkpoint
 
 

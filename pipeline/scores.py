@@ -12,10 +12,11 @@ Fused scores (`eleatt fuse`) add `weights` float32 (K,) and `inputs` unicode (K,
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from pipeline.paths import atomic_write
 
 
 def write_scores(
@@ -40,14 +41,8 @@ def write_scores(
         if value.dtype == object:
             raise ValueError(f"extra array {key!r} has dtype object; a scores file is read without unpickling")
         arrays[key] = value
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "wb") as f:  # whole or not at all, with the umask's permissions
+        np.savez(f, **arrays)
     return path
 
 

@@ -9,6 +9,7 @@ failure shards, so a run killed at any moment resumes, with any number of ranks,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -34,6 +35,8 @@ from pipeline.data.transforms import VIEW_COUNTS
 from pipeline.devices import resolve_device
 from pipeline.errors import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
 from pipeline.nn.backbone import FrameEncoder
+
+from pipeline.paths import ensure_writable_dir
 
 VIEWS = tuple(VIEW_COUNTS)
 
@@ -395,6 +398,7 @@ def extract(list_path: str | os.PathLike, root: str | os.PathLike, out: str | os
     if workers < 0:
         raise ValueError(f"--workers {workers}: must be >= 0")
 
+    ensure_writable_dir(out, "--out feature folder")
     folder = FeatureFolder(out)
     targets: dict[Path, str] = {}
     for video in videos:  # every path must map under the folder, each to its own file: fail before any work
@@ -420,28 +424,32 @@ def extract(list_path: str | os.PathLike, root: str | os.PathLike, out: str | os
             "(check the device flags against the machine: --device cpu, or a count of GPUs it has)"
         ) from None
     encoder = FrameEncoder(backbone, weights=weights)
-    settings = folder.check_settings(make_settings(encoder, sampling, views, precision))
-    # Every process reads the folder *before* joining the process group (inside predict; spawned ranks get this
-    # list from their parent) and no rank writes before all have joined, so all ranks see the same remaining
-    # videos and their strided shares are disjoint.
-    before = folder.finished()
-    remaining = [v for v in videos if v not in before]
-    if trainer.global_rank == 0:
-        stale = folder.remove_stale_temporaries()  # left by a killed run; nobody writes yet
-        if stale:
-            log.info("removed %d temporary files left by an interrupted run", stale)
+    # One writer per folder: a second `extract` (or `flow`) into it is refused while this one runs. Rank 0 holds the
+    # lock for all the ranks of this run; the system drops it when the process ends, however it ends.
+    held = folder.lock("extract") if trainer.global_rank == 0 else contextlib.nullcontext()
+    with held:
+        settings = folder.check_settings(make_settings(encoder, sampling, views, precision))
+        # Every process reads the folder *before* joining the process group (inside predict; spawned ranks get this
+        # list from their parent) and no rank writes before all have joined, so all ranks see the same remaining
+        # videos and their strided shares are disjoint.
+        before = folder.finished()
+        remaining = [v for v in videos if v not in before]
+        if trainer.global_rank == 0:
+            stale = folder.remove_stale_temporaries()  # left by a killed run; nobody writes yet
+            if stale:
+                log.info("removed %d temporary files left by an interrupted run", stale)
 
-    stats = RunStats()
-    if remaining:
-        spec = LoaderSpec(root, remaining, settings, batch_size, backend, workers,
-                          pin_memory=accelerator in ("cuda", "gpu"))
-        writer = FeatureWriter(out, progress=progress)
-        trainer.callbacks.append(writer)
-        trainer.predict(EncoderModule(encoder, spec, compile=compile), return_predictions=False)
-        stats = writer.stats
+        stats = RunStats()
+        if remaining:
+            spec = LoaderSpec(root, remaining, settings, batch_size, backend, workers,
+                              pin_memory=accelerator in ("cuda", "gpu"))
+            writer = FeatureWriter(out, progress=progress)
+            trainer.callbacks.append(writer)
+            trainer.predict(EncoderModule(encoder, spec, compile=compile), return_predictions=False)
+            stats = writer.stats
 
-    after = FeatureFolder(out).finished()
-    failed_now = FeatureFolder(out).failed()
+        after = FeatureFolder(out).finished()
+        failed_now = FeatureFolder(out).failed()
     return Summary(
         total=len(videos),
         done=sum(1 for v in remaining if v in after),

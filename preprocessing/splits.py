@@ -20,7 +20,8 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from pipeline.data.lists import ListEntry, write_classes, write_list
+from pipeline.data.lists import ListEntry, read_text_lines, write_classes, write_list
+from pipeline.paths import ensure_writable_dir
 
 from pipeline.errors import EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED as EXIT_INCOMPLETE
 MAX_LISTED = 20  # problems printed to the terminal; all of them go to a file in --out
@@ -89,9 +90,39 @@ class Prepared:
 
 # --------------------------------------------------------------------------------------------------- helpers
 def _read_lines(path: Path) -> list[tuple[int, str]]:
-    """(line number, stripped text) of the non-blank lines; CRLF and a UTF-8 BOM are tolerated."""
-    with open(path, encoding="utf-8-sig", newline=None) as f:
-        return [(n, line.strip()) for n, line in enumerate(f, 1) if line.strip()]
+    """(line number, stripped text) of the non-blank lines; CRLF and a UTF-8 BOM are tolerated. A file in another
+    encoding, or one without a single line, raises ValueError naming it and what was expected."""
+    lines = [(n, line.strip()) for n, line in
+             enumerate(read_text_lines(path, "split file", "the official split format"), 1) if line.strip()]
+    if not lines:
+        raise ValueError(f"split file '{path}' is empty; expected the official split lines (is it the right file, "
+                         "or was its download cut short?)")
+    return lines
+
+
+def _deduplicate(lists: dict[str, list[ListEntry]]) -> tuple[dict[str, list[ListEntry]], list[str]]:
+    """Drops repeated videos: a second line of a video within a list, and a training/validation video that the test
+    list also holds (it would leak the test set into training; the test list is kept whole). Returns the lists and
+    one problem line per dropped entry (reported, exit 3)."""
+    problems: list[str] = []
+    test_videos = {e.path for e in lists.get("test", [])}
+    out: dict[str, list[ListEntry]] = {}
+    for name, entries in lists.items():
+        seen: dict[str, ListEntry] = {}
+        kept = []
+        for entry in entries:
+            if entry.path in seen:
+                other = seen[entry.path]
+                same = "the same label" if other.label == entry.label else f"labels {other.label} and {entry.label}"
+                problems.append(f"{entry.path}: listed twice in {name} ({same}); kept once")
+                continue
+            if name != "test" and entry.path in test_videos:
+                problems.append(f"{entry.path}: in both {name} and test; left out of {name}")
+                continue
+            seen[entry.path] = entry
+            kept.append(entry)
+        out[name] = kept
+    return out, problems
 
 
 def _require_file(path: Path, what: str, fix: str) -> Path:
@@ -556,8 +587,13 @@ def finish(
         elif n_missing:
             notes.append(f"{n_missing} listed videos missing under {check_root} (kept; --drop-missing leaves them out)")
 
-    out.mkdir(parents=True, exist_ok=True)
-    lists = {"train": train, "val": val, "test": test}
+    lists, repeated = _deduplicate({"train": train, "val": val, "test": test})
+    problems += repeated
+    for name in ("train", "test"):
+        if not lists[name]:
+            raise ValueError(f"the {p.title} split gives no {name} videos; check the split files (--split, and "
+                             "that they list videos of this dataset)")
+    ensure_writable_dir(out, "--out")
     for name, entries in lists.items():
         write_list(out / f"{name}.txt", entries)
     write_classes(out / "classes.txt", p.classes)
@@ -710,6 +746,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as stop:  # --help (0) or a usage error (2, already printed by argparse)
         return int(stop.code or 0)
+    ensure_writable_dir(args.out, "--out")  # before any work: an unwritable --out is one line, exit 2
     if args.dataset == "synthetic":
         return _synthetic(args)
     if args.dataset == "ntu-skeleton":

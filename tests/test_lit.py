@@ -164,7 +164,7 @@ def test_resume_from_last_checkpoint_matches_an_uninterrupted_run(order_features
                  "--run_name", "half"]) == 2
 
 
-def test_bad_inputs_give_one_line_and_exit_2(order_features, tmp_path, capsys):
+def test_bad_inputs_give_one_line_and_exit_2(trained, order_features, tmp_path, capsys):
     assert main(["test", "--config", TINY, *data_args(order_features["features"], order_features["lists"]),
                  "--ckpt_path", str(tmp_path / "nope.ckpt")]) == 2
     assert "nope.ckpt' not found" in capsys.readouterr().err
@@ -173,16 +173,25 @@ def test_bad_inputs_give_one_line_and_exit_2(order_features, tmp_path, capsys):
     argv = ["test", "--config", TINY, "--data.features_dir", str(order_features["features"]),
             "--data.train_list", str(order_features["lists"] / "train.txt"), "--data.test_list",
             str(tmp_path / "test.txt"), "--trainer.default_root_dir", str(tmp_path), "--run_name", "t"]
-    assert main(argv) == 2
+    assert main(argv) == 2  # no --ckpt_path: scoring a random model is refused
+    assert "`test` needs --ckpt_path" in capsys.readouterr().err
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "best.ckpt").write_bytes((trained / "best.ckpt").read_bytes())
+    assert main([*argv, "--ckpt_path", str(tmp_path / "run" / "best.ckpt")]) == 2
     assert str(order_features["features"] / "order_012" / "absent.npy") in capsys.readouterr().err
     assert main(["fit", "--config", TINY, "--model.cell", "transformer"]) == 2
 
 
-@pytest.mark.parametrize("content", ["text", "state_dict"])
+@pytest.mark.parametrize("content", ["text", "state_dict", "truncated", "garbage"])
 def test_a_file_that_is_no_checkpoint_gives_one_line(order_features, tmp_path, capsys, content):
     bad = tmp_path / "model.ckpt"
     if content == "text":
         bad.write_text("not a checkpoint\n")
+    elif content == "truncated":
+        torch.save({"state_dict": {"w": torch.zeros(1000)}, "pytorch-lightning_version": "2.6.6"}, bad)
+        bad.write_bytes(bad.read_bytes()[:2000])  # a copy cut short
+    elif content == "garbage":
+        bad.write_bytes(np.random.default_rng(0).bytes(3000))
     else:
         torch.save({"weight": torch.zeros(3)}, bad)  # a bare state dict, no Lightning keys
     argv = ["test", "--config", TINY, *data_args(order_features["features"], order_features["lists"]),

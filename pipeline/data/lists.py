@@ -7,10 +7,11 @@ are ignored; CRLF line ends and a UTF-8 byte-order mark (lists saved by Windows 
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
+
+from pipeline.paths import atomic_write
 
 
 @dataclass(frozen=True)
@@ -21,48 +22,63 @@ class ListEntry:
     label: int = -1
 
 
+def read_text_lines(path: str | os.PathLike, what: str, expected: str) -> list[str]:
+    """The lines of a text file the project reads (lists, classes.txt, official split files), decoded as UTF-8.
+
+    CRLF and a UTF-8 byte-order mark are tolerated. Another encoding (UTF-16 from a Windows editor, latin-1 with
+    accents) raises ValueError naming the file, what it is (`what`), the line format `expected` and the fix, instead
+    of a UnicodeDecodeError traceback or paths with NUL characters in them.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in data[:4096]:
+        encoding, source = "UTF-16 or UTF-32", "UTF-16"
+    else:
+        try:
+            # universal newlines: CRLF tolerated; utf-8-sig: a BOM would otherwise become part of the first path
+            return data.decode("utf-8-sig").splitlines()
+        except UnicodeDecodeError as err:
+            line = data[: err.start].count(b"\n") + 1
+            encoding, source = f"not UTF-8 (byte 0x{data[err.start]:02x} on line {line}; latin-1?)", "LATIN1"
+    raise ValueError(
+        f"{what} '{path}' is {encoding} text; expected UTF-8 lines of {expected}: save it as UTF-8 "
+        f"(e.g. `iconv -f {source} -t UTF-8 FILE > NEW`)"
+    )
+
+
 def read_list(path: str | os.PathLike) -> list[ListEntry]:
-    """Reads a list file; raises ValueError naming `file:line` on a malformed line."""
+    """Reads a list file; raises ValueError naming `file:line` on a malformed line or a non-UTF-8 file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"list file '{path}' not found (write one with `eleatt prepare ...`)")
     entries = []
-    # universal newlines: CRLF tolerated; utf-8-sig: a BOM would otherwise become part of the first path
-    with open(path, encoding="utf-8-sig", newline=None) as f:
-        for number, raw in enumerate(f, 1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            parts = line.rsplit(maxsplit=1)
-            if len(parts) != 2:
-                raise ValueError(
-                    f"{path}:{number}: expected '<relative path> <label>', got {line!r} "
-                    "(use -1 as the label of a video whose class is unknown)"
-                )
-            video, label_text = parts
-            try:
-                label = int(label_text)
-            except ValueError:
-                raise ValueError(
-                    f"{path}:{number}: label {label_text!r} is not an integer "
-                    "(labels are 0-based class indices into classes.txt, -1 when unknown)"
-                ) from None
-            if label < -1:
-                raise ValueError(f"{path}:{number}: label {label} is negative (only -1, 'unknown', is allowed)")
-            entries.append(ListEntry(video, label))
+    for number, raw in enumerate(read_text_lines(path, "list file", "'<relative path> <label>'"), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2:
+            raise ValueError(
+                f"{path}:{number}: expected '<relative path> <label>', got {line!r} "
+                "(use -1 as the label of a video whose class is unknown)"
+            )
+        video, label_text = parts
+        try:
+            label = int(label_text)
+        except ValueError:
+            raise ValueError(
+                f"{path}:{number}: label {label_text!r} is not an integer "
+                "(labels are 0-based class indices into classes.txt, -1 when unknown)"
+            ) from None
+        if label < -1:
+            raise ValueError(f"{path}:{number}: label {label} is negative (only -1, 'unknown', is allowed)")
+        entries.append(ListEntry(video, label))
     return entries
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "w", encoding="utf-8", newline="\n") as f:  # whole or not at all, umask permissions
+        f.write(text)
 
 
 def write_list(path: str | os.PathLike, entries: Iterable[ListEntry | tuple[str, int]]) -> None:
@@ -81,8 +97,7 @@ def read_classes(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"class file '{path}' not found (it is written beside the lists by `eleatt prepare`)")
-    with open(path, encoding="utf-8-sig", newline=None) as f:
-        names = [line.strip() for line in f]
+    names = [line.strip() for line in read_text_lines(path, "class file", "one class name a line")]
     while names and not names[-1]:
         names.pop()
     if any(not name for name in names):

@@ -57,3 +57,14 @@ def test_byte_order_mark_is_not_part_of_the_first_path(tmp_path):
     classes = tmp_path / "classes.txt"
     classes.write_bytes(b"\xef\xbb\xbfApplyEyeMakeup\r\nArchery\r\n")
     assert read_classes(classes) == ["ApplyEyeMakeup", "Archery"]
+
+
+@pytest.mark.parametrize("encoding, says", [("utf-16", "UTF-16 or UTF-32"), ("latin-1", "not UTF-8 (byte 0xe9 on line 2")])
+def test_a_list_in_another_encoding_names_the_file_and_the_fix(tmp_path, encoding, says):
+    path = tmp_path / "train.txt"
+    path.write_bytes("a/one.mp4 0\nb/café.mp4 1\n".encode(encoding))
+    with pytest.raises(ValueError) as err:
+        read_list(path)
+    text = str(err.value)
+    assert f"list file '{path}' is {says}" in text and "expected UTF-8 lines of '<relative path> <label>'" in text
+    assert "iconv" in text

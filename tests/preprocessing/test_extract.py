@@ -68,7 +68,7 @@ def _assert_exactly_once(out: Path, videos: list[str]) -> None:
     for record in _records(out):
         counts[record["video"]] = counts.get(record["video"], 0) + 1
     assert counts == {v: 1 for v in videos}
-    assert not list(out.rglob("*.tmp*")), "temporary files left behind"
+    assert not list(out.glob(".eleatt-tmp/*")), "temporary files left behind"
 
 
 def _reference(root: Path, video: str, weights: Path, views: str = "center") -> np.ndarray:
@@ -248,7 +248,8 @@ def test_features_that_cannot_be_stored_fail_only_their_video(tmp_path):
 
 
 def test_resume_after_crash_states(synthetic_dataset, weights, tmp_path):
-    """The states a kill can leave: a torn manifest line, a file renamed without its record, a temporary file."""
+    """The states a kill can leave: a torn manifest line, a file renamed without its record, a temporary file; and a
+    finished file damaged since (truncated) is redone, while a user's file that looks like a temporary is kept."""
     videos = _videos(synthetic_dataset, 4)
     out = tmp_path / "feats"
     assert main(_args(_write_list(tmp_path / "a.txt", videos[:3]), synthetic_dataset, out, weights,
@@ -259,16 +260,45 @@ def test_resume_after_crash_states(synthetic_dataset, weights, tmp_path):
     manifest.write_text("".join(lines[:-1]) + lines[-1][:25])  # killed while appending
     orphan = FeatureFolder(out).feature_path(videos[3])  # killed between rename and record
     np.save(orphan, np.zeros((2, 2), np.float16))
-    stale = orphan.parent / f".{orphan.stem}.abc{'.tmp.npy'}"  # killed while writing
+    (out / ".eleatt-tmp").mkdir(exist_ok=True)
+    stale = out / ".eleatt-tmp" / ".eleatt-tmp.abc.part"  # killed while writing
     stale.write_bytes(b"partial")
+    lookalike = orphan.parent / f".{orphan.stem}.abc.tmp.npy"  # a user's file named like an old temporary
+    lookalike.write_bytes(b"mine")
+    damaged = FeatureFolder(out).feature_path(videos[0])
+    damaged.write_bytes(damaged.read_bytes()[:-10])  # truncated after its record was written
+    assert videos[0] not in FeatureFolder(out).finished()  # the manifest says done, the file says otherwise
 
     assert main(_args(_write_list(tmp_path / "b.txt", videos), synthetic_dataset, out, weights,
                       "--workers", "0")) == 0
-    _assert_exactly_once(out, videos)
     folder = FeatureFolder(out)
-    for video in (torn, videos[3]):
+    assert set(folder.finished()) == set(videos)
+    assert not stale.exists() and lookalike.read_bytes() == b"mine"
+    assert oct(damaged.stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # the umask's permissions, not 0600
+    for video in (torn, videos[3], videos[0]):
         np.testing.assert_allclose(folder.load(video).astype(np.float32),
                                    _reference(synthetic_dataset, video, weights)[0], rtol=2e-3, atol=2e-3)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def test_a_second_extract_into_the_same_folder_is_refused(synthetic_dataset, weights, tmp_path, capsys):
+    from pipeline.cli import main as eleatt
+
+    out = tmp_path / "feats"
+    lst = _write_list(tmp_path / "a.txt", _videos(synthetic_dataset, 1))
+    with FeatureFolder(out).lock("extract"):  # another process holds the folder
+        assert eleatt(["extract", *_args(lst, synthetic_dataset, out, weights)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"'{out}' is being written by `eleatt extract` (pid {os.getpid()}" in err
+    assert not (out / "manifest.jsonl").exists()
+    (tmp_path / "file").write_text("x")
+    assert eleatt(["extract", *_args(lst, synthetic_dataset, tmp_path / "file", weights)]) == 2
+    assert "is an existing file" in capsys.readouterr().err
 
 
 # Not marked slow (about a minute): the real kill of a running process is the one check of crash safety that

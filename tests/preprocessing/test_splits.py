@@ -338,3 +338,28 @@ def test_prepare_help_and_usage_errors(capsys):
     assert main(["ucf101", "--splits-dir", "x", "--out", "x", "--val-fraction", "1.5"]) == 2
     assert "--splits-dir" in capsys.readouterr().err
     assert splits.EXIT_INCOMPLETE == 3
+
+
+def test_duplicates_and_train_test_overlap_are_reported(ucf_dir, tmp_path, capsys):
+    train = (ucf_dir / "trainlist01.txt").read_text().splitlines()
+    test = (ucf_dir / "testlist01.txt").read_text().splitlines()
+    leaked = test[0].strip()
+    write_crlf(ucf_dir / "trainlist01.txt", [*train, train[0].strip(), f"{leaked} 1"])
+    out = tmp_path / "lists"
+    assert main(["ucf101", "--splits-dir", str(ucf_dir), "--out", str(out), "--val-fraction", "0"]) == 3
+    err = capsys.readouterr().err
+    first = train[0].split()[0]
+    assert f"{first}: listed twice in train (the same label); kept once" in err
+    assert f"{leaked}: in both train and test; left out of train" in err
+    lists, _ = read_out(out)
+    paths = [e.path for e in lists["train"]]
+    assert paths.count(first) == 1 and leaked not in paths and leaked in [e.path for e in lists["test"]]
+
+
+def test_empty_or_mis_encoded_split_files_name_the_file(ucf_dir, tmp_path):
+    (ucf_dir / "testlist01.txt").write_text("\n\n")
+    with pytest.raises(ValueError, match=r"split file '.*testlist01.txt' is empty; expected the official split"):
+        parse_ucf101(ucf_dir, 1)
+    (ucf_dir / "testlist01.txt").write_bytes("ApplyEyeMakeup/v_x.avi\n".encode("utf-16"))
+    with pytest.raises(ValueError, match=r"testlist01.txt' is UTF-16 or UTF-32 text; expected UTF-8"):
+        parse_ucf101(ucf_dir, 1)

@@ -1,0 +1,418 @@
+"""Stored optical flow: quantisation, the per-video flow file, flow folders, JPEG folders, and flow stacks.
+
+No flow is computed here (that is `preprocessing/flow.py`); this module reads and writes what it computes.
+
+**Quantisation** (mmaction2/denseflow): ``q = round((clip(f, -bound, bound) + bound) / (2 * bound) * 255)`` as uint8,
+``f = q / 255 * 2 * bound - bound`` back (a step is ``2 * bound / 255`` px, 0.157 px at the default bound 20; zero
+motion is stored as 128, i.e. +0.078 px). A horizontal mirror maps ``q -> 255 - q`` exactly (``hflip(flow=True)``).
+
+**The flow file** (``<video stem>.flow.zip``): an uncompressed (stored) zip -- readable with any unzip tool --
+holding ``meta.json`` (``format``, ``version``, ``bound``, ``pairs``, ``height``, ``width``) and one 8-bit greyscale
+PNG per frame pair ``i`` (0-based), ``000000.png``, ``000001.png``, ...: the x plane on top of the y plane, an image
+``(2H, W)``. PNG is lossless; with the Paeth filter and zlib's run-length strategy at level 1 it encodes ~1000
+pairs/s at 340x256 on one core and takes 1.5-1.9x the bytes of mmaction2's lossy JPEG (quality 95) frames of the same
+flow (``python -m pipeline.benchmarks.flow``). The zip's central directory gives each pair's offset, so reading
+pairs ``indices`` decodes only those PNGs.
+
+**Flow stacks** (the flow stream's input, TSN): for a sampled frame ``t`` the ``L`` pairs ``t .. t+L-1`` (the last
+pair repeated past the end), channels interleaved ``x1, y1, ..., xL, yL``. The network sees flow divided by the
+bound (``normalize_flow``: pixels -> [-1, 1], zero motion ~0), recorded as ``"flow_norm": "bound"``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from pipeline.data.features import FeatureFolder
+
+__all__ = [
+    "DEFAULT_BOUND",
+    "FLOW_SUFFIX",
+    "FlowFolder",
+    "FlowWriter",
+    "dequantize",
+    "export_jpg",
+    "flow_info",
+    "flow_stack",
+    "jpeg_bytes",
+    "load_flow",
+    "load_quantized",
+    "normalize_flow",
+    "quantize",
+    "read_jpg_folder",
+    "stack_indices",
+]
+
+DEFAULT_BOUND = 20.0
+FLOW_SUFFIX = ".flow.zip"
+FORMAT = "eleatt-flow-png-zip"
+VERSION = 1
+META = "meta.json"
+TMP_SUFFIX = ".tmp.flow.zip"
+FLOW_NORM = "bound"  # flow stacks are divided by the bound: pixels -> [-1, 1]
+# PNG settings measured in the module docstring: Paeth + RLE is both the smallest and among the fastest here.
+_PNG_PARAMS = None  # filled on first use (cv2 is imported lazily: `import pipeline.data` must not need OpenCV)
+_JPG_RE = re.compile(r"^(flow_)?([xy])_(\d+)\.(jpg|jpeg)$", re.IGNORECASE)
+
+
+def _cv2():
+    try:
+        import cv2
+    except ImportError as err:  # pragma: no cover - a dependency of the project
+        raise ImportError("OpenCV is needed for flow files: pip install opencv-python-headless") from err
+    return cv2
+
+
+def _png_params() -> list[int]:
+    global _PNG_PARAMS
+    if _PNG_PARAMS is None:
+        cv2 = _cv2()
+        params = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
+        if hasattr(cv2, "IMWRITE_PNG_FILTER"):  # OpenCV >= 4.11; older builds let libpng choose the filter
+            params += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_PAETH]
+        _PNG_PARAMS = params
+    return _PNG_PARAMS
+
+
+def _check_bound(bound: float) -> float:
+    bound = float(bound)
+    if not (np.isfinite(bound) and bound > 0):
+        raise ValueError(f"flow bound {bound}: must be a positive number of pixels (default {DEFAULT_BOUND})")
+    return bound
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Quantisation
+# ---------------------------------------------------------------------------------------------------------------------
+def quantize(flow: np.ndarray, bound: float = DEFAULT_BOUND) -> np.ndarray:
+    """Float flow in pixels (any shape) -> uint8 levels, clipped to +-bound (the mmaction2 formula)."""
+    bound = _check_bound(bound)
+    flow = np.asarray(flow, dtype=np.float32)
+    q = (np.clip(flow, -bound, bound) + bound) * (255.0 / (2.0 * bound))
+    return np.rint(q).astype(np.uint8)
+
+
+def dequantize(q: np.ndarray, bound: float = DEFAULT_BOUND) -> np.ndarray:
+    """uint8 levels -> float32 flow in pixels (the inverse of `quantize` within half a step)."""
+    bound = _check_bound(bound)
+    return np.asarray(q, dtype=np.float32) * np.float32(2.0 * bound / 255.0) - np.float32(bound)
+
+
+def normalize_flow(flow, bound: float = DEFAULT_BOUND):
+    """Flow in pixels (numpy or torch) -> the network's input: divided by the bound, in [-1, 1]."""
+    return flow / _check_bound(bound)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The flow file
+# ---------------------------------------------------------------------------------------------------------------------
+class FlowWriter:
+    """Writes one flow file pair by pair (memory stays one pair), e.g. to a temporary path later renamed.
+
+    Usage: ``with FlowWriter(path, bound) as w: w.add(q)`` for each pair ``q`` uint8 ``(2, H, W)`` (x, y).
+    """
+
+    def __init__(self, path: str | os.PathLike, bound: float = DEFAULT_BOUND):
+        self.path = Path(path)
+        self.bound = _check_bound(bound)
+        self.pairs = 0
+        self.shape: tuple[int, int] | None = None
+        self._zip = zipfile.ZipFile(self.path, "w", compression=zipfile.ZIP_STORED)
+
+    def add(self, q: np.ndarray) -> None:
+        q = np.asarray(q)
+        if q.dtype != np.uint8 or q.ndim != 3 or q.shape[0] != 2:
+            raise ValueError(f"a flow pair must be uint8 (2, H, W) (x, y), got {q.dtype} {tuple(q.shape)}")
+        if self.shape is None:
+            self.shape = (int(q.shape[1]), int(q.shape[2]))
+        elif q.shape[1:] != self.shape:
+            raise ValueError(f"flow pair {self.pairs} is {q.shape[1]}x{q.shape[2]}, the file's pairs are "
+                             f"{self.shape[0]}x{self.shape[1]}")
+        ok, png = _cv2().imencode(".png", q.reshape(2 * q.shape[1], q.shape[2]), _png_params())  # (2H, W)
+        if not ok:
+            raise ValueError(f"PNG encoding of flow pair {self.pairs} failed")
+        self._zip.writestr(f"{self.pairs:06d}.png", png.tobytes())
+        self.pairs += 1
+
+    def close(self) -> None:
+        if self._zip is None:
+            return
+        h, w = self.shape or (0, 0)
+        meta = {"format": FORMAT, "version": VERSION, "bound": self.bound, "pairs": self.pairs,
+                "height": h, "width": w}
+        self._zip.writestr(META, json.dumps(meta, sort_keys=True))
+        self._zip.close()
+        self._zip = None
+
+    def __enter__(self) -> "FlowWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def save_flow(path: str | os.PathLike, q: np.ndarray, bound: float = DEFAULT_BOUND) -> None:
+    """Writes a whole uint8 ``(N, 2, H, W)`` quantised flow array to ``path`` (not atomic; see FlowFolder)."""
+    with FlowWriter(path, bound) as w:
+        for pair in q:
+            w.add(pair)
+
+
+def _open(path: Path) -> tuple[zipfile.ZipFile, dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"flow file '{path}' not found (compute it with `eleatt flow`)")
+    try:
+        zf = zipfile.ZipFile(path)
+        meta = json.loads(zf.read(META))
+    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, OSError) as err:
+        raise ValueError(f"'{path}' is not a flow file or is damaged ({err}); delete it and rerun `eleatt flow` "
+                         f"(it resumes)") from None
+    if meta.get("format") != FORMAT or int(meta.get("version", 0)) > VERSION:
+        zf.close()
+        raise ValueError(f"'{path}': unknown flow format {meta.get('format')!r} version {meta.get('version')!r}; "
+                         f"expected {FORMAT!r} version <= {VERSION} (upgrade eleatt)")
+    return zf, meta
+
+
+def flow_info(path: str | os.PathLike) -> dict:
+    """The header of a flow file: ``bound``, ``pairs``, ``height``, ``width`` (and ``format``, ``version``)."""
+    zf, meta = _open(Path(path))
+    zf.close()
+    return meta
+
+
+def _indices(indices: Sequence[int] | np.ndarray | None, pairs: int, path: Path) -> np.ndarray:
+    if indices is None:
+        return np.arange(pairs)
+    idx = np.asarray(indices)
+    if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
+        raise ValueError(f"{path}: flow pair indices must be 1-D integers, got {idx.dtype} {tuple(idx.shape)}")
+    if idx.size and (idx.min() < 0 or idx.max() >= pairs):
+        bad = int(idx[(idx < 0) | (idx >= pairs)][0])
+        raise ValueError(f"{path}: flow pair index {bad} out of range: the file has {pairs} pairs (0..{pairs - 1})")
+    return idx.astype(np.int64)
+
+
+def load_quantized(path: str | os.PathLike, indices: Sequence[int] | np.ndarray | None = None
+                   ) -> tuple[np.ndarray, float]:
+    """The stored levels uint8 ``(N, 2, H, W)`` (x, y) of pairs ``indices`` (default all), and the file's bound.
+
+    Only the asked pairs are read and decoded (each distinct one once; repeats and any order allowed).
+    """
+    path = Path(path)
+    zf, meta = _open(path)
+    with zf:
+        idx = _indices(indices, int(meta["pairs"]), path)
+        h, w = int(meta["height"]), int(meta["width"])
+        out = np.empty((len(idx), 2, h, w), dtype=np.uint8)
+        cv2 = _cv2()
+        decoded: dict[int, np.ndarray] = {}
+        for k, i in enumerate(idx.tolist()):
+            if i not in decoded:
+                img = cv2.imdecode(np.frombuffer(zf.read(f"{i:06d}.png"), dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+                if img is None or img.shape != (2 * h, w):
+                    raise ValueError(f"'{path}': flow pair {i} is damaged; delete the file and rerun `eleatt flow`")
+                decoded[i] = img.reshape(2, h, w)
+            out[k] = decoded[i]
+    return out, float(meta["bound"])
+
+
+def load_flow(path: str | os.PathLike, indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+    """Flow of pairs ``indices`` (default all) as float32 ``(N, 2, H, W)`` in pixels, x first.
+
+    Pair ``i`` is the motion from frame ``i`` to frame ``i + 1`` (a video of T frames has T - 1 pairs).
+    """
+    q, bound = load_quantized(path, indices)
+    return dequantize(q, bound)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Flow stacks (the flow stream's input)
+# ---------------------------------------------------------------------------------------------------------------------
+def stack_indices(positions: Sequence[int] | np.ndarray, num_pairs: int, length: int = 5) -> np.ndarray:
+    """int64 ``(P, L)``: pairs ``t, t+1, ..., t+L-1`` for each sampled frame ``t``, clamped to the last pair.
+
+    Positions are frame indices (as the RGB sampling gives them); a position at or past the last pair starts at
+    the last pair, so a stack near the end repeats it.
+    """
+    if length < 1:
+        raise ValueError(f"flow stack length {length}: must be >= 1 (TSN uses 5)")
+    if num_pairs < 1:
+        raise ValueError("the video has no flow pairs (it needs at least 2 frames)")
+    pos = np.asarray(positions, dtype=np.int64).reshape(-1, 1)  # (P, 1)
+    return np.clip(pos + np.arange(length)[None], 0, num_pairs - 1)  # (P, L)
+
+
+def flow_stack(path: str | os.PathLike, positions: Sequence[int] | np.ndarray, length: int = 5,
+               normalize: bool = True) -> np.ndarray:
+    """Flow stacks float32 ``(P, 2L, H, W)`` interleaved ``x1, y1, ..., xL, yL`` for sampled frames ``positions``.
+
+    Read with ``load_flow(path, indices)`` (only the pairs needed); ``normalize`` divides by the file's bound
+    (``normalize_flow``, [-1, 1]), else pixels. Flip a stack with ``transforms.hflip(stack, flow=True)``.
+    """
+    info = flow_info(path)
+    idx = stack_indices(positions, int(info["pairs"]), length)  # (P, L)
+    q, bound = load_quantized(path, idx.reshape(-1))  # (P * L, 2, H, W)
+    flow = dequantize(q, bound)
+    p, h, w = idx.shape[0], flow.shape[-2], flow.shape[-1]
+    stack = flow.reshape(p, 2 * length, h, w)  # (P, L, 2, H, W) -> (P, 2L, H, W): x1, y1, x2, y2, ...
+    return normalize_flow(stack, bound) if normalize else stack
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Flow folders
+# ---------------------------------------------------------------------------------------------------------------------
+class FlowFolder(FeatureFolder):
+    """A flow folder: the feature-folder layout (settings, manifest, failed) with one ``.flow.zip`` per video."""
+
+    suffix = FLOW_SUFFIX
+
+    def temporary(self, video: str) -> Path:
+        """A fresh hidden temporary path beside the video's flow file (renamed into place by `commit`)."""
+        target = self.feature_path(video)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name[:-len(FLOW_SUFFIX)]}.", suffix=TMP_SUFFIX,
+                                   dir=target.parent)
+        os.close(fd)
+        return Path(tmp)
+
+    def commit(self, video: str, tmp: str | os.PathLike) -> Path:
+        """Renames a finished temporary flow file into place (atomic); the manifest record comes after."""
+        target = self.feature_path(video)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; a flow file is as readable as any output
+        os.replace(tmp, target)
+        return target
+
+    def record(self, video: str, **extra) -> dict:
+        """Appends the manifest record of a committed video: ``video``, ``feature``, ``pairs``, ... (from the file)."""
+        target = self.feature_path(video)
+        meta = flow_info(target)
+        record = {"video": video, "feature": self.relative(target), "pairs": int(meta["pairs"]),
+                  "height": int(meta["height"]), "width": int(meta["width"]), **extra}
+        self._append(self.manifest_path, record)
+        return record
+
+    def write_quantized(self, video: str, q: np.ndarray | Iterable[np.ndarray], bound: float, **extra) -> dict:
+        """Stores uint8 pairs ``(N, 2, H, W)`` (or an iterable of ``(2, H, W)``) atomically, then records them."""
+        tmp = self.temporary(video)
+        try:
+            with FlowWriter(tmp, bound) as w:
+                for pair in q:
+                    w.add(pair)
+            if w.pairs == 0:
+                raise ValueError(f"'{video}': no frame pairs to store")
+            self.commit(video, tmp)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return self.record(video, **extra)
+
+    def load(self, video: str, indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:  # type: ignore[override]
+        """``load_flow`` of the video's file: float32 ``(N, 2, H, W)`` pixels; a clear error when it is missing."""
+        path = self.feature_path(video)
+        if not path.is_file():
+            reason = self.failed().get(video)
+            why = f" (its flow failed: {reason})" if reason else ""
+            raise FileNotFoundError(
+                f"no flow for '{video}' in '{self.root}': '{path}' is missing{why}; run `eleatt flow` for this list "
+                "into this folder (it resumes), or drop the video from the list")
+        return load_flow(path, indices)
+
+    def stack(self, video: str, positions: Sequence[int] | np.ndarray, length: int = 5,
+              normalize: bool = True) -> np.ndarray:
+        """``flow_stack`` of the video's file: float32 ``(P, 2L, H, W)``, x1, y1, ..., xL, yL."""
+        path = self.feature_path(video)
+        if not path.is_file():
+            self.load(video)  # raises the clear error
+        return flow_stack(path, positions, length, normalize)
+
+    def remove_stale_temporaries(self) -> int:
+        count = 0
+        if self.root.is_dir():
+            for tmp in self.root.rglob(f".*{TMP_SUFFIX}"):
+                tmp.unlink(missing_ok=True)
+                count += 1
+        return count + super().remove_stale_temporaries()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# mmaction2 / denseflow JPEG folders
+# ---------------------------------------------------------------------------------------------------------------------
+def jpg_files(folder: str | os.PathLike) -> tuple[list[Path], list[Path]]:
+    """The x and y JPEGs of a folder (``x_00001.jpg``/``y_...`` or ``flow_x_00001.jpg``/``flow_y_...``), in order.
+
+    Raises ValueError when the folder has none, mixes both namings, or the x and y numbers differ.
+    """
+    folder = Path(folder)
+    found: dict[tuple[str, str], dict[int, Path]] = {}
+    for p in folder.iterdir():
+        m = _JPG_RE.match(p.name)
+        if m and p.is_file():
+            found.setdefault((m.group(1) or "", m.group(2).lower()), {})[int(m.group(3))] = p
+    prefixes = {prefix for prefix, _ in found}
+    if not found:
+        raise ValueError(f"'{folder}' holds no flow JPEGs (x_00001.jpg/y_00001.jpg or flow_x_00001.jpg/"
+                         "flow_y_00001.jpg)")
+    if len(prefixes) > 1:
+        raise ValueError(f"'{folder}' mixes x_*.jpg and flow_x_*.jpg names; keep one naming per folder")
+    prefix = prefixes.pop()
+    xs, ys = found.get((prefix, "x"), {}), found.get((prefix, "y"), {})
+    if sorted(xs) != sorted(ys):
+        only = sorted(set(xs) ^ set(ys))
+        raise ValueError(f"'{folder}': x and y flow JPEGs do not match (e.g. number {only[0]} has only one of them)")
+    numbers = sorted(xs)
+    return [xs[n] for n in numbers], [ys[n] for n in numbers]
+
+
+def read_jpg_folder(folder: str | os.PathLike) -> Iterator[np.ndarray]:
+    """The quantised pairs uint8 ``(2, H, W)`` of a JPEG flow folder, in number order (one pair in memory)."""
+    cv2 = _cv2()
+    xs, ys = jpg_files(folder)
+    shape = None
+    for px, py in zip(xs, ys):
+        x = cv2.imread(str(px), cv2.IMREAD_GRAYSCALE)
+        y = cv2.imread(str(py), cv2.IMREAD_GRAYSCALE)
+        if x is None or y is None:
+            raise ValueError(f"'{px if x is None else py}' is not a readable JPEG")
+        if x.shape != y.shape or (shape is not None and x.shape != shape):
+            raise ValueError(f"'{px}' and '{py}' differ in size from the folder's first frame ({shape or x.shape})")
+        shape = x.shape
+        yield np.stack([x, y])  # (2, H, W)
+
+
+def export_jpg(path: str | os.PathLike, dest: str | os.PathLike, prefix: str = "", quality: int = 95) -> int:
+    """Writes a flow file as mmaction2 JPEGs ``dest/{prefix}x_00001.jpg``, ``{prefix}y_00001.jpg``, ...
+
+    ``prefix``: ``""`` (``x_00001.jpg``, mmaction2's rawframes) or ``"flow_"`` (denseflow). JPEG is lossy (the
+    levels come back within ~2 at quality 95). Returns the number of pairs written.
+    """
+    if prefix not in ("", "flow_"):
+        raise ValueError(f"JPEG prefix {prefix!r}: use '' (x_00001.jpg) or 'flow_' (flow_x_00001.jpg)")
+    cv2 = _cv2()
+    q, _ = load_quantized(path)  # (N, 2, H, W)
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)]
+    for i, pair in enumerate(q, 1):
+        for c, name in enumerate("xy"):
+            ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(pair[c]), params)
+            if not ok:
+                raise ValueError(f"JPEG encoding failed for pair {i} of '{path}'")
+            (dest / f"{prefix}{name}_{i:05d}.jpg").write_bytes(buf.tobytes())
+    return len(q)
+
+
+def jpeg_bytes(q: np.ndarray, quality: int = 95) -> int:
+    """The bytes mmaction2/denseflow's layout takes for uint8 ``(N, 2, H, W)``: one JPEG per plane (no write)."""
+    cv2 = _cv2()
+    params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)]
+    return sum(len(cv2.imencode(".jpg", np.ascontiguousarray(plane), params)[1]) for pair in q for plane in pair)

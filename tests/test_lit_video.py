@@ -228,3 +228,56 @@ def test_train_benchmark_quick(capsys):
     assert set(rows) == {"end", "features"}
     for r in rows.values():
         assert float(r[-3]) > 0 and 0 <= float(r[-1].rstrip("%")) <= 100  # clips/s, data wait share
+
+
+@pytest.fixture(scope="module")
+def flow_folder(tmp_path_factory) -> Path:
+    """A generated flow folder: 2 classes told apart by the direction of vertical motion (+3 / -3 px, noisy),
+    4 + 2 videos per class of 10 frame pairs at 24 px, with train/test lists and classes.txt."""
+    from pipeline.data.flow import FlowFolder, quantize
+    from pipeline.data.lists import ListEntry, write_classes, write_list
+
+    root = tmp_path_factory.mktemp("flow")
+    folder = FlowFolder(root / "flows")
+    rng = np.random.default_rng(0)
+    lists = {"train": [], "test": []}
+    for label, direction in enumerate((1.0, -1.0)):
+        for k in range(6):
+            flow = rng.normal(0, 1, size=(10, 2, 24, 24)).astype(np.float32)
+            flow[:, 1] += 3.0 * direction  # vertical motion carries the class (a mirror flips only x)
+            video = f"c{label}/v{k}.avi"
+            folder.write_quantized(video, quantize(flow, 20.0), 20.0)
+            lists["train" if k < 4 else "test"].append(ListEntry(video, label))
+    for split, entries in lists.items():
+        write_list(root / f"{split}.txt", entries)
+    write_classes(root / "classes.txt", ["down", "up"])
+    return root
+
+
+def test_flow_stream_end_to_end(flow_folder, tmp_path):
+    from pipeline.data.flow import FlowFolder
+    from pipeline.data.transforms import eval_views
+
+    pl.seed_everything(0, verbose=False)
+    dm = VideoDataModule(str(flow_folder / "flows"), train_list=str(flow_folder / "train.txt"),
+                         test_list=str(flow_folder / "test.txt"), modality="flow", flow_length=2,
+                         backbone="test_resnet", frame_size=16, num_segments=3, batch_size=4, num_workers=0)
+    assert dm.in_chans == 4 and dm.data_config["input_size"] == (4, 16, 16)
+    assert dm.extraction_settings["modality"] == "flow" and dm.extraction_settings["stack"] == 2
+    dm.setup("test")
+    sample = dm.datasets["test"][0]  # 10 pairs, 3 segments: stacks start at pairs 1, 5, 8 (centres)
+    stacks = FlowFolder(flow_folder / "flows").stack("c0/v4.avi", [1, 5, 8], length=2)  # (3, 4, 24, 24) in [-1, 1]
+    expected = eval_views(torch.from_numpy(stacks).permute(0, 2, 3, 1), dm.data_config, "center")
+    torch.testing.assert_close(sample["feats"], expected)
+    net = VideoEleAttClassifier(num_classes=2, backbone="test_resnet", weights="none", in_chans=dm.in_chans,
+                                hidden_size=16, dropout=0.0, lr=0.01, backbone_lr=0.01, lr_patience=0,
+                                class_names=dm.class_names, extraction_settings=dm.extraction_settings)
+    log = LossLog()
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=5, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[log],
+                         default_root_dir=tmp_path)
+    trainer.fit(net, dm)
+    assert np.mean(log.losses[-2:]) < np.mean(log.losses[:2]), log.losses
+    trainer.test(net, dm, verbose=False)
+    scores = read_scores(tmp_path / "scores_test.npz")
+    assert len(scores["videos"]) == 4 and scores["scores"].shape == (4, 2)

@@ -17,6 +17,7 @@ import contextlib
 import csv
 import importlib.util
 import logging
+import os
 import re
 import shlex
 import sys
@@ -41,6 +42,7 @@ from pipeline.scores import accuracy_summary, read_scores
 DEFAULT_ROOT = "checkpoints"
 CHECKPOINT_FILES = ("best.ckpt", "last.ckpt")
 EVALUATIONS = ("validate", "test", "predict")
+RUN_DIR_ENV = "ELEATT_RUN_DIR"  # the run folder, handed from rank 0 to the DDP processes Lightning starts
 RUN_STAMP = re.compile(r"-\d{8}-\d{6}(-\d+)?$")  # the time stamp of a run folder's name
 
 # Noise that says nothing to a user of this command: we override the model's default optimiser on purpose when a
@@ -289,6 +291,10 @@ class EleAttCLI(LightningCLI):
             self.run_dir = Path(ckpt).resolve().parent  # evaluations and resumed fits write beside the checkpoint
         elif run_name:
             self.run_dir = root / run_name
+        elif os.environ.get(RUN_DIR_ENV) and int(os.environ.get("LOCAL_RANK", "0") or 0) > 0:
+            # A DDP process that Lightning started (it inherits rank 0's environment): the run folder rank 0 named,
+            # not a second time stamp. torchrun/SLURM start every rank themselves: give them --run_name.
+            self.run_dir = Path(os.environ[RUN_DIR_ENV])
         else:
             configs = cfg.get("config") or []
             stem = Path(str(configs[-1])).stem if configs else "eleatt"
@@ -315,6 +321,7 @@ class EleAttCLI(LightningCLI):
                     f"the lr_scheduler watches {monitor!r} but there is no validation list: pass --data.val_list, "
                     "or train without validation with a config that has no lr_scheduler section"
                 )
+        os.environ[RUN_DIR_ENV] = str(self.run_dir)  # for the DDP processes Lightning starts from this one
         what = "run folder" if self.subcommand == "fit" else "folder of --ckpt_path (scores and plots go there)"
         ensure_writable_dir(self.run_dir, what)
         if self.subcommand == "fit" and ckpt is not None:

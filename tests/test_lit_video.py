@@ -281,3 +281,18 @@ def test_flow_stream_end_to_end(flow_folder, tmp_path):
     trainer.test(net, dm, verbose=False)
     scores = read_scores(tmp_path / "scores_test.npz")
     assert len(scores["videos"]) == 4 and scores["scores"].shape == (4, 2)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_fit_writes_one_run_folder(videos, tmp_path):
+    """`eleatt fit` with DDP on 2 CPU processes and no --run_name: both ranks train in the one run folder that rank 0
+    named (Lightning's child process inherits it), which holds best.ckpt, last.ckpt and metrics.csv."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "fit", *e2e_args(videos, "--trainer.max_epochs", "1",
+                                                           "--trainer.default_root_dir", str(tmp_path)),
+         "--trainer.strategy", "ddp", "--trainer.devices", "2"],
+        cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert len(runs) == 1, runs
+    assert {"best.ckpt", "last.ckpt", "metrics.csv"} <= {p.name for p in runs[0].iterdir()}

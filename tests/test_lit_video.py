@@ -230,27 +230,39 @@ def test_train_benchmark_quick(capsys):
         assert float(r[-3]) > 0 and 0 <= float(r[-1].rstrip("%")) <= 100  # clips/s, data wait share
 
 
+FLOW_FOLDER = """
+import sys
+import numpy as np
+from pathlib import Path
+from pipeline.data.flow import FlowFolder, quantize
+from pipeline.data.lists import ListEntry, write_classes, write_list
+
+root = Path(sys.argv[1])
+folder = FlowFolder(root / "flows")
+rng = np.random.default_rng(0)
+lists = {"train": [], "test": []}
+for label, direction in enumerate((1.0, -1.0)):
+    for k in range(6):
+        flow = rng.normal(0, 1, size=(10, 2, 24, 24)).astype(np.float32)
+        flow[:, 1] += 3.0 * direction  # vertical motion carries the class (a mirror flips only x)
+        video = f"c{label}/v{k}.avi"
+        folder.write_quantized(video, quantize(flow, 20.0), 20.0)
+        lists["train" if k < 4 else "test"].append(ListEntry(video, label))
+for split, entries in lists.items():
+    write_list(root / f"{split}.txt", entries)
+write_classes(root / "classes.txt", ["down", "up"])
+"""
+
+
 @pytest.fixture(scope="module")
 def flow_folder(tmp_path_factory) -> Path:
     """A generated flow folder: 2 classes told apart by the direction of vertical motion (+3 / -3 px, noisy),
-    4 + 2 videos per class of 10 frame pairs at 24 px, with train/test lists and classes.txt."""
-    from pipeline.data.flow import FlowFolder, quantize
-    from pipeline.data.lists import ListEntry, write_classes, write_list
+    4 + 2 videos per class of 10 frame pairs at 24 px, with train/test lists and classes.txt.
 
+    Written in a fresh process: once decord is loaded in a process (other tests use it), OpenCV's PNG encoder there
+    fails ("libpng error: bad parameters to zlib") and the flow files come out damaged."""
     root = tmp_path_factory.mktemp("flow")
-    folder = FlowFolder(root / "flows")
-    rng = np.random.default_rng(0)
-    lists = {"train": [], "test": []}
-    for label, direction in enumerate((1.0, -1.0)):
-        for k in range(6):
-            flow = rng.normal(0, 1, size=(10, 2, 24, 24)).astype(np.float32)
-            flow[:, 1] += 3.0 * direction  # vertical motion carries the class (a mirror flips only x)
-            video = f"c{label}/v{k}.avi"
-            folder.write_quantized(video, quantize(flow, 20.0), 20.0)
-            lists["train" if k < 4 else "test"].append(ListEntry(video, label))
-    for split, entries in lists.items():
-        write_list(root / f"{split}.txt", entries)
-    write_classes(root / "classes.txt", ["down", "up"])
+    subprocess.run([sys.executable, "-c", FLOW_FOLDER, str(root)], cwd=REPO, check=True, timeout=120)
     return root
 
 

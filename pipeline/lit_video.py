@@ -103,6 +103,7 @@ class VideoEleAttClassifier(EleAttClassifier):
         )
         self.hparams["extraction_settings"] = settings
         self.encoder = encoder
+        self._skipped: dict[str, int] = {}  # unreadable videos met this epoch, per stage
         groups = _backbone_groups(encoder.model)
         if isinstance(freeze, int) and freeze >= len(groups):
             raise ValueError(f"freeze={freeze}: {backbone} has a stem and {len(groups) - 1} stages; use at most "
@@ -168,7 +169,7 @@ class VideoEleAttClassifier(EleAttClassifier):
         self.hparams["extraction_settings"] = settings
 
     def _report_skipped(self, stage: str) -> None:
-        count = getattr(self, "_skipped", {}).pop(stage, 0)
+        count = self._skipped.pop(stage, 0)
         if self._trainer is not None and self.trainer.world_size > 1:
             count = int(self.trainer.strategy.reduce(torch.tensor(float(count), device=self.device), reduce_op="sum"))
         if count:
@@ -180,8 +181,6 @@ class VideoEleAttClassifier(EleAttClassifier):
             self.log(f"{stage}/skipped_videos", float(count), rank_zero_only=True)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        if not hasattr(self, "_skipped"):
-            self._skipped = {}
         self._note_skipped(batch, "train")
         return super().training_step(batch, batch_idx)
 
@@ -189,8 +188,6 @@ class VideoEleAttClassifier(EleAttClassifier):
         self._report_skipped("train")
 
     def _eval_step(self, batch: dict, stage: str):
-        if not hasattr(self, "_skipped"):
-            self._skipped = {}
         self._note_skipped(batch, stage)
         if not len(batch["videos"]):  # every video of the batch was unreadable
             return None

@@ -308,3 +308,22 @@ def test_two_process_ddp_fit_writes_one_run_folder(videos, tmp_path):
     runs = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert len(runs) == 1, runs
     assert {"best.ckpt", "last.ckpt", "metrics.csv"} <= {p.name for p in runs[0].iterdir()}
+
+
+def test_an_unreadable_video_is_counted_not_fatal(videos, tmp_path):
+    from pipeline.data.lists import ListEntry, read_list, write_list
+
+    (tmp_path / "broken.mp4").write_bytes(b"\x00" * 64)
+    entries = read_list(videos / "train.txt")[:3]
+    write_list(tmp_path / "train.txt", [ListEntry(str((videos / e.path).resolve()), e.label) for e in entries]
+               + [ListEntry(str(tmp_path / "broken.mp4"), 0)])
+    (tmp_path / "classes.txt").write_text((videos / "classes.txt").read_text())
+    pl.seed_everything(0, verbose=False)
+    dm = VideoDataModule("/", train_list=str(tmp_path / "train.txt"), backbone="test_resnet", frame_size=32,
+                         num_segments=2, batch_size=4, num_workers=0)
+    net = model(dm)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.warns(UserWarning, match=r"train: \d+ unreadable videos skipped"):
+        trainer.fit(net, dm)
+    assert trainer.callback_metrics["train/skipped_videos"] >= 1 and trainer.global_step == 1

@@ -32,10 +32,11 @@ yields (presentation order); ``probe`` counts those frames. Three sources sit be
   only), for comparison.
 
   Why this split: accuracy must not depend on decord, and it does not. Measured with
-  ``python -m pipeline.benchmarks.decode`` (and in ``../shared/README.md``), PyAV with the index is as fast as decord
-  or faster for segment sampling (8 frames: 123 ms vs 154 ms on ``test.mp4``); decord is faster only when decoding
-  whole small videos (~20%: 220 ms vs 272 ms on ``test.mp4``) and 2-3x slower on the 1080p NTU clip. So sparse reads
-  -- every training sample -- go to PyAV with no check to pay, and decord is used where it is verified and faster.
+  ``python -m pipeline.benchmarks.decode`` (and in ``../shared/README.md``), PyAV with the index and frame threads
+  is as fast as decord for segment sampling (8 frames of ``test.mp4``: 0.96-1.03x the faster of decord and a forward
+  decode, loaded 2-core machine; with slice threads only it was 1.7-2.3x decord); decord was faster when decoding
+  whole small videos (~20% before frame threads) and 2-3x slower on the 1080p NTU clip. So sparse reads -- every
+  training sample -- go to PyAV with no check to pay, and decord is used where it is verified and faster.
 
 - **Raw-frame folders** (``img_00001.jpg``, ``img_00002.jpg``, ...; the mmaction2/TSN layout, numbered from 1,
   ``.jpg``/``.jpeg``/``.png``): frame ``i`` is ``img_{i+1:05d}``. A folder has no frame rate, so ``probe`` reports

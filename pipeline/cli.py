@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "classify": ("pipeline.inference", "main", "classify video files with a trained checkpoint"),
     "fuse": ("pipeline.fusion", "main", "fuse the scores files of several streams (weighted, optional weight search)"),
     "demo": ("pipeline.demo", "main", "run the RGB pipeline end to end on a generated dataset"),
+    "export": ("pipeline.export", "main", "export a checkpoint for serving: ONNX, torch.export or TorchScript"),
+    "visualize": ("pipeline.visualize", "main", "draw a checkpoint's attention gates and class probabilities over time for one video"),
 }
 
 from pipeline.errors import (

@@ -6,11 +6,11 @@ it stays near what appearance alone gives; the gap to a recurrent model measures
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
+
 from pipeline.data.features import FeatureFolder, as_views
-from pipeline.data.lists import read_list
+from pipeline.data.lists import classes_path_for, read_classes, read_list
 from pipeline.scores import accuracy_summary
 
 
@@ -76,8 +76,8 @@ def order_blind_baseline(features_dir: str | os.PathLike, train_list: str | os.P
     if x_train.shape[1] != x_test.shape[1]:
         raise ValueError(f"train features have {x_train.shape[1]} dimensions, test features {x_test.shape[1]}")
     if num_classes is None:
-        classes = Path(train_list).parent / "classes.txt"
-        known = [line for line in classes.read_text().splitlines() if line.strip()] if classes.is_file() else []
+        classes = classes_path_for(train_list)
+        known = read_classes(classes) if classes.is_file() else []
         num_classes = max(len(known), int(max(y_train.max(), y_test.max())) + 1)
     predict = fit_linear(x_train, y_train, num_classes, steps=steps, seed=seed)
     scores = predict(x_test)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Tuple
 
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.errors import EXIT_OK, EXIT_USAGE
+from pipeline.paths import atomic_write, ensure_writable_dir
 
 FORMATS = ("onnx", "exported", "torchscript")
 _MODES = {"LSTM": 0, "GRU": 1, "RNN_TANH": 2, "RNN_RELU": 3}
@@ -244,7 +246,8 @@ def build_models(ckpt, with_backbone: bool = False, step: bool = False, weights:
     Returns (module, info): module is FeatureModel / StepModel / BackboneSequenceModel / BackboneStepModel in eval
     mode; info a JSON-able dict (inputs, outputs, class names, state shape, image size) written next to the export.
     """
-    from pipeline.data.datasets import FeatureNormalizer
+    from pipeline.data.datamodules import FeatureDataModule
+    from pipeline.data.features import FeatureSettings, SettingsFormatError
     from pipeline.lit import classifier_from_checkpoint, read_checkpoint
     from pipeline.nn.classifier import SequenceClassifier
     from pipeline.nn.eleatt import _EleAttRNNBase
@@ -262,11 +265,8 @@ def build_models(ckpt, with_backbone: bool = False, step: bool = False, weights:
         raise ExportError(f"checkpoint '{ckpt}' pools the mean over steps (model.pooling={net.pooling!r}); the "
                           "one-step model streams the last step's prediction, so export it without --step (the "
                           "whole-sequence model handles mean pooling)")
-    data_hparams = checkpoint.get("datamodule_hyper_parameters") or {}
-    normalizer = FeatureNormalizer(data_hparams.get("normalize", "none"))
-    state = (checkpoint.get("FeatureDataModule") or {}).get("normalizer")
-    if state is not None:
-        normalizer.load_state_dict(state)
+    # The test-time state the data module saved with the checkpoint, read as `eleatt classify` reads it.
+    num_steps, normalizer = FeatureDataModule.eval_state_from_checkpoint(checkpoint)
     if normalizer.mode == "standard" and normalizer.mean is None:
         raise ExportError(f"checkpoint '{ckpt}' was trained with normalize='standard' but stores no statistics "
                           "(FeatureDataModule.normalizer); re-save it from a run of `eleatt fit`")
@@ -278,7 +278,7 @@ def build_models(ckpt, with_backbone: bool = False, step: bool = False, weights:
         "class_names": list(hparams.get("class_names") or [f"class_{i}" for i in range(num_classes)]),
         "cell": hparams.get("cell"),
         "normalize": normalizer.mode,
-        "num_steps_in_training": data_hparams.get("num_steps") or None,
+        "num_steps_in_training": num_steps,
         "state_shape": ["L", "B", "H"] if step else None,
         "num_layers": model.num_layers,
         "hidden_size": model.hidden_size,
@@ -290,31 +290,40 @@ def build_models(ckpt, with_backbone: bool = False, step: bool = False, weights:
             "features (B, T, D) float32", "lengths (B,) int64"]
         info["outputs"] = ["probs (B, C)", "h (L, B, H)", "c (L, B, H)"] if step else ["probs (B, C)"]
         return module.eval(), info
-    settings = hparams.get("extraction_settings")
-    if not settings or "backbone" not in settings or "weights" not in settings:
+    recorded = hparams.get("extraction_settings")
+    try:
+        settings = FeatureSettings.from_json(recorded, ckpt) if recorded else None
+    except SettingsFormatError as err:
+        raise ExportError(f"checkpoint {err}") from None
+    if settings is None or settings.backbone is None or settings.data_config is None:
         raise ExportError(f"checkpoint '{ckpt}' does not record the backbone its features were made with "
                           "(hyper_parameters.extraction_settings); export without --with-backbone, or retrain on a "
                           "feature folder made by `eleatt extract`")
-    if settings.get("modality", "rgb") != "rgb":
-        raise ExportError(f"checkpoint '{ckpt}' was trained on {settings['modality']!r} features; --with-backbone "
+    if settings.modality != "rgb":
+        raise ExportError(f"checkpoint '{ckpt}' was trained on {settings.modality!r} features; --with-backbone "
                           "handles RGB checkpoints only (export the feature model and compute the features yourself)")
     from pipeline.nn.backbone import FrameEncoder
 
-    source = weights if weights is not None else settings["weights"]
+    source = weights if weights is not None else settings.weights
     try:
-        encoder = FrameEncoder(settings["backbone"], weights=source)
+        encoder = FrameEncoder(settings.backbone, weights=source, in_chans=settings.in_chans)
     except FileNotFoundError as err:
         hint = "" if weights is not None else (
-            f" (the checkpoint records weights {settings['weights']!r}; pass --weights PATH to a local copy)")
+            f" (the checkpoint records weights {settings.weights!r}; pass --weights PATH to a local copy)")
         raise type(err)(f"{err}{hint}") from None
     if encoder.num_features != info["input_size"]:
-        raise ExportError(f"backbone {settings['backbone']!r} gives {encoder.num_features} features but the model "
+        raise ExportError(f"backbone {settings.backbone!r} gives {encoder.num_features} features but the model "
                           f"takes {info['input_size']}")
-    half = settings.get("dtype", "float16") == "float16"
+    half = settings.dtype == "float16"
+    if settings.precision != "32":
+        # classify runs the backbone under autocast; an exported graph computes in float32
+        warnings.warn(f"checkpoint '{ckpt}': its features were extracted under {settings.precision} autocast; the "
+                      "exported backbone computes in float32, so its features differ slightly from classify's",
+                      stacklevel=2)
     backbone = encoder.model.float().eval()
     module = BackboneStepModel(backbone, model, half) if step else BackboneSequenceModel(backbone, model, half)
     size = list(encoder.data_config["input_size"])
-    info["backbone"] = {"name": settings["backbone"], "weights": str(encoder.weights), "input_size": size,
+    info["backbone"] = {"name": settings.backbone, "weights": str(encoder.weights), "input_size": size,
                         "mean": list(encoder.data_config["mean"]), "std": list(encoder.data_config["std"])}
     info["inputs"] = (["image (B, 3, H, W) float32 normalised", "h (L, B, H)", "c (L, B, H)"] if step else
                       ["images (B, T, 3, H, W) float32 normalised", "lengths (B,) int64"])
@@ -389,15 +398,14 @@ def export_module(module: nn.Module, info: dict, fmt: str, out: str | Path) -> P
         else:
             axes[inputs[0]][1] = "time"
             axes.update({"lengths": {0: "batch"}, "probs": {0: "batch"}})
-        import warnings
-
         with warnings.catch_warnings():
             # the TorchScript-based exporter is the one that turns the scripted time loop into an ONNX Loop
             warnings.simplefilter("ignore")
             torch.onnx.export(_scripted(module, example), example, str(out), dynamo=False, input_names=inputs,
                               output_names=outputs, dynamic_axes=axes, opset_version=ONNX_OPSET)
     info = dict(info, format=fmt, input_names=inputs, output_names=outputs)
-    Path(str(out) + ".json").write_text(json.dumps(info, indent=2) + "\n")
+    with atomic_write(Path(str(out) + ".json"), "w") as f:
+        f.write(json.dumps(info, indent=2) + "\n")
     return out
 
 
@@ -438,15 +446,20 @@ def check_export(module: nn.Module, info: dict, path: Path, fmt: str, cases=((1,
     return worst
 
 
-def export_checkpoint(ckpt, out, fmt: str = "onnx", with_backbone: bool = False, step: bool = False,
-                      weights: str | None = None) -> Path:
-    """`eleatt export` from Python: the checkpoint's model in `fmt` at `out` (+ `out`.json); returns `out`."""
+def _require_onnx(fmt: str) -> None:
+    """Refuses --format onnx before any work when the `onnx` package (the exporter writes through it) is missing."""
     if fmt == "onnx":
         try:
-            import onnx  # noqa: F401  (the exporter writes through it)
+            import onnx  # noqa: F401
         except ImportError:
             raise ExportError("--format onnx needs the `onnx` package: pip install 'eleatt[export]' "
                               "(or choose --format exported / torchscript)") from None
+
+
+def export_checkpoint(ckpt, out, fmt: str = "onnx", with_backbone: bool = False, step: bool = False,
+                      weights: str | None = None) -> Path:
+    """`eleatt export` from Python: the checkpoint's model in `fmt` at `out` (+ `out`.json); returns `out`."""
+    _require_onnx(fmt)
     module, info = build_models(ckpt, with_backbone=with_backbone, step=step, weights=weights)
     return export_module(module, info, fmt, out)
 
@@ -482,12 +495,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.weights is not None and not args.with_backbone:
         print("eleatt export: error: --weights only applies with --with-backbone", file=sys.stderr)
         return EXIT_USAGE
-    if args.format == "onnx":
-        try:
-            import onnx  # noqa: F401
-        except ImportError:
-            raise ExportError("--format onnx needs the `onnx` package: pip install 'eleatt[export]' "
-                              "(or choose --format exported / torchscript)") from None
+    _require_onnx(args.format)
+    ensure_writable_dir(Path(args.out).parent, "folder of --out")  # before the checkpoint and backbone load
     module, info = build_models(args.ckpt, with_backbone=args.with_backbone, step=args.step, weights=args.weights)
     path = export_module(module, info, args.format, args.out)
     kind = "one-step" if args.step else "whole-sequence"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.paths import atomic_write
 from pipeline.scores import accuracy_summary, read_scores
 from pipeline.viz import confusion_matrix, plot_confusion, plot_curves
 
@@ -92,6 +93,12 @@ def write_report(
     """
     if not streams:
         raise ValueError("write_report needs at least one stream")
+    seen: dict[str, str] = {}
+    for stream in streams:  # each stream's picture has a file of its own, and a line of its own in the curves
+        other = seen.setdefault(_slug(stream.name), stream.name)
+        if other != stream.name or sum(s.name == stream.name for s in streams) > 1:
+            raise ValueError(f"streams {other!r} and {stream.name!r} would share confusion_{_slug(stream.name)}.png; "
+                             "give the streams names that differ in more than case and punctuation")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows, figures = [], []  # figures: (heading, caption, file name inside out)
@@ -163,7 +170,8 @@ def _write_markdown(path: Path, title, intro, stamp, header, table, figures, com
         lines += ["", "## Reproduce on a real dataset", ""]
         for stage, command in commands:
             lines += [f"{stage}:", "", "```bash", command, "```", ""]
-    path.write_text("\n".join(lines).rstrip() + "\n")
+    with atomic_write(path, "w") as f:
+        f.write("\n".join(lines).rstrip() + "\n")
 
 
 def _write_html(path: Path, out: Path, title, intro, stamp, header, table, figures, commands) -> None:
@@ -197,7 +205,8 @@ def _write_html(path: Path, out: Path, title, intro, stamp, header, table, figur
         for stage, command in commands:
             parts.append(f"<p>{e(stage)}:</p><pre>{e(command)}</pre>")
     parts.append("</body></html>")
-    path.write_text("\n".join(parts) + "\n")
+    with atomic_write(path, "w") as f:
+        f.write("\n".join(parts) + "\n")
 
 
 def image_is_blank(path: str | os.PathLike) -> bool:

@@ -122,6 +122,7 @@ class StreamingClassifier:
         self._next_k = 0  # the next step k: due at time k / sample_fps
         self._t0: float | None = None  # first timestamp pushed (timestamp mode)
         self._prev_t: float | None = None
+        self._last_stamp: float | None = None  # the latest timestamp pushed, as given
         self.last_probs: np.ndarray | None = None  # (C,) after the latest sampled frame
 
     # -- sampling ----------------------------------------------------------------------------------------------
@@ -195,6 +196,13 @@ class StreamingClassifier:
             stamps = np.asarray(timestamps, dtype=np.float64).reshape(-1)
             if len(stamps) != count:
                 raise ValueError(f"{len(stamps)} timestamps for {count} frames; give one per frame")
+            # NaN compares false with every step time: the stream would sample nothing and say nothing
+            previous = np.concatenate([[self._last_stamp], stamps]) if self._last_stamp is not None else stamps
+            if not np.isfinite(stamps).all() or (np.diff(previous) < 0).any():
+                raise ValueError(f"timestamps must be finite seconds that never go back, got {stamps.tolist()[:8]}; "
+                                 "for a source without frame times pass its rate (fps=...) instead")
+            if count:
+                self._last_stamp = float(stamps[-1])
         picks, times = self._select(count, stamps)
         numbers = self._seen + picks
         self._seen += count
@@ -286,13 +294,9 @@ def plot_stream(times: np.ndarray, probs: np.ndarray, class_names: Sequence[str]
                 max_classes: int = 8, title: str = "") -> Path:
     """Saves the class probabilities over time as a PNG: times (n,) s, probs (n, C); the `max_classes` classes
     that ever score highest are drawn, the top-1 class of each moment as a band along the bottom."""
-    import matplotlib
+    from pipeline.viz import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.5), dpi=100)
     if len(times):
         shown = np.argsort(-probs.max(0), kind="stable")[:max_classes]
@@ -310,9 +314,7 @@ def plot_stream(times: np.ndarray, probs: np.ndarray, class_names: Sequence[str]
     ax.set_title(title or "class probabilities while the video plays")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def build_parser() -> argparse.ArgumentParser:

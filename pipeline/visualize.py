@@ -16,10 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.data.datamodules import FeatureDataModule
 from pipeline.data.datasets import FeatureNormalizer, sample_sequence
 from pipeline.data.features import as_views
 from pipeline.errors import EXIT_OK, EXIT_SOME_FAILED
 from pipeline.lit import EleAttClassifier, classifier_from_checkpoint, read_checkpoint
+from pipeline.paths import atomic_write, ensure_writable_dir
 
 
 @dataclass
@@ -48,14 +50,10 @@ def load_sequence_model(ckpt: str | os.PathLike) -> SequenceModel:
     feature normaliser fitted on its training data."""
     checkpoint = read_checkpoint(ckpt, map_location="cpu")
     model = classifier_from_checkpoint(checkpoint, ckpt)
-    data_hparams = checkpoint.get("datamodule_hyper_parameters") or {}
-    normalizer = FeatureNormalizer(data_hparams.get("normalize", "none"))
-    state = (checkpoint.get("FeatureDataModule") or {}).get("normalizer")
-    if state is not None:
-        normalizer.load_state_dict(state)
+    num_steps, normalizer = FeatureDataModule.eval_state_from_checkpoint(checkpoint)  # as classify reads them
     num_classes = int(model.hparams["num_classes"])
     names = list(model.hparams.get("class_names") or [f"class_{i}" for i in range(num_classes)])
-    return SequenceModel(model, normalizer, data_hparams.get("num_steps") or None, names)
+    return SequenceModel(model, normalizer, num_steps, names)
 
 
 @torch.inference_mode()
@@ -73,6 +71,7 @@ def gates_and_probabilities(model: torch.nn.Module, seq: torch.Tensor, layer: in
         raise ValueError("put the model in eval mode (model.eval()) first: dropout would change the values")
     if seq.dim() == 2:
         seq = seq[None]
+    seq = seq.to(net.head.weight.device)
     x = net.proj(net.input_dropout(seq))  # (V, T, D')
     out, _, gates = net.rnn(x, return_attention=True)  # out (V, T, H); gates[k] (V, T, D_k)
     if not gates:
@@ -146,9 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.layer < 1:
         raise ValueError(f"--layer {args.layer}: layers count from 1")
     ckpt = Path(args.ckpt)
-    sequence_model = load_sequence_model(ckpt)
+    out = Path(args.out) if args.out else ckpt.resolve().parent / "visualize"
+    ensure_writable_dir(out, "--out folder")  # before loading and encoding anything
     frames = None
     if args.features is not None:
+        sequence_model = load_sequence_model(ckpt)
         source = Path(args.features)
         if not source.is_file():
             raise FileNotFoundError(f"feature file '{source}' not found (feature folders hold one .npy per video)")
@@ -164,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         if not source.exists():
             raise FileNotFoundError(f"video '{source}' not found")
         classifier = VideoClassifier(ckpt, weights=args.weights, device=args.device)
+        # the classifier already holds the model and its test-time state: no second read of the checkpoint
+        sequence_model = SequenceModel(classifier.model, classifier.normalizer, classifier.num_steps,
+                                       classifier.class_names)
         try:
             features = classifier.features(source).numpy()  # (V, T, D)
             frames = video_frames(source)
@@ -175,7 +179,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.viz import plot_attention, plot_probabilities
 
-    out = Path(args.out) if args.out else ckpt.resolve().parent / "visualize"
     stem = source.stem if source.is_file() or source.suffix else source.name
     names = sequence_model.class_names
     if args.label is not None and not 0 <= args.label < len(names):
@@ -188,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     probs_png = plot_probabilities(probs, out / f"{stem}_probabilities.png", class_names=names, true_label=args.label,
                                    title=f"{source.name}: class probabilities after each step")
     arrays = out / f"{stem}_visualize.npz"
-    np.savez(arrays, gates=gates, probs=probs, classes=np.array(names, dtype=np.str_), layer=np.int64(args.layer))
+    with atomic_write(arrays) as f:
+        np.savez(f, gates=gates, probs=probs, classes=np.array(names, dtype=np.str_), layer=np.int64(args.layer))
     print(f"{source}: {seq.shape[1]} steps, layer {args.layer} gates {gates.shape[1]} elements "
           f"(mean {gates.mean():.3f}, min {gates.min():.3f}, max {gates.max():.3f}); predicted {predicted} "
           f"({probs[-1].max():.0%}){truth}")

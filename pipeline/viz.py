@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.paths import atomic_write
+
 
 def confusion_matrix(scores: np.ndarray, labels: np.ndarray, num_classes: int | None = None) -> np.ndarray:
     """int64 (C, C) counts, rows = true class, columns = top-1 prediction, from scores (N, C) and labels (N,);
@@ -22,11 +24,7 @@ def plot_confusion(
     cm: np.ndarray, path: str | os.PathLike, class_names: list[str] | None = None, title: str = ""
 ) -> Path:
     """Saves a row-normalised confusion matrix (C, C) as a PNG; class names on the axes up to 100 classes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     num_classes = cm.shape[0]
     support = cm.sum(1, keepdims=True)
     rates = np.divide(cm, support, out=np.zeros(cm.shape, dtype=np.float64), where=support > 0)  # per-class recall rows
@@ -48,15 +46,12 @@ def plot_confusion(
     ax.set_ylabel("true class")
     ax.set_title(title or f"confusion matrix ({int(cm.sum())} videos)")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # -- training curves ------------------------------------------------------------------------------------------------
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,7 +104,7 @@ def plot_curves(
 
     runs: {label: run folder, metrics.csv path, or the dict `read_metrics` returns}.
     """
-    plt = _pyplot()
+    plt = pyplot()
     if not runs:
         raise ValueError("plot_curves needs at least one run")
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
@@ -139,15 +134,18 @@ def plot_curves(
             ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig, path: str | os.PathLike) -> Path:
-    plt = _pyplot()
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Saves and closes a figure; the image is written whole or not at all (format from the suffix, PNG by default)."""
+    plt = pyplot()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        with atomic_write(path, "wb") as f:
+            fig.savefig(f, format=path.suffix[1:].lower() or "png")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -168,7 +166,7 @@ def plot_attention(
     max_elements: at most this many elements (rows) are drawn: the ones whose gate varies most over time over all
         the videos (the same rows for every video, so the rows compare), in element order; all when D is smaller.
     """
-    plt = _pyplot()
+    plt = pyplot()
     if not gates:
         raise ValueError("plot_attention needs the gates of at least one video")
     dims = {g.shape[1] for g in gates}
@@ -202,7 +200,7 @@ def plot_attention(
             ax.set_xlabel("time step")
     fig.suptitle(f"element-wise attention: gate values of layer {layer} over time (0 = suppressed, 1 = kept)")
     fig.colorbar(image, ax=axes[:, -1].tolist(), fraction=0.03, pad=0.01, label="gate value a_t")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def select_elements(gates: "list[np.ndarray]", max_elements: int) -> np.ndarray:
@@ -225,7 +223,7 @@ def plot_probabilities(
 ) -> Path:
     """Class probabilities over time for one video: probs (T, C), row t = the prediction after the first t + 1
     steps. Draws the `max_classes` classes with the highest probability at any step (and the true class)."""
-    plt = _pyplot()
+    plt = pyplot()
     probs = np.asarray(probs, dtype=np.float64)
     steps, num_classes = probs.shape
     names = class_names if class_names is not None and len(class_names) == num_classes else [
@@ -246,4 +244,4 @@ def plot_probabilities(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -71,6 +71,15 @@ def test_report_refuses_what_does_not_fit(tmp_path):
         write_report(tmp_path / "r", [Stream("RGB", a), Stream("flow", b)])
 
 
+
+def test_streams_whose_pictures_would_share_a_file_are_refused(tmp_path):
+    # "RGB" and "rgb" both draw confusion_rgb.png (and one line of the curves): the second would silently
+    # replace the first stream's picture
+    a, b = _scores(tmp_path / "a.npz", 6), _scores(tmp_path / "b.npz", 3)
+    with pytest.raises(ValueError, match="confusion_rgb.png"):
+        write_report(tmp_path / "r", [Stream("RGB", a), Stream("rgb", b)])
+    assert not (tmp_path / "r" / "report.html").exists()
+
 # -- on the quick demo's run ----------------------------------------------------------------------------------------
 def test_demo_prints_the_report_path_last_and_the_report_holds_the_run(quick_demo):
     run, stdout = quick_demo["run"], quick_demo["stdout"]

@@ -126,6 +126,19 @@ def test_timestamps_follow_the_same_rule(fps_run, models):
     np.testing.assert_allclose(np.concatenate([o.probs for o in outs]), by_count, atol=1e-6)
 
 
+
+def test_timestamps_that_are_not_times_are_refused(fps_run, models):
+    # NaN stamps (a source whose frames carry no time) used to compare false with every step time: the stream
+    # then sampled nothing and reported no step, without a word
+    _, stream = models
+    stream.reset()
+    frames = np.zeros((3, 48, 48, 3), np.uint8)
+    with pytest.raises(ValueError, match="timestamps"):
+        stream.push(frames, timestamps=[0.0, float("nan"), 0.1])
+    with pytest.raises(ValueError, match="timestamps"):
+        stream.push(frames, timestamps=[0.2, 0.1, 0.3])
+    assert stream.steps == 0
+
 def test_bad_input_and_other_checkpoints(fps_run, models, tmp_path):
     _, ckpt = fps_run
     _, stream = models

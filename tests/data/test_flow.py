@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data.flow import (DEFAULT_BOUND, FlowFolder, dequantize, export_jpg, flow_info, flow_stack,
+from pipeline.data.flow import (DEFAULT_BOUND, FlowFolder, FlowOptions, dequantize, flow_folder_settings, export_jpg, flow_info, flow_stack,
                                 jpg_files, load_flow, load_quantized, normalize_flow, quantize, read_jpg_folder,
                                 save_flow, stack_indices)
 from pipeline.data.transforms import hflip
@@ -69,7 +69,8 @@ def test_damaged_and_missing_files_give_clear_errors(tmp_path):
 
 def test_flow_folder_writes_atomically_and_records(tmp_path):
     folder = FlowFolder(tmp_path / "flows")
-    folder.check_settings({"modality": "flow", "bound": 20.0})
+    settings = folder.check_settings(flow_folder_settings(FlowOptions(bound=20.0)))
+    assert FlowFolder(tmp_path / "flows").settings == settings and FlowOptions.of(settings).bound == 20.0
     q = _levels(n=3)
     record = folder.write_quantized("cls/v1.avi", q, 20.0, source_frames=4)
     assert record["feature"] == "cls/v1.flow.zip" and record["pairs"] == 3 and record["source_frames"] == 4

@@ -163,3 +163,18 @@ def test_jpg_folder_errors(tmp_path):
     empty.mkdir()
     with pytest.raises(ValueError, match="holds no flow JPEGs"):
         jpg_files(empty)
+
+
+def test_flow_files_read_after_decord_was_loaded(tmp_path):
+    """decord bundles a zlib with soname libz.so.1: loaded before OpenCV it broke cv2's PNG decoding (flow files)."""
+    import subprocess
+    import sys
+
+    q = _levels(n=2)
+    save_flow(tmp_path / "v.flow.zip", q)
+    code = ("from pipeline.data.video import decord_available; decord_available(); "
+            "import numpy as np; from pipeline.data.flow import load_quantized; "
+            f"print(int(load_quantized({str(tmp_path / 'v.flow.zip')!r})[0].sum()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.strip()) == int(q.astype(np.int64).sum())

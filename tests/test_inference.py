@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.data.features import FeatureFolder
 from pipeline.data.lists import read_list
 from pipeline.inference import VideoClassifier, classify, main
 from pipeline.scores import read_scores
@@ -289,11 +290,16 @@ def test_flow_checkpoint_gives_what_test_gives(demo_run, flow_run):
     picks = list(range(0, len(tests), max(1, len(tests) // 3)))[:3]
     model = VideoClassifier(flow_run / "best.ckpt", device="cpu")
     assert model.settings.modality == "flow" and model.flow.short_side is None and model.settings.stack == 3
+    stored = FeatureFolder(flow_run.parents[1] / "flow_stream" / "features")
     for i in picks:
         pred = model(data / tests[i].path, topk=3)
         assert pred.ok, pred.error
+        assert np.ptp(scores["scores"][i]) > 0.02  # the streams' probabilities are not flat: the check means something
         np.testing.assert_allclose(pred.scores, scores["scores"][i], atol=2e-3, err_msg=tests[i].path)
         assert pred.labels[0] == int(scores["scores"][i].argmax())
+    # the features themselves: the recomputed flow gives the stored flow stream's features
+    feats = model.features(data / tests[picks[0]].path)  # (1, T, D)
+    np.testing.assert_allclose(feats[0].numpy(), stored.load(tests[picks[0]].path).astype(np.float32), atol=1e-3)
 
 
 def test_rgb_and_flow_checkpoints_give_what_test_and_fuse_give(demo_run, flow_run, tmp_path, capsys):

@@ -290,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="eleatt classify",
         description="Classify video files with a trained checkpoint: decode, encode with the backbone settings the "
-                    "checkpoint records, run the EleAtt model, print the top-k classes.",
+                    "checkpoint records (a flow-stream checkpoint: compute the video's optical flow first, with the "
+                    "flow settings it records), run the EleAtt model, print the top-k classes.",
         epilog="exit status: 0 all classified; 3 some videos could not be read (each listed); 2 usage error",
     )
     # nargs="*" so that a missing VIDEO (swallowed by --ckpt's list) gets the message saying where to put them

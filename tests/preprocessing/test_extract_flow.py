@@ -99,3 +99,18 @@ def test_extract_flow_features_settings_batching_and_refusals(flows, tmp_path, c
     assert "is not a flow folder" in capsys.readouterr().err
     assert main([*_args(lst, folder, tmp_path / "d")[2:], "--stack", "2"]) == 2  # --modality rgb (default)
     assert "--stack 2 is for --modality flow" in capsys.readouterr().err
+
+
+def test_compute_flow_gives_the_stored_levels(flows, synthetic_dataset):
+    """The pipeline-side computation (what classify uses) gives exactly the levels `eleatt flow` stored."""
+    from pipeline.data.flow import load_quantized
+    from pipeline.data.optical_flow import compute_flow
+    from pipeline.data.video import load_frames, probe
+
+    folder, videos, _ = flows
+    path = synthetic_dataset / videos[1]
+    frames = load_frames(path, np.arange(probe(path).num_frames), backend="pyav").numpy()  # (T, H, W, 3)
+    options = FlowOptions.of(FlowFolder(folder).settings)
+    q = compute_flow(frames, options.method, options.preset, options.short_side, options.bound)
+    stored, bound = load_quantized(FlowFolder(folder).feature_path(videos[1]))
+    assert q.dtype == np.uint8 and bound == options.bound and np.array_equal(q, stored)

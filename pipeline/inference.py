@@ -133,7 +133,8 @@ class VideoClassifier:
         options = self.flow
         # OpenCV's estimators are made afresh per video, as `eleatt flow` does; RAFT is loaded once.
         estimator = self._raft if self._raft is not None else estimator_for(options)
-        backend = DEFAULT_BACKEND if self.backend == "auto" else self.backend
+        # `eleatt flow` decodes with PyAV by default (exact frames); raw-frame folders read as themselves.
+        backend = DEFAULT_BACKEND if self.backend == "auto" and not Path(path).is_dir() else self.backend
         fps = probe(path).fps
         q = np.stack(list(video_flow(path, estimator, options.short_side, options.bound, backend)))  # (T-1, 2, h, w)
         return FlowArray(q, options.bound, fps=fps, name=str(path))

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-import numpy as np
 from tqdm import tqdm
 
 from pipeline.data.features import FeatureSettings, SettingsMismatchError

@@ -20,7 +20,6 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from tqdm import tqdm
 
 from pipeline.data.features import FeatureSettings, SettingsMismatchError

@@ -19,6 +19,7 @@ _EXPORTS = {
     "probe": "pipeline.data.video",
     "load_frames": "pipeline.data.video",
     "classify": "pipeline.inference",
+    "StreamingClassifier": "pipeline.streaming",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -27,10 +27,13 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "classify": ("pipeline.inference", "main", "classify video files with a trained checkpoint"),
     "fuse": ("pipeline.fusion", "main", "fuse the scores files of several streams (weighted, optional weight search)"),
     "demo": ("pipeline.demo", "main", "run the RGB pipeline end to end on a generated dataset"),
+    "export": ("pipeline.export", "main", "export a checkpoint for serving: ONNX, torch.export or TorchScript"),
+    "visualize": ("pipeline.visualize", "main", "draw a checkpoint's attention gates and class probabilities over time for one video"),
 }
 
 from pipeline.errors import (
-    EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, interrupt_message, one_line, set_interrupt_note, watch_interrupts,
+    EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, interrupt_message, is_user_error, set_interrupt_note, usage_error,
+    watch_interrupts,
 )
 
 
@@ -71,20 +74,13 @@ def main(argv: list[str] | None = None) -> int:
 def _run(command: str, entry, rest: list[str]) -> int:
     try:
         return int(entry(rest) or 0)
-    except (ValueError, FileNotFoundError) as err:
-        # Bad user input: one clear line (the message names the file and the fix), no traceback.
-        print(f"eleatt {command}: error: {one_line(err)}", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as err:
-        if err.filename is None:
-            raise  # not about a path the user gave: a real failure, keep its traceback
-        # A location the user gave that cannot be read or written (permissions, read-only file system, a file
-        # where a folder should be): one line naming it.
-        print(f"eleatt {command}: error: {one_line(err)}", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt:
         print(interrupt_message(command, rest), file=sys.stderr)
         return EXIT_INTERRUPTED
+    except (ValueError, OSError) as err:
+        if not is_user_error(err):
+            raise  # not about the user's input: a real failure, keep its traceback
+        return usage_error(command, err)  # one clear line naming the file and the fix
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import shlex
+import sys
 import threading
 
 EXIT_OK = 0  # all done
@@ -76,3 +77,18 @@ def one_line(err: BaseException) -> str:
     if isinstance(err, OSError) and err.filename is not None and err.strerror:
         text = f"cannot use '{err.filename}': {err.strerror}"
     return text
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Whether an exception is about the user's input, to be shown as one line with EXIT_USAGE: a ValueError or
+    FileNotFoundError (our messages name the file and the fix), or an OSError naming a path the user gave
+    (permissions, a read-only file system, a file where a folder should be). Other errors keep their traceback."""
+    if isinstance(err, (ValueError, FileNotFoundError)):
+        return True
+    return isinstance(err, OSError) and err.filename is not None
+
+
+def usage_error(command: str, err: BaseException) -> int:
+    """Prints `eleatt <command>: error: <one line>` on stderr and returns EXIT_USAGE (see `is_user_error`)."""
+    print(f"eleatt {command}: error: {one_line(err)}", file=sys.stderr)
+    return EXIT_USAGE

@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from pipeline.errors import EXIT_OK, EXIT_SOME_FAILED
+from pipeline.paths import ensure_writable_dir
 from pipeline.scores import accuracy_summary, read_scores, write_scores
 
 MODES = ("prob", "logit")
@@ -304,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--out '{out}' is one of the input files; choose another name for the fused scores")
     if args.weights is not None and args.search_weights is not None:
         raise ValueError("give either --weights or --search-weights, not both")
+    ensure_writable_dir(out.parent, "folder of --out")  # before the (possibly long) weight search
+    if args.plot and not args.no_plot:
+        ensure_writable_dir(Path(args.plot).parent, "folder of --plot")
     score_dicts = load(names)
     weights = args.weights
     if args.search_weights is not None:

@@ -26,6 +26,7 @@ from pipeline.data.datasets import sample_sequence
 from pipeline.data.features import FeatureSettings, SettingsFormatError
 from pipeline.data.flow import FlowArray, FlowOptions
 from pipeline.data.frames import DECODE_CHUNK, video_views
+from pipeline.data.transforms import eval_views
 from pipeline.devices import resolve_device
 from pipeline.errors import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
 from pipeline.fusion import MODES, check_same_classes, check_weights, default_weights, fuse_probs
@@ -151,6 +152,20 @@ class VideoClassifier:
                                                self.batch_size)  # (V*t, D)
             chunks.append(feats.view(v, t, -1))
         return torch.cat(chunks, dim=1).cpu()  # (V, T, D)
+
+    @torch.inference_mode()
+    def encode(self, frames: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Frames uint8 (t, H, W, 3) RGB, already sampled -> their features as `features` makes them: float32
+        (V, t, D) on the CPU (the same views and `encode_stored`). For streaming, which samples frames as they come."""
+        if self.flow is not None:
+            raise ValueError("a flow-stream checkpoint encodes flow stacks, not RGB frames: it classifies video files "
+                             "(eleatt classify VIDEO --ckpt FLOW.ckpt), whose flow it computes first; stream with the "
+                             "RGB stream's checkpoint")
+        views = eval_views(frames, self.data_config, self.views)  # (V, t, C, H, W)
+        v, t = views.shape[:2]
+        images = views.reshape(v * t, *views.shape[2:]).to(self.device)  # (V*t, C, H, W) view-major
+        feats = self.encoder.encode_stored(images, self.settings.precision, self.settings.dtype, self.batch_size)
+        return feats.view(v, t, -1).cpu()
 
     @torch.inference_mode()
     def scores(self, feats: torch.Tensor) -> np.ndarray:
@@ -293,7 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Classify video files with a trained checkpoint: decode, encode with the backbone settings the "
                     "checkpoint records (a flow-stream checkpoint: compute the video's optical flow first, with the "
                     "flow settings it records), run the EleAtt model, print the top-k classes.",
-        epilog="exit status: 0 all classified; 3 some videos could not be read (each listed); 2 usage error",
+        epilog="online recognition of a file, camera or network stream: eleatt classify --stream SOURCE --ckpt C "
+               "(options: eleatt classify --stream SOURCE --help). exit status: 0 all classified; 3 some videos "
+               "could not be read (each listed); 2 usage error",
     )
     # nargs="*" so that a missing VIDEO (swallowed by --ckpt's list) gets the message saying where to put them
     parser.add_argument("videos", nargs="*", metavar="VIDEO", help="video files or raw-frame folders")
@@ -331,6 +348,11 @@ def _print_table(pred: Prediction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--stream" or a.startswith("--stream=") for a in argv):  # online recognition: its own parser
+        from pipeline.streaming import main as stream_main
+
+        return stream_main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.videos:

@@ -26,14 +26,15 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
 from pipeline.data.datamodules import FeatureDataModule
-from pipeline.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, InterruptWatch, one_line, watch_interrupts
+from pipeline.errors import (
+    EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, InterruptWatch, is_user_error, usage_error, watch_interrupts,
+)
 from pipeline.lit import EleAttClassifier, read_checkpoint
 from pipeline.paths import atomic_write, ensure_writable_dir
 from pipeline.scores import accuracy_summary, read_scores
@@ -415,7 +416,7 @@ def _interrupt_message(command: str, argv: list[str]) -> str:
             except ValueError:
                 epoch = None
             done = f" (end of epoch {epoch})" if isinstance(epoch, int) else ""
-            args = [a for a in argv[1:]]
+            args = list(argv[1:])
             for flag in ("--ckpt_path", "--run_name"):  # replaced by the checkpoint
                 while flag in args:
                     i = args.index(flag)
@@ -448,12 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # outside Lightning's loops (set-up, reading the data)
         print(_interrupt_message(command, argv), file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ValueError, FileNotFoundError) as err:
-        print(f"eleatt {command}: error: {one_line(err)}", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as err:
-        if err.filename is None:
+    except (ValueError, OSError) as err:  # bad input: one line naming the file and the fix (pipeline.errors)
+        if not is_user_error(err):
             raise
-        print(f"eleatt {command}: error: {one_line(err)}", file=sys.stderr)
-        return EXIT_USAGE
+        return usage_error(command, err)
     return EXIT_OK

@@ -26,7 +26,6 @@ def write_scores(
     """Writes a scores file atomically: videos (N,) unicode, scores (N, C) float32, labels (N,) int64, classes,
     plus `extra` arrays (e.g. the fused file's `weights` and `inputs`; numeric or unicode, never objects)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {
         "videos": np.array(videos, dtype=np.str_),
         "scores": np.asarray(scores, dtype=np.float32),
@@ -41,7 +40,7 @@ def write_scores(
         if value.dtype == object:
             raise ValueError(f"extra array {key!r} has dtype object; a scores file is read without unpickling")
         arrays[key] = value
-    with atomic_write(path, "wb") as f:  # whole or not at all, with the umask's permissions
+    with atomic_write(path, "wb") as f:  # whole or not at all, with the umask's permissions; makes the folder
         np.savez(f, **arrays)
     return path
 

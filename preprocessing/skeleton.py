@@ -136,17 +136,20 @@ def run(args: argparse.Namespace) -> int:
         prepared.notes.append(f"{dropped} samples of --missing-list {args.missing_list.name} left out")
 
     folder = FeatureFolder(args.out / "features")
-    folder.check_settings(SETTINGS)
-    folder.remove_stale_temporaries()
     entries = prepared.train + prepared.test
-    try:
-        converted, failures = convert(args.skeletons, entries, folder, args.workers, args.keep_truncated,
-                                      progress=not args.no_progress)
-    except KeyboardInterrupt:
-        done = len(folder.finished())
-        print(f"eleatt prepare ntu-skeleton: interrupted; {done} files are converted in {folder.root} and kept. "
-              "Rerun the same command to convert the rest.", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    # Held as `extract` holds its folder: clearing stale temporaries with another writer at work would delete its
+    # half-written files, and two writers would convert every file twice.
+    with folder.lock("prepare ntu-skeleton"):
+        folder.check_settings(SETTINGS)
+        folder.remove_stale_temporaries()
+        try:
+            converted, failures = convert(args.skeletons, entries, folder, args.workers, args.keep_truncated,
+                                          progress=not args.no_progress)
+        except KeyboardInterrupt:
+            done = len(folder.finished())
+            print(f"eleatt prepare ntu-skeleton: interrupted; {done} files are converted in {folder.root} and kept. "
+                  "Rerun the same command to convert the rest.", file=sys.stderr)
+            return EXIT_INTERRUPTED
     if failures:
         # No features, so out of the lists (training refuses lists with missing features); each one is reported.
         prepared.train = [e for e in prepared.train if e.path not in failures]

@@ -84,3 +84,22 @@ def make_order_features(root: Path, num_classes: int = 4, videos: dict | None = 
 def order_features(tmp_path_factory) -> dict[str, Path]:
     """`make_order_features` once per session: 4 classes x (24 train, 8 val, 8 test) videos, D = 8, one view."""
     return make_order_features(tmp_path_factory.mktemp("order_features"))
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory) -> dict:
+    """`eleatt demo --quick` run once per session in-process: {"out", "data", "run", "stdout"} (the run folder holds
+    best.ckpt, scores_test.npz and the report)."""
+    import contextlib
+    import io
+
+    from pipeline.demo import main as demo_main
+
+    out = tmp_path_factory.mktemp("quick_demo")
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        code = demo_main(["--quick", "--out", str(out)])
+    assert code == 0, buffer.getvalue()[-2000:]
+    runs = sorted((out / "checkpoints").iterdir())
+    assert len(runs) == 1
+    return {"out": out, "data": out / "data", "run": runs[0], "stdout": buffer.getvalue()}

@@ -12,15 +12,9 @@ from pipeline.scores import read_scores
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    """The quick demo, run once in-process; returns (data folder, run folder)."""
-    from pipeline.demo import main as demo_main
-
-    out = tmp_path_factory.mktemp("demo")
-    assert demo_main(["--quick", "--out", str(out)]) == 0
-    runs = sorted((out / "checkpoints").iterdir())
-    assert len(runs) == 1
-    return out / "data", runs[0]
+def demo_run(quick_demo):
+    """The quick demo (conftest's session fixture, shared with the report tests); returns (data folder, run folder)."""
+    return quick_demo["data"], quick_demo["run"]
 
 
 def test_demo_writes_every_stage(demo_run):

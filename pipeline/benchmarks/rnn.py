@@ -3,7 +3,9 @@
 `python -m pipeline.benchmarks.rnn` prints, per set-up, forward and forward+backward milliseconds (median over
 interleaved repeats, so that load from other processes hits every implementation alike) and ratios:
 `x nn` = time / time of nn.LSTM (LSTM rows) or nn.GRU (GRU rows); `naive / this` = speed-up over the naive
-EleAtt loop of public code (nn.LSTMCell / nn.GRUCell with a Linear on cat(x_t, h_{t-1}) for the gate).
+EleAtt loop of public code (nn.LSTMCell / nn.GRUCell with a Linear on cat(x_t, h_{t-1}) for the gate), forward
+and forward+backward. A last table times one streaming step at batch 1 (no grad): EleAttLSTMCell against one
+nn.LSTMCell step plus the gate's two products (W_xa x_t and W_ha h_{t-1}), the floor of an EleAtt step.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from pipeline.nn.eleatt import EleAttGRU, EleAttLSTM
+from pipeline.nn.eleatt import EleAttGRU, EleAttLSTM, EleAttLSTMCell
 
 # (name, D, H, T, B): the paper's NTU RGB set-up (ResNet-50 features; batch 32 and the paper's 256) and skeletons.
 SETUPS = [
@@ -118,15 +120,57 @@ def format_table(title: str, rows: list[Row]) -> str:
     lines = [
         f"### {title}",
         "",
-        "| implementation | fwd ms | fwd+bwd ms | fwd x nn | fwd+bwd x nn | fwd+bwd naive / this |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| implementation | fwd ms | fwd+bwd ms | fwd x nn | fwd+bwd x nn | fwd naive / this | fwd+bwd naive / this |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         f, fb = med[r.name]
         rf, rfb = med[r.ref]
-        nf = med[naive[r.ref]][1]
-        speedup = f"{nf / fb:.2f}" if r.name.startswith("EleAtt") else "-"
+        nf, nfb = med[naive[r.ref]]
+        ours = r.name.startswith("EleAtt")
+        speedup = f"{nf / f:.2f} | {nfb / fb:.2f}" if ours else "- | -"
         lines.append(f"| {r.name} | {f:.1f} | {fb:.1f} | {f / rf:.2f} | {fb / rfb:.2f} | {speedup} |")
+    return "\n".join(lines)
+
+
+class CellFloor(nn.Module):
+    """One nn.LSTMCell step plus the gate's two products: what an EleAtt step cannot go below."""
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.cell = nn.LSTMCell(input_size, hidden_size)
+        self.xa = nn.Linear(input_size, input_size)
+        self.ha = nn.Linear(hidden_size, input_size, bias=False)
+
+    def forward(self, x: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        self.xa(x), self.ha(state[0])  # (B, D) each; values unused, the cost is the point
+        return self.cell(x, state)
+
+
+def streaming_table(d: int, h: int, steps: int, repeats: int, device: torch.device) -> str:
+    """Per-step latency at batch 1 (no grad), interleaved: EleAttLSTMCell vs nn.LSTMCell + the gate's products."""
+    cells = {"nn.LSTMCell + gate products": CellFloor(d, h), "EleAttLSTMCell": EleAttLSTMCell(d, h),
+             "nn.LSTMCell": nn.LSTMCell(d, h)}
+    x = torch.randn(steps, 1, d, device=device)
+    times: dict[str, list[float]] = {k: [] for k in cells}
+
+    def run(cell: nn.Module) -> None:
+        state = (x.new_zeros(1, h), x.new_zeros(1, h))
+        with torch.no_grad():
+            for x_t in x:
+                state = cell(x_t, state)
+
+    for i in range(repeats + 1):
+        for name, cell in cells.items():
+            cell.to(device)
+            ms = _time(lambda: run(cell), device) / steps
+            if i:  # the first round warms up
+                times[name].append(ms)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    floor = med["nn.LSTMCell + gate products"]
+    lines = [f"### streaming: one step at B=1, D={d}, H={h} (median of {repeats} runs of {steps} steps)", "",
+             "| implementation | ms / step | x (nn.LSTMCell + gate products) |", "|---|---:|---:|"]
+    lines += [f"| {k} | {v:.3f} | {v / floor:.2f} |" for k, v in med.items()]
     return "\n".join(lines)
 
 
@@ -139,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes and 2 repeats (seconds; for tests)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per row (default 5; quick 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed repeats first (default 1; quick 1)")
-    parser.add_argument("--setups", nargs="+", choices=[s[0] for s in SETUPS], default=None,
+    parser.add_argument("--setups", nargs="+", choices=[s[0] for s in SETUPS] + ["streaming"], default=None,
                         help="which set-ups to run (default all)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -165,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(format_table(f"{name}: D={d}, H={h}, T={t}, B={b}", rows))
         sys.stdout.flush()
+    if not args.setups or "streaming" in args.setups:
+        d, h = (64, 32) if args.quick else (2048, 512)
+        print()
+        print(streaming_table(d, h, 10 if args.quick else 50, max(repeats, 3), device))
     return 0
 
 

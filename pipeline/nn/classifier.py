@@ -3,6 +3,7 @@ and a linear head on the last valid step (or the mean of the valid steps).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -89,3 +90,38 @@ class SequenceClassifier(nn.Module):
             valid = torch.arange(T, device=out.device)[None, :] < lengths[:, None]  # (B, T)
             pooled = (out * valid[..., None]).sum(1) / lengths[:, None].to(out.dtype)  # (B, H)
         return self.head(self.dropout(pooled))  # (B, C)
+
+    @torch.no_grad()
+    def stream(self, feats: torch.Tensor, state: StreamState | None = None) -> tuple[torch.Tensor, StreamState]:
+        """Online classification: feats (B, T, D) are the next T steps of B running sequences, `state` what the
+        earlier steps left (None = the start of the sequences). Returns the logits after each of the T steps
+        (B, T, C), each what `forward` gives for the whole sequence seen so far, and the state to pass next time.
+
+        The recurrent state (h, c of every layer) is carried through the stack's own `hx`, so chunks of any size
+        give the per-step outputs of one pass over the whole sequence; "mean" pooling keeps the running sum of the
+        outputs.
+        """
+        B, T, _ = feats.shape
+        x = self.proj(self.input_dropout(feats))  # (B, T, D')
+        out, hx = self.rnn(x, None if state is None else state.hx)  # out (B, T, H)
+        if self.pooling == "last":
+            pooled, total = out, None  # (B, T, H): step t's output is what "last" pools after step t
+        else:
+            prior = torch.zeros_like(out[:, 0]) if state is None else state.total.to(out.dtype)  # (B, H)
+            sums = prior[:, None] + out.cumsum(1)  # (B, T, H) running sums of the outputs
+            count = 0 if state is None else state.steps
+            pooled = sums / torch.arange(count + 1, count + T + 1, device=out.device, dtype=out.dtype)[None, :, None]
+            total = sums[:, -1]
+        steps = T + (0 if state is None else state.steps)
+        return self.head(self.dropout(pooled)), StreamState(hx, total, steps)  # (B, T, C)
+
+
+@dataclass
+class StreamState:
+    """What `SequenceClassifier.stream` carries between calls: the stack's `hx` (h_n, or (h_n, c_n) for the LSTM,
+    each (num_layers, B, H)), the running sum of the outputs (B, H) ("mean" pooling; None otherwise) and the steps
+    seen."""
+
+    hx: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+    total: torch.Tensor | None
+    steps: int

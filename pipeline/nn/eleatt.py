@@ -122,6 +122,17 @@ def _autocast_enabled(device_type: str) -> bool:
         return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
 
 
+def _exporting() -> bool:
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting is not None and is_exporting())
+
+
+def _capturing() -> bool:
+    """True while torch.jit.trace or torch.export captures a graph: they record the readable reference path (the
+    fast kernel writes into preallocated buffers with out= products, which neither can record)."""
+    return torch.jit.is_tracing() or _exporting()
+
+
 def _check_gate(gate: str) -> None:
     if gate not in _GATES:
         raise ValueError(f"gate={gate!r} is not supported; use 'sigmoid' (the paper) or 'softmax' (its ablation)")
@@ -307,6 +318,7 @@ class _EleAttRNNBase(nn.Module):
         impl: Impl = "fast",
         device=None,
         dtype=None,
+        proj_size: int = 0,
     ) -> None:
         super().__init__()
         name = type(self).__name__
@@ -319,6 +331,9 @@ class _EleAttRNNBase(nn.Module):
         if bidirectional:
             raise ValueError(f"{name}: bidirectional=True is not supported (the gate reads h_(t-1) of one direction); "
                              "run two stacks, one on the reversed sequence, and concatenate their outputs")
+        if proj_size:
+            raise ValueError(f"{name}: proj_size={proj_size} is not supported (the gate and the next step read the "
+                             "full hidden state h_(t-1)); use a smaller hidden_size, or an nn.Linear on the outputs")
         if attention_layers is None:
             attention_layers = num_layers
         if not 0 <= attention_layers <= num_layers:
@@ -448,7 +463,9 @@ class _EleAttRNNBase(nn.Module):
                 seq = seq.unsqueeze(1)
             steps, batch = seq.shape[:2]  # seq (T, B, D)
             data = seq.reshape(steps * batch, seq.size(2))  # (T*B, D): the packed layout with equal batch sizes
-            batch_sizes, sorted_indices, unsorted_indices = [batch] * steps, None, None
+            # (torch.export keeps T symbolic: no per-step list there, the scan path below needs none)
+            batch_sizes = None if _exporting() else [batch] * steps
+            sorted_indices, unsorted_indices = None, None
         if data.size(-1) != self.input_size:
             raise ValueError(f"{name}: input has {data.size(-1)} features, the module was built for "
                              f"input_size={self.input_size}")
@@ -458,7 +475,9 @@ class _EleAttRNNBase(nn.Module):
                              f"them (e.g. module.to({data.dtype}) or input.to({weight.dtype}))")
         state = self._state_from_hx(hx, batch, data, batched, sorted_indices)
 
-        if self.impl == "fast":
+        if batch_sizes is None:
+            out, final, gates = self._scan_stack(data.view(steps, batch, data.size(-1)), state)
+        elif self.impl == "fast" and not _capturing():
             from pipeline.nn.eleatt_fast import fast_stack
 
             out, final, gates = fast_stack(self, data, batch_sizes, state)
@@ -489,6 +508,33 @@ class _EleAttRNNBase(nn.Module):
             attention.append(a)
         return output, hidden, attention
 
+    def _scan_stack(self, x: Tensor, state: State):
+        """The reference maths over x (T, B, D) with the time loop as one `scan`, for torch.export: it keeps T
+        dynamic where a Python loop would unroll it. Same returns as `_reference_stack` (packed layout)."""
+        from torch._higher_order_ops.scan import scan
+
+        finals, gates = [], []
+        for k in range(self.num_layers):
+            if k > 0 and self.dropout > 0 and self.training:
+                x = F.dropout(x, self.dropout, training=True)
+            weights, gate_weights = self.layer_weights(k), self.gate_weights(k)
+
+            def combine(carry, x_t, weights=weights, gate_weights=gate_weights):
+                ys = ()
+                if gate_weights is not None:
+                    a = attention_gate(x_t, carry[0], *gate_weights, gate=self.gate)  # (B, D)
+                    x_t, ys = a * x_t, (a,)
+                new = _cell_step(self.mode, x_t, carry, weights)
+                return new, (new[0].clone(), *ys)  # outputs may not alias the carry
+
+            final, ys = scan(combine, tuple(s[k] for s in state), x)  # ys[0] (T, B, H), ys[1] (T, B, D)
+            x = ys[0]
+            finals.append(final)
+            if gate_weights is not None:
+                gates.append(ys[1].reshape(-1, ys[1].size(-1)))
+        final = tuple(torch.stack([f[i] for f in finals]) for i in range(len(state)))
+        return x.reshape(-1, self.hidden_size), final, gates
+
     def _reference_stack(self, x: Tensor, batch_sizes: list[int], state: State):
         finals, gates = [], []
         for k in range(self.num_layers):
@@ -510,13 +556,14 @@ class EleAttRNN(_EleAttRNNBase):
         self, input_size: int, hidden_size: int, num_layers: int = 1, nonlinearity: str = "tanh",
         bias: bool = True, batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
         attention_layers: int | None = None, gate: GateKind = "sigmoid", impl: Impl = "fast", device=None, dtype=None,
+        proj_size: int = 0,
     ) -> None:
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"EleAttRNN: nonlinearity={nonlinearity!r} is not supported; use 'tanh' or 'relu'")
         self.nonlinearity = nonlinearity
         self.mode = "RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU"
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
-                         attention_layers, gate, impl, device, dtype)
+                         attention_layers, gate, impl, device, dtype, proj_size)
 
 
 class EleAttLSTM(_EleAttRNNBase):

@@ -109,17 +109,20 @@ def test_benchmark_quick_prints_the_table(capsys):
     assert bench.main(["--quick", "--repeats", "1"]) == 0
     text = capsys.readouterr().out
     titles = [line for line in text.splitlines() if line.startswith("### ")]
-    assert [t.split(":")[0] for t in titles] == ["### rgb-b32", "### rgb-b256", "### skeleton"]
+    assert [t.split(":")[0] for t in titles] == ["### rgb-b32", "### rgb-b256", "### skeleton", "### streaming"]
     names = ["nn.LSTM", "EleAttLSTM", "naive EleAtt-LSTM loop", "nn.GRU", "EleAttGRU", "naive EleAtt-GRU loop"]
     rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| ") and "---" not in line]
     body = [[c.strip() for c in r] for r in rows if r[0].strip() != "implementation"]
+    streaming, body = body[18:], body[:18]
     assert [r[0] for r in body] == names * 3
+    assert [r[0] for r in streaming] == ["nn.LSTMCell + gate products", "EleAttLSTMCell", "nn.LSTMCell"]
+    assert float(streaming[0][2]) == 1.0 and all(float(r[1]) > 0 for r in streaming)
     for r in body:
         fwd, fwdbwd, ratio_f, ratio_fb = map(float, r[1:5])
         assert min(fwd, fwdbwd, ratio_f, ratio_fb) >= 0
         if r[0].startswith("nn."):
             assert ratio_f == ratio_fb == 1.0  # the reference row of its group
-        assert (r[5] == "-") != r[0].startswith("EleAtt")  # the naive-loop speed-up only on our rows
+        assert (r[5] == "-") == (r[6] == "-") != r[0].startswith("EleAtt")  # naive-loop speed-ups: our rows only
 
 
 def test_benchmark_help(capsys):
@@ -143,3 +146,104 @@ def test_fast_gradients_accumulate_like_reference(ours, kw):
         grads[impl] = {n: p.grad.clone() for n, p in module.named_parameters()}
     for name, g in grads["reference"].items():
         torch.testing.assert_close(grads["fast"][name], g, rtol=0, atol=1e-10, msg=name)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Forward only, double backward, capture (trace / export / compile)
+# --------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("ours, kw", STACKS)
+def test_forward_only_equals_reference(ours, kw, packed):
+    """Without grad the kernel runs its lean loop (nothing kept for backward): the same values in float64."""
+    module = ours(D, H, num_layers=2, attention_layers=1, batch_first=True, dtype=F64, **kw)
+    x = torch.randn(B, T, D, dtype=F64)
+    inp = pack_padded_sequence(x, LENGTHS, batch_first=True, enforce_sorted=False) if packed else x
+    results = {}
+    for impl in ("reference", "fast"):
+        module.impl = impl
+        with torch.no_grad():
+            out, h, gates = module(inp, return_attention=True)
+        results[impl] = [out.data if packed else out, *(h if isinstance(h, tuple) else (h,)), *gates]
+    for a, b in zip(results["reference"], results["fast"]):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("ours, kw", STACKS[:2])
+def test_double_backward(ours, kw):
+    """create_graph=True: the fast path's gradients are differentiable and equal the reference path's."""
+    module = ours(3, 2, num_layers=1, dtype=F64, **kw)
+    x = torch.randn(4, 2, 3, dtype=F64, requires_grad=True)
+    results = {}
+    for impl in ("reference", "fast"):
+        module.impl = impl
+        (gx,) = torch.autograd.grad(module(x)[0].pow(2).sum(), x, create_graph=True)
+        penalty = gx.pow(2).sum()  # a gradient penalty needs the second derivative
+        results[impl] = (gx, *torch.autograd.grad(penalty, [x, *module.parameters()]))
+    for a, b in zip(results["reference"], results["fast"]):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-10)
+    gradgradcheck_module = ours(2, 2, dtype=F64, **kw)
+    xs = torch.randn(2, 1, 2, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda inp: gradgradcheck_module(inp)[0], (xs,))
+
+
+def test_proj_size_is_refused_clearly():
+    with pytest.raises(ValueError, match="proj_size=3 is not supported"):
+        EleAttLSTM(D, H, proj_size=3)
+    assert EleAttLSTM(D, H, proj_size=0).proj_size == 0
+
+
+@pytest.mark.parametrize("ours, kw", STACKS[:3])
+def test_jit_trace_and_export(ours, kw):
+    """torch.jit.trace and torch.export.export of a stack in eval mode (fast impl) record the reference path;
+    the exported program keeps batch and time dynamic (its time loop is a scan), the trace holds for its shape."""
+    module = ours(D, H, num_layers=2, attention_layers=1, batch_first=True, **kw).eval()
+    assert module.impl == "fast"
+    x = torch.randn(2, 3, D)
+    dims = ({0: torch.export.Dim("batch"), 1: torch.export.Dim("time")},)
+    with torch.no_grad():
+        traced = torch.jit.trace(module, (x,), check_trace=False)
+        exported = torch.export.export(module, (x,), dynamic_shapes=dims).module()
+        for shape, runs in (((2, 3, D), (traced, exported)), ((1, 1, D), (exported,)), ((4, 7, D), (exported,))):
+            x = torch.randn(*shape)
+            want = module(x)
+            for run in runs:
+                got = run(x)
+                torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-6)
+                torch.testing.assert_close(got[1], want[1], rtol=0, atol=1e-6)
+        assert module.impl == "fast"
+
+
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+def test_torch_compile_forward_backward(impl):
+    """torch.compile (aot_eager: dynamo + AOT autograd, without inductor's minutes of C++ compile on this CPU)
+    gives the eager values and gradients; the fast kernel may be a graph break."""
+    torch._dynamo.reset()
+    module = EleAttLSTM(5, 4, impl=impl)
+    compiled = torch.compile(module, backend="aot_eager")
+    x = torch.randn(3, 2, 5, requires_grad=True)
+    out, (h, c) = compiled(x)
+    (out.sum() + c.sum()).backward()
+    grads = [x.grad.clone(), *(p.grad.clone() for p in module.parameters())]
+    x.grad = None
+    module.zero_grad()
+    out2, (h2, c2) = module(x)
+    (out2.sum() + c2.sum()).backward()
+    torch.testing.assert_close(out, out2)
+    for a, b in zip(grads, [x.grad, *(p.grad for p in module.parameters())]):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ours", [EleAttLSTM, EleAttGRU])
+def test_torch_compile_inductor(ours):
+    """The default backend (inductor) too: minutes on a small CPU, hence slow."""
+    torch._dynamo.reset()
+    module = ours(5, 4, num_layers=2)
+    x = torch.randn(3, 2, 5, requires_grad=True)
+    out = torch.compile(module)(x)[0]
+    out.sum().backward()
+    gx = x.grad.clone()
+    x.grad = None
+    module(x)[0].sum().backward()
+    torch.testing.assert_close(out, module(x)[0])
+    torch.testing.assert_close(gx, x.grad)

@@ -126,6 +126,22 @@ def test_usage_errors_are_one_line_and_exit_2(ntu, tmp_path, capsys):
     assert "cset" in capsys.readouterr().err
 
 
+def test_a_second_writer_is_refused_and_leaves_the_first_ones_temporaries(ntu, tmp_path, capsys):
+    # A run clears stale temporaries before converting: with another writer at work in the same folder that
+    # would delete its half-written files, so the folder is held (as extract holds it) and a second run refused.
+    root, _ = ntu
+    out = tmp_path / "out"
+    folder = FeatureFolder(out / "features")
+    with folder.lock("prepare ntu-skeleton"):
+        in_flight = out / "features" / ".eleatt-tmp" / "a-writer.part"
+        in_flight.parent.mkdir(parents=True)
+        in_flight.write_bytes(b"half")
+        code = prepare("--skeletons", str(root / "raw"), "--out", str(out))
+        assert code == 2 and "is being written by" in capsys.readouterr().err
+        assert in_flight.read_bytes() == b"half"
+        assert not folder.finished()
+
+
 @pytest.fixture
 def one_thread():
     """Tiny networks run faster on one thread, and far faster on a loaded machine (no waiting for descheduled

@@ -1,0 +1,21 @@
+"""pipeline.errors: which exceptions are the user's (one line, exit 2) and how that line reads."""
+from __future__ import annotations
+
+import errno
+
+from pipeline.errors import EXIT_USAGE, is_user_error, usage_error
+
+
+def test_bad_input_and_paths_the_user_gave_are_user_errors():
+    assert is_user_error(ValueError("bad --x"))
+    assert is_user_error(FileNotFoundError("scores file 'a.npz' not found"))
+    assert is_user_error(PermissionError(errno.EACCES, "Permission denied", "/out/x"))
+    # an OSError about no path (a broken pipe, a device) is a real failure: it keeps its traceback
+    assert not is_user_error(OSError(errno.EPIPE, "Broken pipe"))
+    assert not is_user_error(RuntimeError("CUDA error"))
+
+
+def test_usage_error_prints_one_line_naming_the_path(capsys):
+    assert usage_error("fuse", PermissionError(errno.EACCES, "Permission denied", "/out/fused.npz")) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err == "eleatt fuse: error: cannot use '/out/fused.npz': Permission denied\n"

@@ -180,6 +180,13 @@ def _decord() -> Any:
     global _decord_module
     if _decord_module is None:
         try:
+            # OpenCV first: decord's wheel bundles an old zlib whose soname is libz.so.1; loaded before cv2, it
+            # becomes the libz of cv2's libpng, whose PNG decoding then fails ("libpng error: bad parameters to
+            # zlib"), which breaks reading flow files in any process that decoded video with decord first.
+            try:
+                import cv2  # noqa: F401
+            except ImportError:  # pragma: no cover - a dependency of the project
+                pass
             import decord
         except ImportError:
             _decord_module = False

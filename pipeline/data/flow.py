@@ -152,6 +152,17 @@ def _png_params() -> list[int]:
         params = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
         if hasattr(cv2, "IMWRITE_PNG_FILTER"):  # OpenCV >= 4.11; older builds let libpng choose the filter
             params += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_PAETH]
+        # OpenCV's libpng can be bound to another library's older zlib (decord's, when decord was loaded before
+        # cv2): it then reports success and writes damaged PNGs. One round trip per process catches that before
+        # any flow file is written, instead of leaving files that fail only when read.
+        probe = np.arange(64 * 32, dtype=np.uint32).reshape(64, 32).astype(np.uint8)
+        ok, png = cv2.imencode(".png", probe, params)
+        back = cv2.imdecode(png, cv2.IMREAD_UNCHANGED) if ok else None
+        if back is None or not np.array_equal(back, probe):
+            raise RuntimeError(
+                "OpenCV's PNG codec is broken in this process (libpng is bound to an incompatible zlib, typically "
+                "because decord was imported before cv2), so flow files cannot be written or read here; import "
+                "cv2 (or pipeline.data.video) before decord, or run the flow step in a fresh process")
         _PNG_PARAMS = params
     return _PNG_PARAMS
 
@@ -292,6 +303,7 @@ def load_quantized(path: str | os.PathLike, indices: Sequence[int] | np.ndarray 
         h, w = int(meta["height"]), int(meta["width"])
         out = np.empty((len(idx), 2, h, w), dtype=np.uint8)
         cv2 = _cv2()
+        _png_params()  # the codec's self-test: a broken libpng must not pass for a damaged file
         decoded: dict[int, np.ndarray] = {}
         for k, i in enumerate(idx.tolist()):
             if i not in decoded:

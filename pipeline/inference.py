@@ -4,6 +4,9 @@ The checkpoint records the class names and the settings of the feature folder it
 weights, data config, sampling, views, precision), so a video goes through exactly the path its training data
 did: decode the same frames, make the same views, encode with the same backbone, store-precision round trip
 (float16), the same test-time step sampling and normalisation, views averaged as class probabilities.
+A flow-stream checkpoint also records how its flow was computed (`FlowOptions`: method, preset, short side,
+bound): a new video's flow is computed the way `eleatt flow` computes it (`pipeline.data.optical_flow`), kept as
+the same uint8 levels a flow file stores, and goes through the flow stacks `eleatt extract --modality flow` makes.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import torch
 from pipeline.data.datamodules import FeatureDataModule
 from pipeline.data.datasets import sample_sequence
 from pipeline.data.features import FeatureSettings, SettingsFormatError
+from pipeline.data.flow import FlowArray, FlowOptions
 from pipeline.data.frames import DECODE_CHUNK, video_views
 from pipeline.data.transforms import eval_views
 from pipeline.devices import resolve_device
@@ -62,14 +66,21 @@ class VideoClassifier:
         device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
         batch_size: frames (times views) per backbone call.
         backend: the video decoding backend (see `pipeline.data.video.load_frames`).
+        flow_weights: a flow-stream checkpoint whose flow was computed with RAFT: the local RAFT weights file
+            (the checkpoint records only its name).
     """
 
     def __init__(self, ckpt: str | os.PathLike, weights: str | None = None, device: str = "auto",
-                 batch_size: int = 64, backend: str = "auto") -> None:
+                 batch_size: int = 64, backend: str = "auto", flow_weights: str | os.PathLike | None = None) -> None:
         ckpt = Path(ckpt)
         self.device = resolve_device(device)
         checkpoint = read_checkpoint(ckpt, map_location="cpu")
-        self.model = classifier_from_checkpoint(checkpoint, ckpt).to(self.device)
+        from pipeline.lit_video import is_video_checkpoint, video_classifier_from_checkpoint
+
+        # An end-to-end checkpoint holds its own (fine-tuned) backbone; a feature checkpoint names the one to build.
+        end_to_end = is_video_checkpoint(checkpoint)
+        load = video_classifier_from_checkpoint if end_to_end else classifier_from_checkpoint
+        self.model = load(checkpoint, ckpt).to(self.device)
         hparams = self.model.hparams
         recorded = hparams.get("extraction_settings")
         try:
@@ -82,32 +93,70 @@ class VideoClassifier:
                 "(backbone, weights, data_config, sampling, views), so new videos cannot be encoded the same way; "
                 "retrain on a feature folder made by `eleatt extract` (its settings.json is recorded in the checkpoint)"
             )
-        if settings.modality != "rgb":
+        self.flow: FlowOptions | None = None
+        self._raft = None
+        if settings.modality == "flow":
+            try:
+                self.flow = FlowOptions.of(settings, ckpt)
+            except SettingsFormatError as err:
+                raise ValueError(f"checkpoint {err}; a flow-stream checkpoint must be trained on a feature folder "
+                                 "made by `eleatt extract --modality flow`") from None
+            if self.flow.method == "raft":
+                from pipeline.data.optical_flow import estimator_for
+
+                self._raft = estimator_for(self.flow, flow_weights)  # loaded once; raises naming what to pass
+            elif self.flow.method == "jpg":
+                raise ValueError(f"checkpoint '{ckpt}' was trained on flow imported from JPEG folders, whose "
+                                 "computation is unknown, so a new video's flow cannot be made the same way; train "
+                                 "on flow computed by `eleatt flow` to classify videos")
+        elif settings.modality != "rgb":
             raise ValueError(f"checkpoint '{ckpt}' was trained on {settings.modality!r} features; classify "
-                             "handles RGB checkpoints only")
+                             "handles RGB and flow checkpoints")
         self.settings = settings
         num_classes = int(hparams["num_classes"])
         self.class_names = list(hparams.get("class_names") or [f"class_{i}" for i in range(num_classes)])
         # The test-time step sampling and normalisation, as the data module saved them for this checkpoint.
         self.num_steps, self.normalizer = FeatureDataModule.eval_state_from_checkpoint(checkpoint)
         source = weights if weights is not None else settings.weights
-        try:
-            self.encoder = FrameEncoder(settings.backbone, weights=source, in_chans=settings.in_chans).to(self.device)
-        except FileNotFoundError as err:
-            hint = "" if weights is not None else (
-                f" (the checkpoint records weights {settings.weights!r}; pass `--weights PATH` to a local copy "
-                "of the same weights, or `weights=` from Python)")
-            raise type(err)(f"{err}{hint}") from None
+        if end_to_end:
+            self.encoder = self.model.encoder
+        else:
+            self.encoder = self._build_encoder(settings, source, weights)
         self.data_config = dict(settings.data_config)
         self.views = settings.views
         self.batch_size = batch_size
         self.backend = backend
 
+    def _build_encoder(self, settings: FeatureSettings, source: str, weights: str | None) -> FrameEncoder:
+        try:
+            return FrameEncoder(settings.backbone, weights=source, in_chans=settings.in_chans).to(self.device)
+        except FileNotFoundError as err:
+            hint = "" if weights is not None else (
+                f" (the checkpoint records weights {settings.weights!r}; pass `--weights PATH` to a local copy "
+                "of the same weights, or `weights=` from Python)")
+            raise type(err)(f"{err}{hint}") from None
+
+    def flow_of(self, path: str | os.PathLike) -> FlowArray:
+        """A flow-stream checkpoint: the video's quantised flow, computed as `eleatt flow` computes it with the
+        recorded options (the same levels its flow file would store)."""
+        from pipeline.data.optical_flow import DEFAULT_BACKEND, estimator_for, video_flow
+        from pipeline.data.video import probe
+
+        options = self.flow
+        # OpenCV's estimators are made afresh per video, as `eleatt flow` does; RAFT is loaded once.
+        estimator = self._raft if self._raft is not None else estimator_for(options)
+        # `eleatt flow` decodes with PyAV by default (exact frames); raw-frame folders read as themselves.
+        backend = DEFAULT_BACKEND if self.backend == "auto" and not Path(path).is_dir() else self.backend
+        fps = probe(path).fps
+        q = np.stack(list(video_flow(path, estimator, options.short_side, options.bound, backend)))  # (T-1, 2, h, w)
+        return FlowArray(q, options.bound, fps=fps, name=str(path))
+
     @torch.inference_mode()
     def features(self, path: str | os.PathLike) -> torch.Tensor:
         """The features of one video as extraction stores them: float32 (V, T, D) (via the stored dtype)."""
         chunks = []
-        for chunk in video_views(path, self.settings, backend=self.backend, chunk=DECODE_CHUNK):
+        source = self.flow_of(path) if self.flow is not None else path
+        for chunk in video_views(source, self.settings, backend=self.backend, chunk=DECODE_CHUNK):
             v, t = chunk.views.shape[:2]
             images = chunk.views.reshape(v * t, *chunk.views.shape[2:]).to(self.device)  # (V*t, C, H, W) view-major
             feats = self.encoder.encode_stored(images, self.settings.precision, self.settings.dtype,
@@ -119,6 +168,10 @@ class VideoClassifier:
     def encode(self, frames: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Frames uint8 (t, H, W, 3) RGB, already sampled -> their features as `features` makes them: float32
         (V, t, D) on the CPU (the same views and `encode_stored`). For streaming, which samples frames as they come."""
+        if self.flow is not None:
+            raise ValueError("a flow-stream checkpoint encodes flow stacks, not RGB frames: it classifies video files "
+                             "(eleatt classify VIDEO --ckpt FLOW.ckpt), whose flow it computes first; stream with the "
+                             "RGB stream's checkpoint")
         views = eval_views(frames, self.data_config, self.views)  # (V, t, C, H, W)
         v, t = views.shape[:2]
         images = views.reshape(v * t, *views.shape[2:]).to(self.device)  # (V*t, C, H, W) view-major
@@ -152,20 +205,24 @@ def _recorded_modality(ckpt: str | os.PathLike) -> str:
     """The stream a checkpoint was trained on ('rgb', 'flow', ...), from its recorded extraction settings."""
     # A second read of the (small, classifier-only) checkpoint: VideoClassifier takes a path.
     hparams = read_checkpoint(ckpt, map_location="cpu").get("hyper_parameters") or {}
-    return str((hparams.get("extraction_settings") or {}).get("modality", "rgb"))
+    recorded = hparams.get("extraction_settings")
+    if not recorded:
+        return "rgb"  # VideoClassifier refuses it, saying what the checkpoint lacks
+    try:
+        return FeatureSettings.from_json(recorded, ckpt).modality
+    except SettingsFormatError as err:
+        raise ValueError(f"checkpoint {err}") from None
 
 
 def open_classifier(ckpt: str | os.PathLike, weights: str | None = None, device: str = "auto", batch_size: int = 64,
-                    backend: str = "auto"):
-    """The video classifier of one checkpoint, chosen by the stream its extraction settings record."""
+                    backend: str = "auto", flow_weights: str | os.PathLike | None = None):
+    """The video classifier of one checkpoint (an RGB or a flow stream's; see `VideoClassifier`)."""
     modality = _recorded_modality(ckpt)
-    if modality == "rgb":
-        return VideoClassifier(ckpt, weights=weights, device=device, batch_size=batch_size, backend=backend)
-    if modality == "flow":
-        raise ValueError(f"checkpoint '{ckpt}' is a flow-stream checkpoint: classifying new videos with the flow "
-                         "stream is not supported yet; fuse its `eleatt test` scores with the RGB stream's instead "
-                         "(eleatt fuse --scores RGB/scores_test.npz FLOW/scores_test.npz)")
-    raise ValueError(f"checkpoint '{ckpt}' was trained on {modality!r} features; classify handles RGB checkpoints")
+    if modality in ("rgb", "flow"):
+        return VideoClassifier(ckpt, weights=weights, device=device, batch_size=batch_size, backend=backend,
+                               flow_weights=flow_weights)
+    raise ValueError(f"checkpoint '{ckpt}' was trained on {modality!r} features; classify handles RGB and flow "
+                     "checkpoints")
 
 
 class FusedClassifier:
@@ -260,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="eleatt classify",
         description="Classify video files with a trained checkpoint: decode, encode with the backbone settings the "
-                    "checkpoint records, run the EleAtt model, print the top-k classes.",
+                    "checkpoint records (a flow-stream checkpoint: compute the video's optical flow first, with the "
+                    "flow settings it records), run the EleAtt model, print the top-k classes.",
         epilog="online recognition of a file, camera or network stream: eleatt classify --stream SOURCE --ckpt C "
                "(options: eleatt classify --stream SOURCE --help). exit status: 0 all classified; 3 some videos "
                "could not be read (each listed); 2 usage error",
@@ -283,7 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     parser.add_argument("--batch-size", type=int, default=64, help="frames per backbone call (default 64)")
     parser.add_argument("--backend", default="auto", choices=("auto", "decord", "pyav", "rawframes"),
-                        help="video decoding backend (default auto: decord where exact, else PyAV)")
+                        help="video decoding backend (default auto: decord where exact, else PyAV; the flow of a "
+                             "flow-stream checkpoint is computed from PyAV's frames, as `eleatt flow` does)")
+    parser.add_argument("--flow-weights", default=None, metavar="PATH",
+                        help="a flow-stream checkpoint whose flow was computed with RAFT: the local RAFT weights file")
     return parser
 
 
@@ -313,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     backbone_weights, stream_weights = _split_weights(args.weights)
     model = open_classifiers(args.ckpt, weights=backbone_weights, stream_weights=stream_weights, mode=args.mode,
-                             device=args.device, batch_size=args.batch_size, backend=args.backend)
+                             device=args.device, batch_size=args.batch_size, backend=args.backend,
+                             flow_weights=args.flow_weights)
     failed = []
     for video in args.videos:
         pred = model(video, topk=args.topk)

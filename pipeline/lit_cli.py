@@ -17,6 +17,7 @@ import contextlib
 import csv
 import importlib.util
 import logging
+import os
 import re
 import shlex
 import sys
@@ -42,6 +43,7 @@ from pipeline.scores import accuracy_summary, read_scores
 DEFAULT_ROOT = "checkpoints"
 CHECKPOINT_FILES = ("best.ckpt", "last.ckpt")
 EVALUATIONS = ("validate", "test", "predict")
+RUN_DIR_ENV = "ELEATT_RUN_DIR"  # the run folder, handed from rank 0 to the DDP processes Lightning starts
 RUN_STAMP = re.compile(r"-\d{8}-\d{6}(-\d+)?$")  # the time stamp of a run folder's name
 
 # Noise that says nothing to a user of this command: we override the model's default optimiser on purpose when a
@@ -76,6 +78,30 @@ class _SaveFitConfig(SaveConfigCallback):
             self.config["ckpt_path"] = None
             self.config["run_name"] = None
             super().setup(trainer, pl_module, stage)
+
+
+def is_end_to_end(args: list[str] | None) -> bool:
+    """True when the command line (or a --config it names) sets `data.video_root`: an end-to-end run on videos
+    (VideoEleAttClassifier + VideoDataModule) rather than one on a feature folder."""
+    args = list(sys.argv[1:] if args is None else args)
+    configs = []
+    for i, arg in enumerate(args):
+        if arg == "--data.video_root" or arg.startswith("--data.video_root="):
+            return True
+        if arg == "--config" and i + 1 < len(args):
+            configs.append(args[i + 1])
+        elif arg.startswith("--config="):
+            configs.append(arg.split("=", 1)[1])
+    for config in configs:
+        try:
+            import yaml
+
+            data = (yaml.safe_load(Path(config).read_text()) or {}).get("data") or {}
+        except (OSError, ValueError, AttributeError):  # the parser reports a bad config itself
+            continue
+        if isinstance(data, dict) and ("video_root" in data or "video_root" in (data.get("init_args") or {})):
+            return True
+    return False
 
 
 class _RunCheckpoint(ModelCheckpoint):
@@ -161,15 +187,27 @@ class _InterruptNote(Callback):
 
 
 class EleAttCLI(LightningCLI):
-    """LightningCLI with the project's run folders, links from the data module to the model, and reports."""
+    """LightningCLI with the project's run folders, links from the data module to the model, and reports.
+
+    A run whose data sets `video_root` trains end to end (`pipeline.lit_video.VideoEleAttClassifier` on
+    `pipeline.data.videodata.VideoDataModule`); every other run trains on a feature folder.
+    """
 
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
         self.run_dir: Path | None = None
         self.interrupted = False
         _last_cli[0] = self
+        self.end_to_end = is_end_to_end(args)
+        if self.end_to_end:
+            from pipeline.data.videodata import VideoDataModule
+            from pipeline.lit_video import VideoEleAttClassifier
+
+            model_class, data_class = VideoEleAttClassifier, VideoDataModule
+        else:
+            model_class, data_class = EleAttClassifier, FeatureDataModule
         super().__init__(
-            EleAttClassifier,
-            FeatureDataModule,
+            model_class,
+            data_class,
             save_config_callback=_SaveFitConfig,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"prog": "eleatt", "description": "Train and evaluate EleAtt-RNN classifiers on features."},
@@ -184,7 +222,11 @@ class EleAttCLI(LightningCLI):
             help="run folder name under checkpoints/ (default: <config name>-<YYYYmmdd-HHMMSS>)",
         )
         # Sizes and names come from the data, never configured twice.
-        parser.link_arguments("data.feature_dim", "model.input_size", apply_on="instantiate")
+        if self.end_to_end:  # the backbone sets the frame size and normalisation; the data sets its input channels
+            parser.link_arguments("model.backbone", "data.backbone", apply_on="parse")
+            parser.link_arguments("data.in_chans", "model.in_chans", apply_on="instantiate")
+        else:
+            parser.link_arguments("data.feature_dim", "model.input_size", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
         parser.link_arguments("data.extraction_settings", "model.extraction_settings", apply_on="instantiate")
@@ -250,6 +292,10 @@ class EleAttCLI(LightningCLI):
             self.run_dir = Path(ckpt).resolve().parent  # evaluations and resumed fits write beside the checkpoint
         elif run_name:
             self.run_dir = root / run_name
+        elif os.environ.get(RUN_DIR_ENV) and int(os.environ.get("LOCAL_RANK", "0") or 0) > 0:
+            # A DDP process that Lightning started (it inherits rank 0's environment): the run folder rank 0 named,
+            # not a second time stamp. torchrun/SLURM start every rank themselves: give them --run_name.
+            self.run_dir = Path(os.environ[RUN_DIR_ENV])
         else:
             configs = cfg.get("config") or []
             stem = Path(str(configs[-1])).stem if configs else "eleatt"
@@ -276,6 +322,7 @@ class EleAttCLI(LightningCLI):
                     f"the lr_scheduler watches {monitor!r} but there is no validation list: pass --data.val_list, "
                     "or train without validation with a config that has no lr_scheduler section"
                 )
+        os.environ[RUN_DIR_ENV] = str(self.run_dir)  # for the DDP processes Lightning starts from this one
         what = "run folder" if self.subcommand == "fit" else "folder of --ckpt_path (scores and plots go there)"
         ensure_writable_dir(self.run_dir, what)
         if self.subcommand == "fit" and ckpt is not None:

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from pipeline.data.features import PRECISIONS, FeatureFolder, FeatureSettings, SettingsMismatchError
+from pipeline.data.flow import FlowFile, FlowFolder, FlowOptions, flow_data_config
 from pipeline.data.frames import DECODE_CHUNK, video_views
 from pipeline.data.lists import read_list
 from pipeline.data.sampling import Sampling
@@ -39,6 +40,8 @@ from pipeline.nn.backbone import FrameEncoder
 from pipeline.paths import ensure_writable_dir
 
 VIEWS = tuple(VIEW_COUNTS)
+MODALITIES = ("rgb", "flow")
+DEFAULT_STACK = 5  # flow fields per flow-stream input (TSN's L)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,30 @@ def make_settings(encoder: FrameEncoder, sampling: Sampling, views: str, precisi
         in_chans=encoder.in_chans, sampling=sampling, views=views, dtype="float16", dim=encoder.num_features,
         precision=precision,
     )
+
+
+def make_flow_settings(encoder: FrameEncoder, flow: FeatureSettings, stack: int, sampling: Sampling, views: str,
+                       precision: str) -> FeatureSettings:
+    """The feature folder's settings for stacks of `stack` flow fields from a flow folder with settings `flow`,
+    encoded by `encoder` (in_chans = 2 * stack). The flow folder's options (method, preset, short side, bound, ...)
+    are kept, so that classify can compute a new video's flow the same way."""
+    return FeatureSettings(
+        modality="flow", backbone=encoder.name, weights=encoder.weights,
+        data_config=flow_data_config(encoder.data_config, stack), in_chans=encoder.in_chans, sampling=sampling,
+        views=views, dtype="float16", dim=encoder.num_features, precision=precision, stack=stack,
+        options=FlowOptions.of(flow).to_options(),
+    )
+
+
+def open_flow_folder(root: str | os.PathLike) -> FeatureSettings:
+    """The settings of the flow folder `root` (--root with --modality flow), or a clear error."""
+    settings = FlowFolder(root).settings
+    if settings is None or settings.modality != "flow":
+        what = "has no settings.json" if settings is None else f"holds {settings.modality!r} features"
+        raise FileNotFoundError(f"--modality flow: --root '{root}' is not a flow folder ({what}); compute one with "
+                                "`eleatt flow --list LIST --root VIDEOS --out FLOW_DIR` and pass --root FLOW_DIR")
+    FlowOptions.of(settings, FlowFolder(root).settings_path)  # readable options, or a clear error
+    return settings
 
 
 def shard(videos: Sequence[str], rank: int, world_size: int) -> list[str]:
@@ -86,6 +113,17 @@ class FrameBatches(IterableDataset):
         self.num_views = settings.num_views
         self.batch_size = batch_size
         self.backend = backend
+        self.flow_fps: dict[str, float] = {}
+        if settings.modality == "flow":
+            # Flow files written before they recorded the frame rate: the flow folder's manifest has it.
+            records = FlowFolder(self.root).finished(verify=False)
+            self.flow_fps = {v: float(r["source_fps"]) for v, r in records.items() if r.get("source_fps")}
+
+    def source(self, video: str):
+        """The input of `video`: its video file (RGB), or its flow file in the flow folder `root` (flow)."""
+        if self.settings.modality == "flow":
+            return FlowFile(FlowFolder(self.root).feature_path(video), fps=self.flow_fps.get(video))
+        return self.root / video
 
     def __iter__(self) -> Iterator[dict]:
         worker = get_worker_info()
@@ -103,7 +141,8 @@ class FrameBatches(IterableDataset):
 
         for video in mine:
             try:
-                for chunk in video_views(self.root / video, self.settings, backend=self.backend, chunk=DECODE_CHUNK):
+                for chunk in video_views(self.source(video), self.settings, backend=self.backend,
+                                         chunk=DECODE_CHUNK):
                     piece = {"video": video, "total": chunk.total, "views": self.num_views,
                              "source_frames": chunk.source.num_frames, "source_fps": chunk.source.fps}
                     t0, count = 0, chunk.views.shape[1]
@@ -375,8 +414,12 @@ def extract(list_path: str | os.PathLike, root: str | os.PathLike, out: str | os
             weights: str = "imagenet", fps: float | None = None, num_segments: int | None = None,
             views: str = "center", batch_size: int = 64, workers: int | None = None, device: str = "auto",
             devices: str = "1", num_nodes: int = 1, strategy: str = "auto", precision: str = "32",
-            compile: bool = False, backend: str = "auto", progress: bool | None = None) -> Summary:
+            compile: bool = False, backend: str = "auto", progress: bool | None = None, modality: str = "rgb",
+            stack: int | None = None) -> Summary:
     """Extracts the features of every video of `list_path` not yet in `out`; see `eleatt extract --help`.
+
+    `modality="flow"`: `root` is a flow folder (`eleatt flow`); each list path's flow file (named as
+    `FlowFolder.feature_path` names it) gives stacks of `stack` (default 5) flow fields, 2 * stack channels.
 
     Raises ValueError / FileNotFoundError (incl. SettingsMismatchError, MissingWeightsError) on bad arguments.
     Returns the summary of the list's state after the run.
@@ -387,10 +430,20 @@ def extract(list_path: str | os.PathLike, root: str | os.PathLike, out: str | os
         raise ValueError(f"--batch-size {batch_size}: must be >= 1")
     if precision not in PRECISIONS:
         raise ValueError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if modality not in MODALITIES:
+        raise ValueError(f"--modality {modality!r}: expected one of {', '.join(MODALITIES)}")
+    if stack is None:
+        stack = DEFAULT_STACK if modality == "flow" else 1
+    if isinstance(stack, bool) or not isinstance(stack, int) or stack < 1:
+        raise ValueError(f"--stack {stack}: must be an integer >= 1 (flow fields per input; TSN uses 5)")
+    if modality == "rgb" and stack != 1:
+        raise ValueError(f"--stack {stack} is for --modality flow (stacks of flow fields); RGB frames are not stacked")
     sampling = Sampling(fps=fps, num_segments=num_segments)
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"video root '{root}' is not a folder (--root: the folder the list's paths are relative to)")
+        what = "flow folder" if modality == "flow" else "video root"
+        raise FileNotFoundError(f"{what} '{root}' is not a folder (--root: the folder the list's paths are relative to)")
+    flow_settings = open_flow_folder(root) if modality == "flow" else None
     entries = read_list(list_path)
     videos = list(dict.fromkeys(e.path for e in entries))  # a video listed twice is extracted once
     accelerator, devices = _device_args(device, devices)
@@ -423,12 +476,14 @@ def extract(list_path: str | os.PathLike, root: str | os.PathLike, out: str | os
             f"--device {device} --devices {devices} --num-nodes {num_nodes} --strategy {strategy}: {err} "
             "(check the device flags against the machine: --device cpu, or a count of GPUs it has)"
         ) from None
-    encoder = FrameEncoder(backbone, weights=weights)
+    encoder = FrameEncoder(backbone, weights=weights, in_chans=2 * stack if modality == "flow" else 3)
     # One writer per folder: a second `extract` (or `flow`) into it is refused while this one runs. Rank 0 holds the
     # lock for all the ranks of this run; the system drops it when the process ends, however it ends.
     held = folder.lock("extract") if trainer.global_rank == 0 else contextlib.nullcontext()
     with held:
-        settings = folder.check_settings(make_settings(encoder, sampling, views, precision))
+        wanted = (make_flow_settings(encoder, flow_settings, stack, sampling, views, precision)
+                  if modality == "flow" else make_settings(encoder, sampling, views, precision))
+        settings = folder.check_settings(wanted)
         # Every process reads the folder *before* joining the process group (inside predict; spawned ranks get this
         # list from their parent) and no rank writes before all have joined, so all ranks see the same remaining
         # videos and their strided shares are disjoint.
@@ -465,6 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="eleatt extract",
         description="Extract per-frame features of a timm backbone for every video of a list into a feature folder "
+                    "(--modality flow: per-position features of flow stacks read from a flow folder) "
                     "(one float16 .npy per video, (T, D) or (V, T, D) with views, plus settings.json and manifest). "
                     "Resumable: finished videos are skipped, failed ones retried; a killed run restarts cleanly.",
         epilog="exit status: 0 all videos done, 3 some failed (each listed), 2 usage error or refused run. "
@@ -472,7 +528,14 @@ def build_parser() -> argparse.ArgumentParser:
                "and pass --devices/--num-nodes (see the README).",
     )
     p.add_argument("--list", required=True, help="list file: '<relative path> <label>' per line")
-    p.add_argument("--root", required=True, help="folder the list's video paths are relative to")
+    p.add_argument("--root", required=True,
+                   help="folder the list's video paths are relative to; with --modality flow, the flow folder of "
+                        "`eleatt flow` (each list path's .flow.zip)")
+    p.add_argument("--modality", choices=MODALITIES, default="rgb",
+                   help="rgb (video frames, default) or flow (stacks of optical flow fields from a flow folder)")
+    p.add_argument("--stack", type=int, default=None,
+                   help=f"--modality flow: flow fields per input, interleaved x1, y1, ..., xL, yL = 2L channels "
+                        f"(default {DEFAULT_STACK}, as TSN); the backbone's first conv takes 2L channels")
     p.add_argument("--out", required=True, help="feature folder to create or resume")
     p.add_argument("--backbone", required=True, help="timm model name, e.g. resnet50, efficientnet_b0, vit_small_patch16_224")
     p.add_argument("--weights", default="imagenet",
@@ -517,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
             num_segments=args.num_segments, views=args.views, batch_size=args.batch_size, workers=args.workers,
             device=args.device, devices=args.devices, num_nodes=args.num_nodes, strategy=args.strategy,
             precision=args.precision, compile=args.compile, backend=args.backend,
-            progress=False if args.no_progress else None,
+            progress=False if args.no_progress else None, modality=args.modality, stack=args.stack,
         )
     except (ValueError, FileNotFoundError) as err:
         kind = "refused" if isinstance(err, SettingsMismatchError) else "error"

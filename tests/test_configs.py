@@ -29,10 +29,11 @@ EXPECTED = {
 
 
 def test_every_config_is_covered():
-    """A config nobody states expectations for is untested: add it to EXPECTED (and remove gone ones)."""
+    """A config nobody states expectations for is untested: add it to EXPECTED or E2E (and remove gone ones)."""
     found = {p.stem for p in CONFIGS.glob("*.yaml")}
-    assert not found - set(EXPECTED), f"configs without expectations in EXPECTED: {sorted(found - set(EXPECTED))}"
-    assert not set(EXPECTED) - found, f"EXPECTED names missing configs: {sorted(set(EXPECTED) - found)}"
+    expected = set(EXPECTED) | set(E2E)
+    assert not found - expected, f"configs without expectations in EXPECTED/E2E: {sorted(found - expected)}"
+    assert not expected - found, f"EXPECTED/E2E names missing configs: {sorted(expected - found)}"
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -89,3 +90,27 @@ def test_fast_dev_run_per_cell_kind(cell, kind, order_features, tmp_path):
     assert (cli.model.hparams.input_size, cli.model.hparams.num_classes) == (8, 4)  # linked from the data
     assert cli.trainer.global_step == 1  # one optimiser step ran
     assert not list(tmp_path.rglob("*.ckpt"))  # fast_dev_run writes no checkpoint
+
+
+# end to end (TSN-style ResNet-50, 8 segments): name -> (modality, in_chans of the backbone)
+E2E = {"ucf101_rgb_e2e": ("rgb", 3), "ucf101_flow_e2e": ("flow", 10)}
+
+
+@pytest.mark.parametrize("name", sorted(E2E))
+def test_end_to_end_config_parses_with_the_tsn_recipe(name, capsys, tmp_path):
+    modality, _ = E2E[name]
+    raw = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+    for key in ("train_list", "val_list", "test_list", "video_root"):
+        assert raw["data"][key].startswith("data/ucf101/"), (name, key)
+    assert main(["fit", "--config", str(CONFIGS / f"{name}.yaml"), "--data.video_root", str(tmp_path),
+                 "--model.backbone", "resnet18", "--model.weights", "none", "--print_config"]) == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    model, data = config["model"], config["data"]
+    assert data["video_root"] == str(tmp_path) and model["weights"] == "none"  # the overrides win
+    assert model["backbone"] == "resnet18" and "backbone" not in data  # linked: the data follows the model
+    assert (data["modality"], data["num_segments"], model["partial_bn"], model["freeze"]) == (modality, 8, True, "none")
+    assert raw["model"]["backbone"] == "resnet50" and raw["data"]["num_segments"] == 8
+    assert (model["cell"], model["hidden_size"], model["dropout"], model["monitor"]) == ("lstm", 512, 0.5, "val/top1")
+    assert config["trainer"]["gradient_clip_val"] == 1.0 and config.get("optimizer") is None  # the model sets two groups
+    if modality == "flow":
+        assert data["flow_length"] == 5

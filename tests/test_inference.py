@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.data.features import FeatureFolder
 from pipeline.data.lists import read_list
 from pipeline.inference import VideoClassifier, classify, main
 from pipeline.scores import read_scores
@@ -182,11 +183,11 @@ def test_two_checkpoint_refusals(demo_run, second_run, tmp_path, capsys):
     flow = json.loads(json.dumps(checkpoint["hyper_parameters"]["extraction_settings"]))
     flow["modality"] = "flow"
     checkpoint["hyper_parameters"]["extraction_settings"] = flow
-    torch.save(checkpoint, tmp_path / "flow.ckpt")
+    torch.save(checkpoint, tmp_path / "flow.ckpt")  # a flow stream's settings without how its flow was computed
     assert eleatt(["classify", video, "--ckpt", str(run / "best.ckpt"), str(tmp_path / "flow.ckpt")]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "flow.ckpt' is a flow-stream checkpoint" in err and "not supported yet" in err
-    with pytest.raises(ValueError, match="not supported yet"):
+    assert len(err.splitlines()) == 1 and "flow.ckpt" in err and "flow options" in err
+    with pytest.raises(ValueError, match="eleatt extract --modality flow"):
         classify(video, [run / "best.ckpt", tmp_path / "flow.ckpt"], device="cpu")
 
     renamed = torch.load(second_run / "best.ckpt", map_location="cpu", weights_only=True)
@@ -248,3 +249,70 @@ def test_classify_makes_exactly_the_stored_features(demo_run):
     for entry in read_list(data / "test.txt")[:2]:
         stored = as_views(folder.load(entry.path)).astype(np.float32)  # (V, T, D)
         np.testing.assert_array_equal(model.features(data / entry.path).numpy(), stored)
+
+
+@pytest.fixture(scope="module")
+def flow_run(demo_run):
+    """A flow stream on the demo's videos: `eleatt flow` -> `extract --modality flow` -> fit -> test."""
+    from pipeline.demo import CONFIG, TRAINING
+    from pipeline.lit_cli import main as lightning_main
+    from preprocessing.extract import main as extract_main
+    from preprocessing.flow import main as flow_main
+
+    data, run = demo_run
+    work = run.parents[1] / "flow_stream"
+    everything = data / "all.txt"  # written by the demo
+    assert flow_main(["--list", str(everything), "--root", str(data), "--out", str(work / "flows"), "--short-side",
+                      "0", "--workers", "1", "--no-progress"]) == 0
+    assert extract_main(["--modality", "flow", "--stack", "3", "--root", str(work / "flows"), "--list",
+                         str(everything), "--out", str(work / "features"), "--backbone", "test_resnet", "--weights",
+                         "none", "--num-segments", "4", "--device", "cpu", "--no-progress"]) == 0
+    common = ["--config", str(CONFIG), "--data.features_dir", str(work / "features"), "--data.train_list",
+              str(data / "train.txt"), "--data.val_list", str(data / "val.txt"), "--data.test_list",
+              str(data / "test.txt"), "--data.num_workers", "0", "--trainer.default_root_dir", str(run.parent),
+              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+              "--seed_everything", "2", "--model.hidden_size", "16", *TRAINING]
+    assert lightning_main(["fit", *common, "--run_name", "flow", "--trainer.max_epochs", "2"]) == 0
+    flow = run.parent / "flow"
+    assert lightning_main(["test", *common, "--ckpt_path", str(flow / "best.ckpt")]) == 0
+    return flow
+
+
+def test_flow_checkpoint_gives_what_test_gives(demo_run, flow_run):
+    """classify with a flow-stream checkpoint computes each video's flow as `eleatt flow` does and gives the
+    probabilities `test` gives on the features `extract --modality flow` made (within 2e-3)."""
+    data, _ = demo_run
+    scores = read_scores(flow_run / "scores_test.npz")
+    tests = read_list(data / "test.txt")
+    picks = list(range(0, len(tests), max(1, len(tests) // 3)))[:3]
+    model = VideoClassifier(flow_run / "best.ckpt", device="cpu")
+    assert model.settings.modality == "flow" and model.flow.short_side is None and model.settings.stack == 3
+    stored = FeatureFolder(flow_run.parents[1] / "flow_stream" / "features")
+    for i in picks:
+        pred = model(data / tests[i].path, topk=3)
+        assert pred.ok, pred.error
+        assert np.ptp(scores["scores"][i]) > 0.02  # the streams' probabilities are not flat: the check means something
+        np.testing.assert_allclose(pred.scores, scores["scores"][i], atol=2e-3, err_msg=tests[i].path)
+        assert pred.labels[0] == int(scores["scores"][i].argmax())
+    # the features themselves: the recomputed flow gives the stored flow stream's features
+    feats = model.features(data / tests[picks[0]].path)  # (1, T, D)
+    np.testing.assert_allclose(feats[0].numpy(), stored.load(tests[picks[0]].path).astype(np.float32), atol=1e-3)
+
+
+def test_rgb_and_flow_checkpoints_give_what_test_and_fuse_give(demo_run, flow_run, tmp_path, capsys):
+    from pipeline.cli import main as eleatt
+
+    data, run = demo_run
+    tests = read_list(data / "test.txt")
+    assert eleatt(["fuse", "--scores", str(run / "scores_test.npz"), str(flow_run / "scores_test.npz"),
+                   "--out", str(tmp_path / "fused.npz"), "--no-plot"]) == 0
+    fused = read_scores(tmp_path / "fused.npz")
+    assert list(fused["videos"]) == [e.path for e in tests]
+    capsys.readouterr()
+    i = len(tests) // 2
+    assert main([str(data / tests[i].path), "--ckpt", str(run / "best.ckpt"), str(flow_run / "best.ckpt"),
+                 "--json", "--topk", "3", "--device", "cpu"]) == 0
+    top = json.loads(capsys.readouterr().out)["topk"]
+    row = fused["scores"][i]  # 1 : 1.5, RGB : flow, as TSN
+    assert [t["label"] for t in top] == list(np.argsort(-row, kind="stable")[:3])
+    np.testing.assert_allclose([t["prob"] for t in top], np.sort(row)[::-1][:3], atol=2e-3)

@@ -5,6 +5,8 @@ worker): *segments* (the centre frame of each of 8 equal segments, TSN test samp
 each of 8 segments, TSN training sampling, seed 0) and *all* frames. Backends:
 
 - ``decord``       raw decord 0.6.0 ``get_batch`` (no accuracy check; may return wrong frames),
+- ``forward``      a reference: PyAV decoding from the start to the last wanted frame, keeping the wanted ones (same
+                   threads as ``load_frames``; exact by definition, no index, no seeking),
 - ``pyav``         PyAV with the frame index (pts-matched seeking where the container allows it, else sequential),
 - ``auto``         what ``load_frames`` does by default (PyAV for sparse reads; decord for dense reads of files
                    where it passed the accuracy check), in a process that has read the file before,
@@ -13,7 +15,8 @@ each of 8 segments, TSN training sampling, seed 0) and *all* frames. Backends:
 
 ``wrong`` counts returned frames that are not the frame sequential decoding yields at that index (mean absolute
 difference above ``SAME_FRAME_TOL``). ``auto (1st read)`` minus ``auto`` is the cost of opening a file: the index,
-plus, for the dense ``all`` read, the decord accuracy check.
+plus, for the dense ``all`` read, the decord accuracy check. ``vs ref`` is a row's time over the faster of ``decord``
+and ``forward`` for the same frames of the same file (the target for ``pyav``/``auto``: at most 1.1x).
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ NUM_SEGMENTS = 8
 # (label, backend, auto reads of the file before the timed one in a fresh process; None: caches warm). Cold last.
 CASES = [
     ("decord", "decord", None),
+    ("forward", "forward", None),
     ("pyav", "pyav", None),
     ("auto", "auto", None),
     ("auto (1st read)", "auto", 0),
@@ -69,6 +73,23 @@ def sequential_frames(path: Path, indices: np.ndarray) -> np.ndarray:
             if i >= indices[-1]:
                 break
     return np.stack(out)
+
+
+def forward_frames(path: Path, indices: np.ndarray) -> np.ndarray:
+    """Frames ``indices`` (any order) by decoding from the start to the last one, with ``load_frames``'s threads:
+    (T, H, W, 3) uint8 in the order asked. The reference a sparse read must not be slower than."""
+    distinct = np.unique(indices)
+    last, want = int(distinct[-1]), set(distinct.tolist())
+    out = []
+    with av.open(str(path)) as c:
+        stream = c.streams.video[0]
+        stream.thread_type, stream.thread_count = V.PYAV_THREAD_TYPE, V.PYAV_THREADS
+        for i, frame in enumerate(c.decode(stream)):
+            if i in want:
+                out.append(frame.to_ndarray(format="rgb24"))
+            if i >= last:
+                break
+    return np.stack(out)[np.searchsorted(distinct, indices)]
 
 
 def _mad(a: np.ndarray, b: np.ndarray) -> float:
@@ -110,11 +131,13 @@ def bench_video(path: Path, repeats: int, modes: list[str]) -> list[dict]:
                         V.load_frames(path, idx, "auto")
 
             def run(backend=backend):
-                return V.load_frames(path, idx, backend)
+                if backend == "forward":
+                    return forward_frames(path, idx)
+                return V.load_frames(path, idx, backend).numpy()
 
             try:
                 setup()
-                frames = run().numpy()
+                frames = run()
             except V.VideoReadError as e:
                 rows.append(dict(video=path.name, mode=mode, backend=label, frames=len(idx), ms=None, fps=None,
                                  wrong=None, note=str(e).split(": ", 1)[-1][:60]))
@@ -129,16 +152,23 @@ def bench_video(path: Path, repeats: int, modes: list[str]) -> list[dict]:
 
 def format_rows(rows: list[dict]) -> str:
     lines = [f"{'video':<30} {'mode':<9} {'backend':<15} {'frames':>6} {'ms':>8} {'best ms':>8} {'frames/s':>9} "
-             f"{'vs pyav':>8} {'wrong':>5}"]
+             f"{'vs pyav':>8} {'vs ref':>7} {'wrong':>5}"]
     pyav_ms = {(r["video"], r["mode"]): r["ms"] for r in rows if r["backend"] == "pyav"}
+    ref_ms: dict[tuple, float] = {}  # the faster of decord and forward decoding, per file and read
+    for r in rows:
+        if r["backend"] in ("decord", "forward") and r["ms"] is not None:
+            k = (r["video"], r["mode"])
+            ref_ms[k] = min(ref_ms.get(k, float("inf")), r["ms"])
     for r in rows:
         if r["ms"] is None:
             lines.append(f"{r['video']:<30} {r['mode']:<9} {r['backend']:<15} {r['frames']:>6}  fails: {r['note']}")
             continue
         ref = pyav_ms.get((r["video"], r["mode"]))
         ratio = f"{ref / r['ms']:.2f}x" if ref else "-"
+        best_ref = ref_ms.get((r["video"], r["mode"]))
+        vs_ref = f"{r['ms'] / best_ref:.2f}x" if best_ref else "-"
         lines.append(f"{r['video']:<30} {r['mode']:<9} {r['backend']:<15} {r['frames']:>6} {r['ms']:>8.1f} "
-                     f"{r['best_ms']:>8.1f} {r['fps']:>9.0f} {ratio:>8} {r['wrong']:>5}")
+                     f"{r['best_ms']:>8.1f} {r['fps']:>9.0f} {ratio:>8} {vs_ref:>7} {r['wrong']:>5}")
     return "\n".join(lines)
 
 
@@ -153,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5,
                         help="timed calls per case; the median and the best are printed (default 5)")
     parser.add_argument("--quick", action="store_true",
-                        help="a smoke run: 1 repeat, the 'segments' read only")
+                        help="a smoke run: 1 repeat, the sparse reads (segments, train) only")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
@@ -163,11 +193,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"no videos given and {DEFAULT_VIDEOS} does not exist; pass video files")
         videos = sorted(p for p in DEFAULT_VIDEOS.iterdir() if p.is_file())
     repeats = 1 if args.quick else args.repeats
-    modes = ["segments"] if args.quick else list(MODES)
+    modes = ["segments", "train"] if args.quick else list(MODES)
 
     print(f"PyAV {av.__version__} (FFmpeg libavcodec {'.'.join(map(str, av.library_versions['libavcodec']))}), "
           f"decord {'available' if V.decord_available() else 'not installed'}; ms = median of {repeats} calls "
-          f"(frames/s and 'vs pyav' from it); wrong = frames differing from sequential decoding", flush=True)
+          f"(frames/s, 'vs pyav' and 'vs ref' from it; ref = the faster of decord and forward); wrong = frames differing "
+          f"from sequential decoding", flush=True)
     rows, failed = [], []
     for path in videos:
         try:

@@ -191,8 +191,18 @@ class FeatureSettings:
 
     def differences(self, other: "FeatureSettings") -> list[str]:
         """`field: stored X, asked Y` for every field where `other` (asked) differs from these (stored)."""
-        return [f"{f.name}: stored {_shown(getattr(self, f.name))!r}, asked {_shown(getattr(other, f.name))!r}"
-                for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+        out = []
+        for f in dataclasses.fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if mine == theirs:
+                continue
+            if f.name == "options":  # name the option that differs (e.g. a flow folder's bound), not the whole dict
+                for key in sorted(set(mine) | set(theirs)):
+                    if mine.get(key) != theirs.get(key):
+                        out.append(f"options.{key}: stored {mine.get(key)!r}, asked {theirs.get(key)!r}")
+            else:
+                out.append(f"{f.name}: stored {_shown(mine)!r}, asked {_shown(theirs)!r}")
+        return out
 
 
 # The keys of settings.json files written before the format version (all optional when read).

@@ -20,25 +20,32 @@ bound (``normalize_flow``: pixels -> [-1, 1], zero motion ~0), recorded as ``"fl
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from pipeline.data.features import FeatureFolder
+from pipeline.data.features import FeatureFolder, FeatureSettings, SettingsFormatError
 
 __all__ = [
     "DEFAULT_BOUND",
     "FLOW_SUFFIX",
+    "FlowArray",
+    "FlowFile",
     "FlowFolder",
+    "FlowOptions",
     "FlowWriter",
     "dequantize",
     "export_jpg",
+    "flow_data_config",
+    "flow_folder_settings",
     "flow_info",
     "flow_stack",
     "jpeg_bytes",
@@ -48,6 +55,7 @@ __all__ = [
     "quantize",
     "read_jpg_folder",
     "stack_indices",
+    "stack_levels",
 ]
 
 DEFAULT_BOUND = 20.0
@@ -60,6 +68,73 @@ FLOW_NORM = "bound"  # flow stacks are divided by the bound: pixels -> [-1, 1]
 # PNG settings measured in the module docstring: Paeth + RLE is both the smallest and among the fastest here.
 _PNG_PARAMS = None  # filled on first use (cv2 is imported lazily: `import pipeline.data` must not need OpenCV)
 _JPG_RE = re.compile(r"^(flow_)?([xy])_(\d+)\.(jpg|jpeg)$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class FlowOptions:
+    """How a flow folder's flow was computed: the ``options`` of its `FeatureSettings` (modality "flow"), and of
+    every flow-stream feature folder made from it, so that classify computes a new video's flow the same way.
+
+    Fields:
+        method: "dis", "farneback", "tvl1", "raft", or "jpg" (imported mmaction2/denseflow JPEGs: not recomputable).
+        preset: "fast" or "medium" ("none" for imported flow).
+        short_side: frames resized to this short side before the flow (None: the decoded size).
+        bound: the quantisation bound in pixels.
+        format: the flow file format (``eleatt-flow-png-zip``).
+        flow_norm: what the network sees: "bound" (flow divided by the bound, in [-1, 1]).
+        raft: RAFT's variant ("large", "small"), None for other methods.
+        weights: the RAFT weights file's name, None for other methods.
+    """
+
+    method: str = "dis"
+    preset: str = "fast"
+    short_side: int | None = 256
+    bound: float = DEFAULT_BOUND
+    format: str = FORMAT
+    flow_norm: str = FLOW_NORM
+    raft: str | None = None
+    weights: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_bound(self.bound)
+        object.__setattr__(self, "bound", float(self.bound))
+
+    def to_options(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def of(cls, settings: FeatureSettings, source: str | os.PathLike = "<settings>") -> "FlowOptions":
+        """The flow options recorded in ``settings`` (a flow folder's or a flow-stream feature folder's)."""
+        if settings.modality != "flow":
+            raise SettingsFormatError(f"'{source}': settings of modality {settings.modality!r} record no flow options")
+        options = dict(settings.options)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown, missing = sorted(set(options) - known), sorted(known - set(options) - {"raft", "weights"})
+        if unknown or missing:
+            raise SettingsFormatError(f"'{source}': flow options with unknown keys {unknown}, missing keys {missing} "
+                                      f"(known: {sorted(known)}); make the flow folder again with `eleatt flow`")
+        try:
+            return cls(**options)
+        except (TypeError, ValueError) as err:
+            raise SettingsFormatError(f"'{source}': bad flow options: {err}") from None
+
+
+def flow_folder_settings(options: FlowOptions) -> FeatureSettings:
+    """The settings of a flow folder: modality "flow", no backbone, one flow field (x, y: 2 channels) per item."""
+    return FeatureSettings(modality="flow", in_chans=2, options=options.to_options())
+
+
+def flow_data_config(data_config: Mapping[str, Any], stack: int) -> dict[str, Any]:
+    """A backbone's data config for flow stacks of ``stack`` fields: ``2 * stack`` channels, mean 0.5, std 0.5.
+
+    The flow stream feeds the stored uint8 levels ``q`` (so resizing and cropping run on uint8, as for RGB); with
+    mean 0.5 and std 0.5 per channel, ``(q / 255 - 0.5) / 0.5 = f / bound`` (``normalize_flow``): the network sees
+    flow divided by the bound, in [-1, 1], zero motion at ~0 (``flow_norm: "bound"``). A flip maps ``q -> 255 - q``,
+    which is exactly ``-f / bound``.
+    """
+    chans = 2 * int(stack)
+    size = tuple(data_config["input_size"])
+    return {**dict(data_config), "input_size": (chans, *size[1:]), "mean": (0.5,) * chans, "std": (0.5,) * chans}
 
 
 def _cv2():
@@ -77,6 +152,17 @@ def _png_params() -> list[int]:
         params = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
         if hasattr(cv2, "IMWRITE_PNG_FILTER"):  # OpenCV >= 4.11; older builds let libpng choose the filter
             params += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_PAETH]
+        # OpenCV's libpng can be bound to another library's older zlib (decord's, when decord was loaded before
+        # cv2): it then reports success and writes damaged PNGs. One round trip per process catches that before
+        # any flow file is written, instead of leaving files that fail only when read.
+        probe = np.arange(64 * 32, dtype=np.uint32).reshape(64, 32).astype(np.uint8)
+        ok, png = cv2.imencode(".png", probe, params)
+        back = cv2.imdecode(png, cv2.IMREAD_UNCHANGED) if ok else None
+        if back is None or not np.array_equal(back, probe):
+            raise RuntimeError(
+                "OpenCV's PNG codec is broken in this process (libpng is bound to an incompatible zlib, typically "
+                "because decord was imported before cv2), so flow files cannot be written or read here; import "
+                "cv2 (or pipeline.data.video) before decord, or run the flow step in a fresh process")
         _PNG_PARAMS = params
     return _PNG_PARAMS
 
@@ -119,9 +205,10 @@ class FlowWriter:
     Usage: ``with FlowWriter(path, bound) as w: w.add(q)`` for each pair ``q`` uint8 ``(2, H, W)`` (x, y).
     """
 
-    def __init__(self, path: str | os.PathLike, bound: float = DEFAULT_BOUND):
+    def __init__(self, path: str | os.PathLike, bound: float = DEFAULT_BOUND, fps: float | None = None):
         self.path = Path(path)
         self.bound = _check_bound(bound)
+        self.fps = None if fps is None else float(fps)  # the source's frame rate (fps sampling of flow stacks)
         self.pairs = 0
         self.shape: tuple[int, int] | None = None
         self._zip = zipfile.ZipFile(self.path, "w", compression=zipfile.ZIP_STORED)
@@ -147,6 +234,8 @@ class FlowWriter:
         h, w = self.shape or (0, 0)
         meta = {"format": FORMAT, "version": VERSION, "bound": self.bound, "pairs": self.pairs,
                 "height": h, "width": w}
+        if self.fps is not None:
+            meta["fps"] = self.fps
         self._zip.writestr(META, json.dumps(meta, sort_keys=True))
         self._zip.close()
         self._zip = None
@@ -182,7 +271,8 @@ def _open(path: Path) -> tuple[zipfile.ZipFile, dict]:
 
 
 def flow_info(path: str | os.PathLike) -> dict:
-    """The header of a flow file: ``bound``, ``pairs``, ``height``, ``width`` (and ``format``, ``version``)."""
+    """The header of a flow file: ``bound``, ``pairs``, ``height``, ``width`` (and ``format``, ``version``; ``fps``,
+    the source's frame rate, in files written by `eleatt flow` since the flow stream)."""
     zf, meta = _open(Path(path))
     zf.close()
     return meta
@@ -213,6 +303,7 @@ def load_quantized(path: str | os.PathLike, indices: Sequence[int] | np.ndarray 
         h, w = int(meta["height"]), int(meta["width"])
         out = np.empty((len(idx), 2, h, w), dtype=np.uint8)
         cv2 = _cv2()
+        _png_params()  # the codec's self-test: a broken libpng must not pass for a damaged file
         decoded: dict[int, np.ndarray] = {}
         for k, i in enumerate(idx.tolist()):
             if i not in decoded:
@@ -266,6 +357,52 @@ def flow_stack(path: str | os.PathLike, positions: Sequence[int] | np.ndarray, l
     return normalize_flow(stack, bound) if normalize else stack
 
 
+class FlowFile:
+    """A stored flow file as the flow stream's source: ``pairs``, ``bound``, ``fps``; ``quantized(indices)`` reads
+    only the pairs asked for. ``fps`` (the source video's rate) comes from the file, else from the argument
+    (e.g. the flow folder's manifest record), else None."""
+
+    def __init__(self, path: str | os.PathLike, fps: float | None = None) -> None:
+        self.path = Path(path)
+        meta = flow_info(self.path)
+        self.pairs, self.bound = int(meta["pairs"]), float(meta["bound"])
+        recorded = meta.get("fps")
+        self.fps = float(recorded) if recorded else (float(fps) if fps else None)
+
+    def quantized(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        return load_quantized(self.path, indices)[0]  # (N, 2, H, W) uint8
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+class FlowArray:
+    """Quantised flow held in memory (a new video's, computed by classify) as the flow stream's source."""
+
+    def __init__(self, q: np.ndarray, bound: float, fps: float | None = None, name: str = "<flow>") -> None:
+        q = np.asarray(q)
+        if q.dtype != np.uint8 or q.ndim != 4 or q.shape[1] != 2:
+            raise ValueError(f"flow levels must be uint8 (N, 2, H, W), got {q.dtype} {tuple(q.shape)}")
+        self.q, self.bound, self.pairs, self.name = q, _check_bound(bound), int(q.shape[0]), name
+        self.fps = float(fps) if fps else None
+
+    def quantized(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        return self.q[_indices(indices, self.pairs, Path(self.name))]  # (N, 2, H, W) uint8
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def stack_levels(source: FlowFile | FlowArray, positions: Sequence[int] | np.ndarray, length: int) -> np.ndarray:
+    """The flow stream's images: uint8 levels ``(P, H, W, 2L)`` channels-last, ``x1, y1, ..., xL, yL`` per
+    sampled position (the last pair repeated near the end), as ``eval_views`` takes frames. The levels are the
+    stored ones exactly; the data config's mean/std (``flow_data_config``) turn them into ``f / bound``."""
+    idx = stack_indices(positions, source.pairs, length)  # (P, L)
+    q = source.quantized(idx.reshape(-1))  # (P * L, 2, H, W)
+    p, h, w = idx.shape[0], q.shape[-2], q.shape[-1]
+    return np.ascontiguousarray(q.reshape(p, 2 * length, h, w).transpose(0, 2, 3, 1))  # (P, H, W, 2L)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Flow folders
 # ---------------------------------------------------------------------------------------------------------------------
@@ -315,6 +452,20 @@ class FlowFolder(FeatureFolder):
             tmp.unlink(missing_ok=True)
             raise
         return self.record(video, **extra)
+
+    def _whole(self, record: dict) -> bool:
+        """A flow file is whole when its zip directory reads and holds every pair its record counts (a truncated or
+        overwritten file is redone by a rerun, as the feature folder's .npy checks do)."""
+        path = self.root / str(record.get("feature", ""))
+        try:
+            zf, meta = _open(path)
+            with zf:
+                names = set(zf.namelist())
+        except (OSError, ValueError):
+            return False
+        pairs = int(meta.get("pairs", 0))
+        return pairs >= 1 and pairs == int(record.get("pairs", pairs)) and all(
+            f"{i:06d}.png" in names for i in range(pairs))
 
     def load(self, video: str, indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:  # type: ignore[override]
         """``load_flow`` of the video's file: float32 ``(N, 2, H, W)`` pixels; a clear error when it is missing."""

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from pipeline.data.features import FeatureSettings
+from pipeline.data.flow import FlowArray, FlowFile, stack_levels
 from pipeline.data.transforms import eval_views
 from pipeline.data.video import load_frames, probe
 
@@ -45,22 +46,36 @@ class ViewChunk:
     source: SourceInfo
 
 
-def open_source(path: str | os.PathLike, settings: FeatureSettings,
+def open_source(path: str | os.PathLike | FlowFile | FlowArray, settings: FeatureSettings,
                 backend: str = "auto") -> tuple[SourceInfo, Callable[[np.ndarray], torch.Tensor]]:
     """The source at `path` for a stream of `settings.modality`: its length and rate, and a reader that returns the
     images of sampled steps, `indices` int64 (t,) -> `(t, H, W, in_chans)` (uint8, or float in [0, 1]), before views.
 
     The one branch per modality on the way to features; everything after it (sampling, chunks, views,
-    normalisation, the backbone) is shared. RGB decodes frames; a flow stream would read the flow fields of
-    each step here and stack `settings.stack` of them into 2L channels x1, y1, x2, y2, ...
+    normalisation, the backbone) is shared. RGB decodes frames. Flow (`path`: a `.flow.zip` file, a `FlowFile` or a
+    `FlowArray` in memory) is sampled over its T - 1 flow fields like frames, and each sampled position `t` reads
+    the `settings.stack` (L) fields t .. t+L-1 (the last repeated near the end) as uint8 levels interleaved
+    x1, y1, ..., xL, yL: 2L channels (`stack_levels`).
     """
     if settings.modality == "rgb":
         info = probe(path)
         return SourceInfo(int(info.num_frames), float(info.fps)), lambda idx: load_frames(path, idx, backend=backend)
-    raise ValueError(f"modality {settings.modality!r} has no input path to a backbone yet (supported: 'rgb')")
+    if settings.modality == "flow":
+        source = path if isinstance(path, (FlowFile, FlowArray)) else FlowFile(path)
+        if source.pairs < 1:
+            raise ValueError(f"'{source}' has no flow fields (its video has fewer than 2 frames)")
+        if settings.sampling.mode == "fps" and not source.fps:
+            raise ValueError(f"'{source}' records no frame rate, which fps sampling needs; compute the flow again "
+                             "with `eleatt flow`, or extract with --num-segments or every field")
+        if settings.in_chans != 2 * settings.stack:
+            raise ValueError(f"flow settings with stack {settings.stack} need in_chans {2 * settings.stack}, "
+                             f"not {settings.in_chans}")
+        return (SourceInfo(source.pairs, float(source.fps or 0.0)),
+                lambda idx: torch.from_numpy(stack_levels(source, idx, settings.stack)))
+    raise ValueError(f"modality {settings.modality!r} has no input path to a backbone (supported: 'rgb', 'flow')")
 
 
-def video_views(path: str | os.PathLike, settings: FeatureSettings, backend: str = "auto",
+def video_views(path: str | os.PathLike | FlowFile | FlowArray, settings: FeatureSettings, backend: str = "auto",
                 chunk: int = DECODE_CHUNK) -> Iterator[ViewChunk]:
     """The evaluation views of every sampled step of the source at `path`, in temporal order.
 
@@ -79,5 +94,6 @@ def video_views(path: str | os.PathLike, settings: FeatureSettings, backend: str
     for d0 in range(0, total, chunk):
         frames = read(indices[d0:d0 + chunk])  # (t, H, W, C)
         for t0 in range(0, frames.shape[0], per_yield):
-            views = eval_views(frames[t0:t0 + per_yield], settings.data_config, settings.views)  # (V, t, C, H, W)
+            views = eval_views(frames[t0:t0 + per_yield], settings.data_config, settings.views,
+                               flow=settings.modality == "flow")  # (V, t, C, H, W)
             yield ViewChunk(d0 + t0, total, views, info)

@@ -455,9 +455,12 @@ def eval_resize(x: torch.Tensor, data_config: Mapping) -> torch.Tensor:
 
 
 def eval_views(
-    frames: torch.Tensor | np.ndarray, data_config: Mapping, views: Views = "center"
+    frames: torch.Tensor | np.ndarray, data_config: Mapping, views: Views = "center", flow: bool = False
 ) -> torch.Tensor:
     """Test-time views of a clip, normalised and ready for the backbone.
+
+    ``flow=True``: the channels are flow stacks ``x1, y1, ...`` (uint8 levels): the ten views' mirrored crops
+    negate x (:func:`hflip`); every view crops all channels alike.
 
     ``frames`` uint8 ``(T, H, W, C)`` RGB (or float in [0, 1]) -> :func:`eval_resize` -> ``views``:
     ``"center"`` (timm's eval transform), ``"three"`` (:func:`three_crop`, centre in the middle) or ``"ten"``
@@ -482,7 +485,7 @@ def eval_views(
     elif views == "three":
         out = three_crop(x, cfg["size"])
     else:
-        out = ten_crop(x, cfg["size"])
+        out = ten_crop(x, cfg["size"], flow=flow)
     return normalize(out, cfg["mean"], cfg["std"])  # (V, T, C, H, W)
 
 

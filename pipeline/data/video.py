@@ -10,13 +10,15 @@ yields (presentation order); ``probe`` counts those frames. Three sources sit be
     ``i``; the keyframes; and the frame count, ``len(pts)``. Container frame counts (``stream.frames``, AVI headers,
     MKV durations) are often wrong or absent, so they are only used to detect truncation (fewer packets than the
     container declares, or a packet flagged corrupt).
-  * Reads seek to the keyframe before a wanted frame when that skips at least ``SEEK_MIN_SKIP`` frames, and decode
-    forward, *identifying every frame by its pts* (never by counting after a seek). Seeking is used only in
+  * Reads decode forward and seek only when the next wanted frame lies at or beyond the next keyframe (decoding on
+    would pass through that keyframe anyway; the seek lands on the last keyframe before the wanted frame and skips at
+    least ``SEEK_MIN_SKIP`` frames), *identifying every frame by its pts* (never by counting after a seek). A sparse
+    read thus costs at most a forward decode from the start to its last frame, and less where keyframes let it skip. Seeking is used only in
     containers whose packets carry real presentation timestamps (MP4/MOV, Matroska/WebM) and whose pts are unique;
     AVI packets carry decode-order counters, so AVI files are always decoded sequentially from the start. Every frame
     decoded is checked against the index (a known pts, consecutive indices, not past the target); any mismatch drops
     that file to sequential decoding (remembered), so a wrong index costs time, never a wrong frame.
-  * Only the asked frames are converted to RGB; slice threads only (see ``PYAV_THREAD_TYPE``).
+  * Only the asked frames are converted to RGB; frame and slice threads (see ``PYAV_THREAD_TYPE``).
 
 - **decord** (0.6.0, where installed): not exact on every file -- on ``h265_video.mp4`` random access returns frame
   ``i + 1`` -- and it can abort the process on input it dislikes. It is only ever given files PyAV has already opened
@@ -30,10 +32,11 @@ yields (presentation order); ``probe`` counts those frames. Three sources sit be
   only), for comparison.
 
   Why this split: accuracy must not depend on decord, and it does not. Measured with
-  ``python -m pipeline.benchmarks.decode`` (and in ``../shared/README.md``), PyAV with the index is as fast as decord
-  or faster for segment sampling (8 frames: 123 ms vs 154 ms on ``test.mp4``); decord is faster only when decoding
-  whole small videos (~20%: 220 ms vs 272 ms on ``test.mp4``) and 2-3x slower on the 1080p NTU clip. So sparse reads
-  -- every training sample -- go to PyAV with no check to pay, and decord is used where it is verified and faster.
+  ``python -m pipeline.benchmarks.decode`` (and in ``../shared/README.md``), PyAV with the index and frame threads
+  is as fast as decord for segment sampling (8 frames of ``test.mp4``: 0.96-1.03x the faster of decord and a forward
+  decode, loaded 2-core machine; with slice threads only it was 1.7-2.3x decord); decord was faster when decoding
+  whole small videos (~20% before frame threads) and 2-3x slower on the 1080p NTU clip. So sparse reads -- every
+  training sample -- go to PyAV with no check to pay, and decord is used where it is verified and faster.
 
 - **Raw-frame folders** (``img_00001.jpg``, ``img_00002.jpg``, ...; the mmaction2/TSN layout, numbered from 1,
   ``.jpg``/``.jpeg``/``.png``): frame ``i`` is ``img_{i+1:05d}``. A folder has no frame rate, so ``probe`` reports
@@ -78,8 +81,9 @@ DEFAULT_RAWFRAME_FPS = 30.0
 # convert with swscale and agree exactly on the test videos; kept tight because consecutive frames of a static scene
 # can differ by little more (a decord build that converts colours differently then fails the check: slower, not wrong).
 SAME_FRAME_TOL = 1.0
-# Seek only when it skips at least this many frames; closer targets are cheaper to reach by decoding on.
-SEEK_MIN_SKIP = 8
+# Seek only when the wanted frame lies at or beyond the next keyframe (decoding on would have to pass through that
+# keyframe anyway) and the seek skips at least this many frames (a seek drains the decoder's frame-thread pipeline).
+SEEK_MIN_SKIP = 4
 # decord check: keyframes probed per file, and how far into a file PyAV may decode sequentially for references.
 _PROBE_KEYFRAMES = 3
 _SEQUENTIAL_PROBE_SPAN = 64
@@ -87,9 +91,12 @@ _SEQUENTIAL_PROBE_SPAN = 64
 # above 1 to never use decord), and only up to this frame size: on the 1920x1080 NTU clip decord was 2-3x slower.
 DENSE_READ_FRACTION = 0.5
 DECORD_MAX_PIXELS = 1280 * 720
-# PyAV threading: slice threads only. Frame threading gains little with per-call readers (threads are created per
-# call, every seek drains the frame pipeline, DataLoader workers already use the cores) and stalls when cores are busy.
-PYAV_THREAD_TYPE = "SLICE"
+# PyAV threading: frame and slice threads, a few per reader. Most H.264 files have one slice per frame, so slice
+# threads alone leave decoding single-threaded: measured with `python -m pipeline.benchmarks.decode`, frame threads make
+# a forward decode of test.mp4 2-3x faster even on a loaded 2-core machine (and as fast as decord, which threads too).
+# Capped so that DataLoader workers (one reader each) do not oversubscribe the cores many times over.
+PYAV_THREAD_TYPE = "AUTO"
+PYAV_THREADS = max(1, min(4, os.cpu_count() or 1))
 # Containers whose packets carry presentation timestamps (FFmpeg demuxer names).
 _PTS_CONTAINERS = frozenset({"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm"})
 _RAWFRAME_RE = re.compile(r"^img_(\d+)\.(jpg|jpeg|png)$", re.IGNORECASE)
@@ -173,6 +180,13 @@ def _decord() -> Any:
     global _decord_module
     if _decord_module is None:
         try:
+            # OpenCV first: decord's wheel bundles an old zlib whose soname is libz.so.1; loaded before cv2, it
+            # becomes the libz of cv2's libpng, whose PNG decoding then fails ("libpng error: bad parameters to
+            # zlib"), which breaks reading flow files in any process that decoded video with decord first.
+            try:
+                import cv2  # noqa: F401
+            except ImportError:  # pragma: no cover - a dependency of the project
+                pass
             import decord
         except ImportError:
             _decord_module = False
@@ -404,6 +418,16 @@ def _build_index(path: Path) -> _Index:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def _set_threads(stream: av.video.stream.VideoStream) -> None:
+    stream.thread_type = PYAV_THREAD_TYPE
+    stream.thread_count = PYAV_THREADS
+
+
+def _seek(c: av.container.InputContainer, stream: av.video.stream.VideoStream, pts: int) -> None:
+    """Seek to the keyframe with presentation timestamp ``pts`` (one place, so tests can count seeks)."""
+    c.seek(pts, stream=stream, backward=True, any_frame=False)
+
+
 def _rgb(frame: av.VideoFrame) -> np.ndarray:
     return frame.to_ndarray(format="rgb24")  # (H, W, 3) uint8
 
@@ -426,7 +450,7 @@ def _decode_sequential(path: Path, index: _Index, wanted: np.ndarray) -> np.ndar
     count = 0
     with _open(path) as c:
         stream = c.streams.video[0]
-        stream.thread_type = PYAV_THREAD_TYPE
+        _set_threads(stream)
         try:
             for i, frame in enumerate(c.decode(stream)):
                 count = i + 1
@@ -445,19 +469,22 @@ def _decode_sequential(path: Path, index: _Index, wanted: np.ndarray) -> np.ndar
 
 
 def _decode_seeking(path: Path, index: _Index, wanted: np.ndarray) -> np.ndarray:
-    """Seek to the keyframe before each far target and decode forward, identifying every frame by its pts."""
+    """Decode forward through the targets, seeking to the keyframe before a target only when decoding on would pass
+    through a keyframe first; every frame is identified by its pts."""
     out: list[np.ndarray] = []
     with _open(path) as c:
         stream = c.streams.video[0]
-        stream.thread_type = PYAV_THREAD_TYPE
-        frames = None  # the running decode, continued between targets that are close together
+        _set_threads(stream)
+        frames = None  # the running decode, continued between targets
         pos = 0  # index of the next frame it yields; -1 right after a seek (the landing frame is checked instead)
         try:
             for target in wanted.tolist():
                 k = bisect.bisect_right(index.key_index, target) - 1
-                key_pos = int(index.key_index[k])
-                if key_pos - (pos if frames is not None else 0) >= SEEK_MIN_SKIP:
-                    c.seek(int(index.pts[key_pos]), stream=stream, backward=True, any_frame=False)
+                key_pos = int(index.key_index[k])  # the last keyframe at or before the target
+                here = pos if frames is not None else 0
+                # key_pos > here: the next keyframe after the decoder's position lies at or before the target.
+                if key_pos > here and key_pos - here >= SEEK_MIN_SKIP:
+                    _seek(c, stream, int(index.pts[key_pos]))
                     frames, pos = c.decode(stream), -1
                 elif frames is None:
                     frames, pos = c.decode(stream), 0

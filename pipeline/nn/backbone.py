@@ -17,10 +17,9 @@ import timm
 import torch
 from timm.data import resolve_data_config
 from timm.models import get_pretrained_cfg, load_state_dict
-from timm.models._manipulate import adapt_input_conv
 from torch import nn
 
-__all__ = ["FrameEncoder", "MissingWeightsError", "resolve_weights", "WEIGHT_FILE_SUFFIXES", "STORED_DTYPES",
+__all__ = ["FrameEncoder", "cross_modality_conv", "MissingWeightsError", "resolve_weights", "WEIGHT_FILE_SUFFIXES", "STORED_DTYPES",
            "AUTOCAST_DTYPES"]
 
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
@@ -114,7 +113,48 @@ def _pretrained_cfg(name: str) -> Any:
     return cfg
 
 
+def cross_modality_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """TSN's cross-modality initialisation of a first convolution for `in_chans` inputs (e.g. 2L flow channels):
+    the pretrained filters averaged over their (RGB) input channels and repeated over the new ones, unscaled.
+
+    weight (O, I, k, k) -> (O, in_chans, k, k).
+    """
+    return weight.float().mean(1, keepdim=True).expand(-1, in_chans, -1, -1).contiguous().to(weight.dtype)
+
+
+def _adapt_in_chans(model: nn.Module, name: str, in_chans: int) -> nn.Module | None:
+    """`model`'s weights in a fresh `name` with `in_chans` inputs, its first conv(s) adapted TSN's way
+    (`cross_modality_conv`); None where the first conv is not a plain (O, I, k, k) convolution."""
+    state = model.state_dict()
+    keys = [c + ".weight" for c in _first_convs(model)]
+    if not keys or not all(k in state and state[k].ndim == 4 for k in keys):
+        return None
+    for key in keys:
+        state[key] = cross_modality_conv(state[key], in_chans)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        adapted = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans)
+    try:
+        adapted.load_state_dict(state, strict=True)
+    except RuntimeError:
+        return None
+    adapted.pretrained_cfg = model.pretrained_cfg
+    return adapted
+
+
 def _create_pretrained(name: str, in_chans: int) -> nn.Module:
+    """timm's pretrained weights (RGB); for other `in_chans` (flow stacks) the first conv adapted TSN's way, which
+    timm does not do (it repeats R, G, B cyclically and rescales): averaged over RGB and repeated."""
+    model = _create_pretrained_rgb(name)
+    if in_chans == 3:
+        return model
+    adapted = _adapt_in_chans(model, name, in_chans)
+    if adapted is None:  # an unusual stem: timm's own adaptation
+        return _create_pretrained_rgb(name, in_chans)
+    return adapted
+
+
+def _create_pretrained_rgb(name: str, in_chans: int = 3) -> nn.Module:
     """timm's pretrained weights, from the local cache when there, else downloaded; never a minute of retries."""
     cfg = _pretrained_cfg(name)
     cached = _cached_pretrained_file(cfg)
@@ -155,7 +195,9 @@ def load_weights_file(model: nn.Module, path: str | os.PathLike, in_chans: int =
     checkpoint dict (`state_dict` / `model` / EMA keys, `module.` prefixes: timm's `load_state_dict`), as
     `.safetensors` or a torch pickle loaded with `weights_only=True`. Classifier weights are dropped; the first
     convolution is adapted to `in_chans` the way timm adapts pretrained weights. Any other missing or unexpected
-    key is an error naming the file (a file for another architecture must not load half-way).
+    key is an error naming the file (a file for another architecture must not load half-way). A first convolution
+    saved for other input channels (an RGB file for a flow stream's 2L channels) is adapted TSN's way
+    (`cross_modality_conv`), as `weights="imagenet"` is.
     """
     path = Path(path)
     try:
@@ -176,7 +218,7 @@ def load_weights_file(model: nn.Module, path: str | os.PathLike, in_chans: int =
     for conv in _first_convs(model):
         key = conv + ".weight"
         if key in state and key in own and state[key].ndim == 4 and state[key].shape[1] != own[key].shape[1]:
-            state[key] = adapt_input_conv(in_chans, state[key], base_chans=state[key].shape[1])
+            state[key] = cross_modality_conv(state[key], in_chans)
 
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -201,8 +243,8 @@ class FrameEncoder(nn.Module):
         weights: "imagenet" (timm's default pretrained weights; from the cache, else the hub; offline without a
             cached copy raises `MissingWeightsError` at once), "none" (random init, seeded: the same network in
             every process), or a local state dict file.
-        in_chans: input channels (3 for RGB; 2L for stacks of L flow fields). Pretrained first-conv weights are
-            adapted as timm does (repeated and rescaled).
+        in_chans: input channels (3 for RGB; 2L for stacks of L flow fields). Pretrained (RGB) first-conv weights
+            are adapted TSN's cross-modality way: averaged over R, G, B and repeated over the in_chans channels.
 
     Attributes:
         num_features: D, the pooled feature size.

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data.flow import (DEFAULT_BOUND, FlowFolder, dequantize, export_jpg, flow_info, flow_stack,
+from pipeline.data.flow import (DEFAULT_BOUND, FlowFolder, FlowOptions, dequantize, flow_folder_settings, export_jpg, flow_info, flow_stack,
                                 jpg_files, load_flow, load_quantized, normalize_flow, quantize, read_jpg_folder,
                                 save_flow, stack_indices)
 from pipeline.data.transforms import hflip
@@ -69,7 +69,8 @@ def test_damaged_and_missing_files_give_clear_errors(tmp_path):
 
 def test_flow_folder_writes_atomically_and_records(tmp_path):
     folder = FlowFolder(tmp_path / "flows")
-    folder.check_settings({"modality": "flow", "bound": 20.0})
+    settings = folder.check_settings(flow_folder_settings(FlowOptions(bound=20.0)))
+    assert FlowFolder(tmp_path / "flows").settings == settings and FlowOptions.of(settings).bound == 20.0
     q = _levels(n=3)
     record = folder.write_quantized("cls/v1.avi", q, 20.0, source_frames=4)
     assert record["feature"] == "cls/v1.flow.zip" and record["pairs"] == 3 and record["source_frames"] == 4
@@ -162,3 +163,18 @@ def test_jpg_folder_errors(tmp_path):
     empty.mkdir()
     with pytest.raises(ValueError, match="holds no flow JPEGs"):
         jpg_files(empty)
+
+
+def test_flow_files_read_after_decord_was_loaded(tmp_path):
+    """decord bundles a zlib with soname libz.so.1: loaded before OpenCV it broke cv2's PNG decoding (flow files)."""
+    import subprocess
+    import sys
+
+    q = _levels(n=2)
+    save_flow(tmp_path / "v.flow.zip", q)
+    code = ("from pipeline.data.video import decord_available; decord_available(); "
+            "import numpy as np; from pipeline.data.flow import load_quantized; "
+            f"print(int(load_quantized({str(tmp_path / 'v.flow.zip')!r})[0].sum()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.strip()) == int(q.astype(np.int64).sum())

@@ -136,6 +136,35 @@ def test_seek_mismatch_falls_back_to_sequential(lossless):
     assert key in V._no_seek
 
 
+@pytest.mark.parametrize("container", ["mp4", "mkv"])
+def test_seeks_only_past_the_next_keyframe(lossless, container, monkeypatch):
+    """Keyframes every 6 frames (0, 6, 12, ...): a read decodes forward and seeks only where the next wanted frame
+    lies at or beyond the next keyframe; the frames stay exact."""
+    seeks: list[int] = []
+    real_seek = V._seek
+    monkeypatch.setattr(V, "_seek", lambda c, stream, pts: (seeks.append(pts), real_seek(c, stream, pts)))
+    monkeypatch.setattr(V, "SEEK_MIN_SKIP", 1)
+    path, frames = lossless[container], make_frames()
+    index = V._index(path)[0]
+    assert index.key_index.tolist() == list(range(0, T, 6))
+    cases = [
+        ([0, 2, 5], []),  # all before the first keyframe after 0: decode forward
+        ([1, 4, 7], [6]),  # 7 lies past keyframe 6: seek there rather than decode 5 and 6
+        ([13, 14, 17], [12]),  # from the start straight to keyframe 12, then forward within its group
+        ([3, 12, 13, 25, 27], [12, 24]),
+        ([6, 8, 11], [6]),
+    ]
+    for asked, keys in cases:
+        seeks.clear()
+        np.testing.assert_array_equal(load_frames(path, asked, "pyav").numpy(), frames[asked])
+        assert seeks == [int(index.pts[k]) for k in keys], (asked, seeks)
+    # A minimum skip keeps seeks that would save fewer frames than a seek costs out: 5 -> 7 decodes 6 on.
+    monkeypatch.setattr(V, "SEEK_MIN_SKIP", 4)
+    seeks.clear()
+    np.testing.assert_array_equal(load_frames(path, [5, 7, 20], "pyav").numpy(), frames[[5, 7, 20]])
+    assert seeks == [int(index.pts[18])]
+
+
 def test_edited_file_is_reindexed(tmp_path):
     path = write_video(tmp_path / "v.mkv", make_frames(12))
     assert probe(path).num_frames == 12
@@ -378,7 +407,8 @@ def test_decode_benchmark_quick(lossless, capsys):
     assert decode.main(["--quick", str(lossless["mp4"]), str(lossless["avi"])]) == 0
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line.startswith("clip.")]
-    backends = {" ".join(r[2:-6]) for r in rows}  # video mode BACKEND frames ms best fps ratio wrong
-    assert {"pyav", "auto", "auto (1st read)"} <= backends
+    backends = {" ".join(r[2:-7]) for r in rows}  # video mode BACKEND frames ms best fps ratio vs-ref wrong
+    assert {"pyav", "forward", "auto", "auto (1st read)"} <= backends
+    assert all(r[-2].endswith("x") for r in rows), out  # every row has its ratio to the faster reference
     assert all(r[-1] == "0" for r in rows), out  # no wrong frames on lossless files
     assert decode.main(["--quick", str(lossless["mp4"]), "/nonexistent.mp4"]) == 3

@@ -7,7 +7,6 @@ import pytest
 import timm
 import torch
 from safetensors.torch import save_file
-from timm.models._manipulate import adapt_input_conv
 
 from pipeline.nn.backbone import FrameEncoder, MissingWeightsError, resolve_weights
 
@@ -82,14 +81,26 @@ def test_frame_encoder_state_dict_and_checkpoint_dict_load(tmp_path):
         torch.testing.assert_close(FrameEncoder("test_efficientnet", tmp_path / name).encode(x), src.encode(x))
 
 
-def test_local_weights_adapt_first_conv_like_timm(tmp_path, full_resnet):
+def test_local_weights_adapt_first_conv_the_tsn_way(tmp_path, full_resnet):
+    """RGB weights for a flow stream (in_chans 2L): the first conv's filters averaged over RGB, repeated (TSN)."""
     path = tmp_path / "w.safetensors"
     save_file({k: v.contiguous() for k, v in full_resnet.state_dict().items()}, str(path))
     enc = FrameEncoder("test_resnet", weights=path, in_chans=6)
-    w3 = full_resnet.conv1[0].weight.detach()
-    torch.testing.assert_close(enc.model.conv1[0].weight.detach(), adapt_input_conv(6, w3))
-    torch.testing.assert_close(enc.model.conv1[0].weight[:, 3:].detach(), w3 * 0.5)
+    w3 = full_resnet.conv1[0].weight.detach()  # (O, 3, k, k)
+    w6 = enc.model.conv1[0].weight.detach()
+    assert w6.shape == (w3.shape[0], 6, *w3.shape[2:])
+    for c in range(6):
+        torch.testing.assert_close(w6[:, c], w3.mean(1))
+    # the rest of the network is the file's
+    torch.testing.assert_close(enc.model.conv1[1].weight.detach(), full_resnet.conv1[1].weight.detach())
     assert enc.encode(_input(enc, 2)).shape == (2, enc.num_features)
+    # the path `weights="imagenet"` takes for in_chans != 3 (no download here: on the same random RGB model)
+    from pipeline.nn.backbone import _adapt_in_chans
+
+    rgb = timm.create_model("test_resnet", num_classes=0)
+    flow = _adapt_in_chans(rgb, "test_resnet", 10)
+    assert flow.conv1[0].weight.shape[1] == 10
+    torch.testing.assert_close(flow.conv1[0].weight[:, 7], rgb.conv1[0].weight.mean(1))
 
 
 def test_weights_errors_name_the_file(tmp_path, full_resnet):

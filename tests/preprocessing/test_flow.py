@@ -11,7 +11,7 @@ import torch
 
 import preprocessing.flow as flowmod
 from pipeline.cli import main as cli_main
-from pipeline.data.flow import FlowFolder, flow_info, load_flow, load_quantized
+from pipeline.data.flow import FlowFolder, FlowOptions, flow_info, load_flow, load_quantized
 from preprocessing.flow import compute, main, tvl1_available
 from preprocessing.synthetic import write_lossless_video
 
@@ -78,8 +78,10 @@ def test_known_translation_is_measured(videos, tmp_path, method):
         for pair in inner:
             assert abs(np.median(pair[0]) - dx) <= 0.5, (method, name, np.median(pair[0]))
             assert abs(np.median(pair[1]) - dy) <= 0.5, (method, name, np.median(pair[1]))
-    settings = json.loads((out / "settings.json").read_text())
-    assert settings["method"] == method and settings["bound"] == 20.0 and settings["short_side"] is None
+    settings = FlowFolder(out).settings
+    assert (settings.modality, settings.backbone, settings.in_chans) == ("flow", None, 2)
+    options = FlowOptions.of(settings)
+    assert options.method == method and options.bound == 20.0 and options.short_side is None
 
 
 def test_flow_files_are_at_most_2_5x_the_jpeg_layout(videos, tmp_path):
@@ -220,8 +222,8 @@ def test_raft_plumbing_with_random_weights(videos, tmp_path, capsys):
     assert _run(videos, out, "--method", "raft", "--weights", str(weights), list_name="one.txt") == 0
     flow = load_flow(out / "move" / "right_up.flow.zip")
     assert flow.shape == (T - 1, 2, H, W) and np.isfinite(flow).all()
-    settings = json.loads((out / "settings.json").read_text())
-    assert (settings["method"], settings["raft"], settings["weights"]) == ("raft", "small", "raft_small.pth")
+    options = FlowOptions.of(FlowFolder(out).settings)
+    assert (options.method, options.raft, options.weights) == ("raft", "small", "raft_small.pth")
     capsys.readouterr()
     assert _run(videos, tmp_path / "r2", "--method", "raft", list_name="one.txt") == 2
     assert "--weights" in capsys.readouterr().err

@@ -242,7 +242,7 @@ def test_classify_makes_exactly_the_stored_features(demo_run):
     from pipeline.data.features import FeatureFolder, as_views
 
     data, run = demo_run
-    (features,) = [p for p in (data.parent / "features").iterdir() if (p / "settings.json").is_file()]
+    (features,) = [p for p in (data.parent / "features").glob("rgb-*") if (p / "settings.json").is_file()]
     folder = FeatureFolder(features)
     model = VideoClassifier(run / "best.ckpt", device="cpu")
     assert model.settings == folder.settings
@@ -252,42 +252,23 @@ def test_classify_makes_exactly_the_stored_features(demo_run):
 
 
 @pytest.fixture(scope="module")
-def flow_run(demo_run):
-    """A flow stream on the demo's videos: `eleatt flow` -> `extract --modality flow` -> fit -> test."""
-    from pipeline.demo import CONFIG, TRAINING
-    from pipeline.lit_cli import main as lightning_main
-    from preprocessing.extract import main as extract_main
-    from preprocessing.flow import main as flow_main
-
-    data, run = demo_run
-    work = run.parents[1] / "flow_stream"
-    everything = data / "all.txt"  # written by the demo
-    assert flow_main(["--list", str(everything), "--root", str(data), "--out", str(work / "flows"), "--short-side",
-                      "0", "--workers", "1", "--no-progress"]) == 0
-    assert extract_main(["--modality", "flow", "--stack", "3", "--root", str(work / "flows"), "--list",
-                         str(everything), "--out", str(work / "features"), "--backbone", "test_resnet", "--weights",
-                         "none", "--num-segments", "4", "--device", "cpu", "--no-progress"]) == 0
-    common = ["--config", str(CONFIG), "--data.features_dir", str(work / "features"), "--data.train_list",
-              str(data / "train.txt"), "--data.val_list", str(data / "val.txt"), "--data.test_list",
-              str(data / "test.txt"), "--data.num_workers", "0", "--trainer.default_root_dir", str(run.parent),
-              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-              "--seed_everything", "2", "--model.hidden_size", "16", *TRAINING]
-    assert lightning_main(["fit", *common, "--run_name", "flow", "--trainer.max_epochs", "2"]) == 0
-    flow = run.parent / "flow"
-    assert lightning_main(["test", *common, "--ckpt_path", str(flow / "best.ckpt")]) == 0
-    return flow
+def flow_run(quick_demo):
+    """The quick demo's flow stream: `eleatt flow` -> `extract --modality flow` -> fit -> validate/test."""
+    return quick_demo["flow_run"]
 
 
 def test_flow_checkpoint_gives_what_test_gives(demo_run, flow_run):
     """classify with a flow-stream checkpoint computes each video's flow as `eleatt flow` does and gives the
     probabilities `test` gives on the features `extract --modality flow` made (within 2e-3)."""
+    from pipeline.demo import QUICK
+
     data, _ = demo_run
     scores = read_scores(flow_run / "scores_test.npz")
     tests = read_list(data / "test.txt")
     picks = list(range(0, len(tests), max(1, len(tests) // 3)))[:3]
     model = VideoClassifier(flow_run / "best.ckpt", device="cpu")
-    assert model.settings.modality == "flow" and model.flow.short_side is None and model.settings.stack == 3
-    stored = FeatureFolder(flow_run.parents[1] / "flow_stream" / "features")
+    assert model.settings.modality == "flow" and model.flow.short_side is None and model.settings.stack == QUICK["stack"]
+    (stored,) = [FeatureFolder(p) for p in (data.parent / "features").glob(f"flow{QUICK['stack']}-*")]
     for i in picks:
         pred = model(data / tests[i].path, topk=3)
         assert pred.ok, pred.error

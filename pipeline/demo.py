@@ -45,9 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backbone", default=None, help="timm backbone of both streams (default test_resnet: "
                                                          "seconds on a CPU)")
     parser.add_argument("--weights", default="none",
-                        help="RGB backbone weights: none (random, seeded; default: no download needed), imagenet, or "
-                             "a local .safetensors/.pth/.bin file (the flow backbone stays random: its first conv "
-                             "takes 2L channels)")
+                        help="backbone weights of both streams: none (random, seeded; default: no download needed), "
+                             "imagenet, or a local .safetensors/.pth/.bin file (for flow, the first convolution's RGB "
+                             "filters are averaged and repeated over the 2L channels)")
     parser.add_argument("--stack", type=int, default=None, help="flow fields per flow-stream input, L (default 5)")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs per stream (default 40; --quick 4)")
     parser.add_argument("--videos-per-class", type=int, default=None, help="generated videos per class (default 60)")
@@ -67,7 +67,7 @@ REAL_COMMANDS = [
      "  eleatt extract --list data/ucf101/lists/split1/$s.txt --root data/ucf101/videos \\\n"
      "      --out data/ucf101/features/rgb --backbone resnet50 --weights imagenet\n"
      "  eleatt extract --modality flow --stack 5 --list data/ucf101/lists/split1/$s.txt --root data/ucf101/flow \\\n"
-     "      --out data/ucf101/features/flow --backbone resnet50 --weights none\n"
+     "      --out data/ucf101/features/flow --backbone resnet50 --weights imagenet\n"
      "done"),
     ("4. train each stream", "eleatt fit --config configs/ucf101_rgb.yaml --run_name ucf101-rgb-s1\n"
      "eleatt fit --config configs/ucf101_rgb.yaml --data.features_dir data/ucf101/features/flow "
@@ -186,10 +186,10 @@ def _run(args: argparse.Namespace) -> int:
     _done(t, f"RGB features of {summary['num_videos']} videos in {features['rgb']}")
 
     t = _stage(4, f"extract flow: {opts['backbone']} features of stacks of {opts['stack']} flow fields "
-                  f"({2 * opts['stack']} channels, random weights) -> {features['flow']}")
+                  f"({2 * opts['stack']} channels, weights {args.weights}) -> {features['flow']}")
     code = extract_main(["--modality", "flow", "--stack", str(opts["stack"]), "--list", str(everything),
                          "--root", str(flow), "--out", str(features["flow"]), "--backbone", opts["backbone"],
-                         "--weights", "none"])
+                         "--weights", args.weights])
     if code != 0:
         return _failed("flow extraction", code)
     _done(t, f"flow features of {summary['num_videos']} videos in {features['flow']}")

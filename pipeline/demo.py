@@ -230,7 +230,8 @@ def _run(args: argparse.Namespace) -> int:
                                    "--ckpt_path", str(runs[stream] / "best.ckpt")])
             if code != 0:
                 return _failed(f"{command} {LABELS[stream]}", code)
-        metrics[stream] = accuracy_summary(**_scores_and_labels(read_scores(runs[stream] / "scores_test.npz")))
+        scores = read_scores(runs[stream] / "scores_test.npz")
+        metrics[stream] = accuracy_summary(scores["scores"], scores["labels"])
     chance = 1 / len(summary["classes"])
     _done(t, "test top-1 " + ", ".join(f"{LABELS[s]} {metrics[s]['top1']:.1%}" for s in STREAMS)
              + f" (chance {chance:.1%})")
@@ -290,10 +291,6 @@ def _run(args: argparse.Namespace) -> int:
           f"{baseline['top1']:.1%}, chance {chance:.1%}); run folder {session}")
     print(f"report: {report.resolve()}")
     return 0
-
-
-def _scores_and_labels(scores: dict) -> dict:
-    return {"scores": scores["scores"], "labels": scores["labels"]}
 
 
 def write_demo_report(out: Path, streams: list, features: Path, data: Path, ckpt: Path, videos: list,

@@ -290,11 +290,10 @@ def build_models(ckpt, with_backbone: bool = False, step: bool = False, weights:
             "features (B, T, D) float32", "lengths (B,) int64"]
         info["outputs"] = ["probs (B, C)", "h (L, B, H)", "c (L, B, H)"] if step else ["probs (B, C)"]
         return module.eval(), info
-    recorded = hparams.get("extraction_settings")
     try:
-        settings = FeatureSettings.from_json(recorded, ckpt) if recorded else None
+        settings = FeatureSettings.from_checkpoint(hparams, ckpt)
     except SettingsFormatError as err:
-        raise ExportError(f"checkpoint {err}") from None
+        raise ExportError(str(err)) from None
     if settings is None or settings.backbone is None or settings.data_config is None:
         raise ExportError(f"checkpoint '{ckpt}' does not record the backbone its features were made with "
                           "(hyper_parameters.extraction_settings); export without --with-backbone, or retrain on a "

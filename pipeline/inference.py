@@ -45,6 +45,14 @@ class Prediction:
     scores: np.ndarray | None = None
     error: str | None = None
 
+    @classmethod
+    def from_scores(cls, video: str, scores: np.ndarray, class_names: Sequence[str], topk: int = 5) -> "Prediction":
+        """The top-k classes of class probabilities `scores` (C,), highest first (ties: lower label first)."""
+        k = max(1, min(topk, len(scores)))
+        top = np.argsort(-scores, kind="stable")[:k]
+        return cls(video, names=[class_names[i] for i in top], probs=[float(scores[i]) for i in top],
+                   labels=[int(i) for i in top], scores=scores)
+
     @property
     def ok(self) -> bool:
         return self.error is None
@@ -82,11 +90,7 @@ class VideoClassifier:
         load = video_classifier_from_checkpoint if end_to_end else classifier_from_checkpoint
         self.model = load(checkpoint, ckpt).to(self.device)
         hparams = self.model.hparams
-        recorded = hparams.get("extraction_settings")
-        try:
-            settings = FeatureSettings.from_json(recorded, ckpt) if recorded else None
-        except SettingsFormatError as err:
-            raise ValueError(f"checkpoint {err}") from None
+        settings = FeatureSettings.from_checkpoint(hparams, ckpt)
         if settings is None or settings.backbone is None or settings.data_config is None:
             raise ValueError(
                 f"checkpoint '{ckpt}' does not record the feature extraction settings it was trained on "
@@ -195,23 +199,15 @@ class VideoClassifier:
             scores = self.scores(self.features(path))
         except (VideoReadError, FileNotFoundError, ValueError) as err:
             return Prediction(video, error=f"{type(err).__name__}: {err}")
-        k = max(1, min(topk, len(scores)))
-        top = np.argsort(-scores, kind="stable")[:k]
-        return Prediction(video, names=[self.class_names[i] for i in top], probs=[float(scores[i]) for i in top],
-                          labels=[int(i) for i in top], scores=scores)
+        return Prediction.from_scores(video, scores, self.class_names, topk)
 
 
 def _recorded_modality(ckpt: str | os.PathLike) -> str:
     """The stream a checkpoint was trained on ('rgb', 'flow', ...), from its recorded extraction settings."""
     # A second read of the (small, classifier-only) checkpoint: VideoClassifier takes a path.
     hparams = read_checkpoint(ckpt, map_location="cpu").get("hyper_parameters") or {}
-    recorded = hparams.get("extraction_settings")
-    if not recorded:
-        return "rgb"  # VideoClassifier refuses it, saying what the checkpoint lacks
-    try:
-        return FeatureSettings.from_json(recorded, ckpt).modality
-    except SettingsFormatError as err:
-        raise ValueError(f"checkpoint {err}") from None
+    settings = FeatureSettings.from_checkpoint(hparams, ckpt)
+    return "rgb" if settings is None else settings.modality  # VideoClassifier refuses what lacks settings
 
 
 def open_classifier(ckpt: str | os.PathLike, weights: str | None = None, device: str = "auto", batch_size: int = 64,
@@ -252,10 +248,7 @@ class FusedClassifier:
                 return pred
             streams.append(pred.scores)
         scores = fuse_probs(streams, self.weights, self.mode)  # (C,)
-        k = max(1, min(topk, num_classes))
-        top = np.argsort(-scores, kind="stable")[:k]
-        return Prediction(str(path), names=[self.class_names[i] for i in top], probs=[float(scores[i]) for i in top],
-                          labels=[int(i) for i in top], scores=scores)
+        return Prediction.from_scores(str(path), scores, self.class_names, topk)
 
 
 def _as_list(value, count: int, what: str) -> list:

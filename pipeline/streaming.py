@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
-from pipeline.inference import VideoClassifier
+from pipeline.inference import Prediction, VideoClassifier
 
 # Steps/s for a checkpoint trained on segment sampling (a fixed number of frames per video, whatever its length):
 # a stream has no length to spread segments over, so it samples at a typical rate (override with sample_fps).
@@ -348,8 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _topk(probs: np.ndarray, names: Sequence[str], k: int) -> list[tuple[str, int, float]]:
-    top = np.argsort(-probs, kind="stable")[:k]
-    return [(names[i], int(i), float(probs[i])) for i in top]
+    pred = Prediction.from_scores("", probs, names, k)
+    return list(zip(pred.names, pred.labels, pred.probs))
 
 
 def main(argv: list[str] | None = None) -> int:

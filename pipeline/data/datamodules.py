@@ -21,7 +21,43 @@ class MissingFeaturesError(FileNotFoundError):
     """Videos of a list have no feature file in the feature folder."""
 
 
-class FeatureDataModule(pl.LightningDataModule):
+class ListDataModule(pl.LightningDataModule):
+    """The loaders shared by the data modules of lists (features, video clips): `self.datasets` holds the datasets
+    of the lists given ("train", "val", "test", "predict"), `collate_fn` turns samples into the model's batches."""
+
+    collate_fn: Callable = staticmethod(collate_sequences)
+    drop_last_partial: bool = False  # a training epoch ends before a last partial batch (BatchNorm in the model)
+
+    def _loader(self, key: str, train: bool = False) -> DataLoader:
+        if key not in self.datasets:
+            raise ValueError(f"no {key} data: pass --data.{key}_list (setup found none)")
+        dataset = self.datasets[key]
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=train and self.drop_last_partial and len(dataset) > self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=self.collate_fn,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        # No val_list: fit runs without validation (Lightning accepts an empty list of loaders).
+        return self._loader("val") if "val" in self.datasets else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict")
+
+
+class FeatureDataModule(ListDataModule):
     """Feature sequences from `features_dir` for the videos of the lists.
 
     Args:
@@ -226,32 +262,6 @@ class FeatureDataModule(pl.LightningDataModule):
     def _fit_normalizer(self, train: list[ListEntry]) -> None:
         picks = np.linspace(0, len(train) - 1, min(len(train), self.normalize_max_videos)).round().astype(int)
         self.normalizer.fit(self.folder.load(train[i].path, mmap=True) for i in np.unique(picks))
-
-    def _loader(self, key: str, train: bool = False) -> DataLoader:
-        if key not in self.datasets:
-            raise ValueError(f"no {key} data: pass --data.{key}_list (setup found none)")
-        return DataLoader(
-            self.datasets[key],
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=collate_sequences,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader | list:
-        # No val_list: fit runs without validation (Lightning accepts an empty list of loaders).
-        return self._loader("val") if "val" in self.datasets else []
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict")
 
     # -- checkpoint state: the normalisation statistics ---------------------------------------------------------------
     def state_dict(self) -> dict:

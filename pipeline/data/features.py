@@ -142,6 +142,17 @@ class FeatureSettings:
         return _canonical(out)
 
     @classmethod
+    def from_checkpoint(cls, hparams: Mapping[str, Any], source: str | os.PathLike) -> "FeatureSettings | None":
+        """The settings a checkpoint recorded (`hyper_parameters.extraction_settings`), or None where it has none."""
+        recorded = hparams.get("extraction_settings")
+        if not recorded:
+            return None
+        try:
+            return cls.from_json(recorded, source)
+        except SettingsFormatError as err:
+            raise SettingsFormatError(f"checkpoint {err}") from None
+
+    @classmethod
     def from_json(cls, value: Mapping[str, Any], source: str | os.PathLike = "<settings>") -> "FeatureSettings":
         """Reads a settings.json object; `source` names the file (or checkpoint) in errors.
 
@@ -331,6 +342,20 @@ class FeatureFolder:
         stem, _ = os.path.splitext(rel.as_posix())
         return self.root / f"{stem}{self.suffix}"
 
+    what, command = "features", "eleatt extract"  # in the messages of `existing`
+
+    def existing(self, video: str) -> Path:
+        """The video's file; FileNotFoundError naming it, any recorded failure and the command that makes it."""
+        path = self.feature_path(video)
+        if not path.is_file():
+            reason = self.failed().get(video)
+            why = f" (it failed: {reason})" if reason else ""
+            raise FileNotFoundError(
+                f"no {self.what} for '{video}' in '{self.root}': '{path}' is missing{why}; run `{self.command}` "
+                "for this list into this folder (it resumes), or drop the video from the list"
+            )
+        return path
+
     def relative(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
 
@@ -457,14 +482,7 @@ class FeatureFolder:
         does not parse as .npy (truncated, garbage), has another layout or feature dimension than the folder's
         settings, zero frames, or values that are not finite (NaN/inf would silently train a NaN model).
         """
-        path = self.feature_path(video)
-        if not path.is_file():
-            reason = self.failed().get(video)
-            why = f" (its extraction failed: {reason})" if reason else ""
-            raise FileNotFoundError(
-                f"no features for '{video}' in '{self.root}': '{path}' is missing{why}; "
-                "run `eleatt extract` for this list into this folder (it resumes), or drop the video from the list"
-            )
+        path = self.existing(video)
         fix = (f"re-extract it: rerun `eleatt extract` with this list into '{self.root}' (it redoes damaged files), "
                "or delete the file and rerun")
         try:

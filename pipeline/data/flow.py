@@ -410,6 +410,7 @@ class FlowFolder(FeatureFolder):
     """A flow folder: the feature-folder layout (settings, manifest, failed) with one ``.flow.zip`` per video."""
 
     suffix = FLOW_SUFFIX
+    what, command = "flow", "eleatt flow"
 
     def temporary(self, video: str) -> Path:
         """A fresh hidden temporary path beside the video's flow file (renamed into place by `commit`)."""
@@ -469,14 +470,7 @@ class FlowFolder(FeatureFolder):
 
     def load(self, video: str, indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:  # type: ignore[override]
         """``load_flow`` of the video's file: float32 ``(N, 2, H, W)`` pixels; a clear error when it is missing."""
-        path = self.feature_path(video)
-        if not path.is_file():
-            reason = self.failed().get(video)
-            why = f" (its flow failed: {reason})" if reason else ""
-            raise FileNotFoundError(
-                f"no flow for '{video}' in '{self.root}': '{path}' is missing{why}; run `eleatt flow` for this list "
-                "into this folder (it resumes), or drop the video from the list")
-        return load_flow(path, indices)
+        return load_flow(self.existing(video), indices)
 
     def stack(self, video: str, positions: Sequence[int] | np.ndarray, length: int = 5,
               normalize: bool = True) -> np.ndarray:

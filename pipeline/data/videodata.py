@@ -30,6 +30,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline.data.datamodules import ListDataModule
 from pipeline.data.features import FeatureSettings
 from pipeline.data.lists import ListEntry, classes_path_for, read_classes, read_list
 from pipeline.data.sampling import Sampling, segment_indices
@@ -186,7 +187,7 @@ def collate_clips(samples: list[dict]) -> dict:
     }
 
 
-class VideoDataModule(pl.LightningDataModule):
+class VideoDataModule(ListDataModule):
     """Clips from the videos (or flow files) of the lists, for end-to-end training.
 
     Args:
@@ -209,6 +210,9 @@ class VideoDataModule(pl.LightningDataModule):
         pin_memory: DataLoader pin_memory (on for GPUs).
         backend: video decoding backend (auto, pyav, decord, rawframes).
     """
+
+    collate_fn = staticmethod(collate_clips)
+    drop_last_partial = True  # a last batch of 1 clip would make BatchNorm fail in a fine-tuned backbone
 
     def __init__(
         self,
@@ -325,22 +329,3 @@ class VideoDataModule(pl.LightningDataModule):
             key = {"validate": "val", "test": "test", "predict": "predict"}[stage]
             self.datasets[key] = self._dataset(f"{key}_list", stage, False)
 
-    def _loader(self, key: str, train: bool = False) -> DataLoader:
-        if key not in self.datasets:
-            raise ValueError(f"no {key} data: pass --data.{key}_list (setup found none)")
-        return DataLoader(self.datasets[key], batch_size=self.batch_size if train else self.eval_batch_size,
-                          shuffle=train, drop_last=train and len(self.datasets[key]) > self.batch_size,
-                          num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          persistent_workers=self.num_workers > 0, collate_fn=collate_clips)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader | list:
-        return self._loader("val") if "val" in self.datasets else []
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict")

@@ -13,6 +13,8 @@ batch_sizes[t] sequences (an unpacked (T, B, D) input is the case batch_sizes = 
 """
 from __future__ import annotations
 
+import weakref
+
 from typing import Sequence
 
 import torch
@@ -65,6 +67,33 @@ def _gate_backward(da: Tensor, a: Tensor, gate: str) -> Tensor:
 _SLOTS = ("mode", "gate", "batch_sizes", "x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_xa", "w_ha", "b_a")
 
 
+# Inference (streaming above all: one step per call) would otherwise rebuild the step weights on every call,
+# which costs more than the step itself at small sizes. Entries hold weak references to the weights and their
+# version counters, so a freed, replaced or modified weight is never served from the cache.
+_STEP_WEIGHTS: dict[tuple[int, int, int], tuple[tuple, tuple[int, int, int], tuple[Tensor, Tensor, Tensor]]] = {}
+_STEP_WEIGHTS_MAX = 32
+
+
+def _step_weights(w_ih: Tensor, w_hh: Tensor, w_ha: Tensor, cache: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(w_cat (D + G, H) = [W_ha; W_hh], its contiguous transpose (H, D + G), W_ih^T (D, G) contiguous)."""
+    weights = (w_ih, w_hh, w_ha)
+    if cache and not torch.is_grad_enabled():
+        key = tuple(id(w) for w in weights)
+        versions = tuple(w._version for w in weights)
+        hit = _STEP_WEIGHTS.get(key)
+        if hit is not None and hit[1] == versions and all(r() is w for r, w in zip(hit[0], weights)):
+            return hit[2]
+    # Per-step products read contiguous (K, N) right-hand sides: at small batches MKL runs h @ W.t() on a
+    # (N, K) weight up to 2x slower than h @ W_t on its contiguous transpose. Backward uses the (N, K) forms.
+    w_cat = torch.cat([w_ha, w_hh])  # (D + G, H): the one product on h_{t-1} per step
+    prepared = (w_cat, w_cat.t().contiguous(), w_ih.t().contiguous())  # (D + G, H), (H, D + G), (D, G)
+    if cache and not torch.is_grad_enabled():
+        if len(_STEP_WEIGHTS) >= _STEP_WEIGHTS_MAX:
+            _STEP_WEIGHTS.pop(next(iter(_STEP_WEIGHTS)))
+        _STEP_WEIGHTS[key] = (tuple(weakref.ref(w) for w in weights), versions, prepared)
+    return prepared
+
+
 def _run_layer(mode: str, gate: str, batch_sizes: Sequence[int], x: Tensor, h0: Tensor, c0: Tensor,
                w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None,
                w_xa: Tensor, w_ha: Tensor, b_a: Tensor | None, keep: bool) -> dict:
@@ -79,11 +108,7 @@ def _run_layer(mode: str, gate: str, batch_sizes: Sequence[int], x: Tensor, h0: 
     lstm, gru = mode == "LSTM", mode == "GRU"
     g = w_ih.size(0)  # G = chunks * H
     offsets, uniform, prev_index, last_index = _layout(batch_sizes, x.device)
-    # Per-step products read contiguous (K, N) right-hand sides: at small batches MKL runs h @ W.t() on a
-    # (N, K) weight up to 2x slower than h @ W_t on its contiguous transpose. Backward uses the (N, K) forms.
-    w_cat = torch.cat([w_ha, w_hh])  # (D + G, H): the one product on h_{t-1} per step
-    w_cat_t = w_cat.t().contiguous()  # (H, D + G)
-    w_ih_t = w_ih.t().contiguous()  # (D, G)
+    w_cat, w_cat_t, w_ih_t = _step_weights(w_ih, w_hh, w_ha, cache=not keep)
     b_cat = _cat_bias(mode, d, g, b_ih, b_hh, b_a, x)  # (D + G,)
     xa = x @ w_xa.t()  # (N, D): W_xa x_t for every step at once
 

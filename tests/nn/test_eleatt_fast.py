@@ -247,3 +247,29 @@ def test_torch_compile_inductor(ours):
     module(x)[0].sum().backward()
     torch.testing.assert_close(out, module(x)[0])
     torch.testing.assert_close(gx, x.grad)
+
+
+def test_inference_reuses_step_weights_but_never_stale_ones():
+    """No-grad calls reuse the prepared step weights (streaming: one step per call), yet an in-place change of a
+    weight, or a new model, is seen at once: the result always equals the reference path."""
+    from pipeline.nn import eleatt_fast
+
+    torch.manual_seed(0)
+    m = EleAttLSTM(12, 8, batch_first=True).eval()
+    x = torch.randn(2, 3, 12)  # (B, T, D): T > 1, so h_{t-1} and the recurrent weights matter
+    with torch.no_grad():
+        first = m(x)[0]
+        key = (id(m.weight_ih_l0), id(m.weight_hh_l0), id(m.weight_ha_l0))
+        assert key in eleatt_fast._STEP_WEIGHTS  # prepared once, kept for the next step
+        cached = eleatt_fast._STEP_WEIGHTS[key][2]
+        assert m(x)[0].equal(first) and eleatt_fast._STEP_WEIGHTS[key][2] is cached
+        m.weight_hh_l0.add_(0.05)  # an in-place update (an optimiser step) bumps the version
+        m.weight_ha_l0.mul_(1.5)
+        changed = m(x)[0]
+        m.impl = "reference"
+        assert torch.allclose(changed, m(x)[0], atol=1e-6) and not torch.allclose(changed, first)
+        m.impl = "fast"
+        m.weight_hh_l0 = torch.nn.Parameter(torch.randn_like(m.weight_hh_l0))  # a replaced tensor
+        replaced = m(x)[0]
+        m.impl = "reference"
+        assert torch.allclose(replaced, m(x)[0], atol=1e-6)

@@ -12,6 +12,7 @@ Fused scores (`eleatt fuse`) add `weights` float32 (K,) and `inputs` unicode (K,
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -46,9 +47,24 @@ def write_scores(
 
 
 def read_scores(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Reads a scores file (never unpickles); `classes` is absent when the names were unknown."""
-    with np.load(path, allow_pickle=False) as data:
-        return {key: data[key] for key in data.files}
+    """Reads a scores file (never unpickles); `classes` is absent when the names were unknown.
+
+    A file that is not a scores file (truncated, another format, keys missing) raises ValueError naming it."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"scores file '{path}' not found (`eleatt validate|test|predict` write "
+                                "scores_<stage>.npz into the checkpoint's run folder)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            scores = {key: data[key] for key in data.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"'{path}' is not a readable scores file ({type(err).__name__}: {reason}); pass a "
+                         "scores_<stage>.npz written by `eleatt test`/`validate`/`predict` or `eleatt fuse`") from None
+    missing = [key for key in ("videos", "scores", "labels") if key not in scores]
+    if missing:
+        raise ValueError(f"'{path}' is not a scores file: it lacks {', '.join(missing)} (a scores file holds videos, "
+                         "scores, labels and classes)")
+    return scores
 
 
 def accuracy_summary(scores: np.ndarray, labels: np.ndarray, topk: int = 5) -> dict[str, float] | None:

@@ -199,3 +199,15 @@ def test_unnamed_classes_conflicting_labels_and_repeated_videos(tmp_path, capsys
     write_scores(tmp_path / "d.npz", ["x", "y", "x"], probs, np.array([0, 0, 0]), None)
     assert eleatt(["fuse", "--scores", str(tmp_path / "a.npz"), str(tmp_path / "d.npz")]) == 2
     assert "video 'y' has different labels" in capsys.readouterr().err
+
+
+def test_a_file_that_is_not_a_scores_file_is_one_line(tmp_path, capsys):
+    from pipeline.cli import main as eleatt
+
+    empty, other = tmp_path / "empty.npz", tmp_path / "other.npz"
+    empty.write_bytes(b"")
+    np.savez(other, x=np.zeros(3))
+    for bad in (empty, other, tmp_path / "absent.npz"):
+        assert eleatt(["fuse", "--scores", str(bad), str(bad), "--out", str(tmp_path / "f.npz")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(bad) in err, err

@@ -91,6 +91,9 @@ class VideoClassifier:
         self.model = load(checkpoint, ckpt).to(self.device)
         hparams = self.model.hparams
         settings = FeatureSettings.from_checkpoint(hparams, ckpt)
+        if settings is not None and settings.modality not in ("rgb", "flow"):
+            raise ValueError(f"checkpoint '{ckpt}' was trained on {settings.modality!r} features; classify handles "
+                             "RGB and flow checkpoints")
         if settings is None or settings.backbone is None or settings.data_config is None:
             raise ValueError(
                 f"checkpoint '{ckpt}' does not record the feature extraction settings it was trained on "
@@ -202,23 +205,12 @@ class VideoClassifier:
         return Prediction.from_scores(video, scores, self.class_names, topk)
 
 
-def _recorded_modality(ckpt: str | os.PathLike) -> str:
-    """The stream a checkpoint was trained on ('rgb', 'flow', ...), from its recorded extraction settings."""
-    # A second read of the (small, classifier-only) checkpoint: VideoClassifier takes a path.
-    hparams = read_checkpoint(ckpt, map_location="cpu").get("hyper_parameters") or {}
-    settings = FeatureSettings.from_checkpoint(hparams, ckpt)
-    return "rgb" if settings is None else settings.modality  # VideoClassifier refuses what lacks settings
-
-
 def open_classifier(ckpt: str | os.PathLike, weights: str | None = None, device: str = "auto", batch_size: int = 64,
                     backend: str = "auto", flow_weights: str | os.PathLike | None = None):
-    """The video classifier of one checkpoint (an RGB or a flow stream's; see `VideoClassifier`)."""
-    modality = _recorded_modality(ckpt)
-    if modality in ("rgb", "flow"):
-        return VideoClassifier(ckpt, weights=weights, device=device, batch_size=batch_size, backend=backend,
-                               flow_weights=flow_weights)
-    raise ValueError(f"checkpoint '{ckpt}' was trained on {modality!r} features; classify handles RGB and flow "
-                     "checkpoints")
+    """The video classifier of one checkpoint (an RGB or a flow stream's; see `VideoClassifier`, which reads the
+    checkpoint once and refuses other streams)."""
+    return VideoClassifier(ckpt, weights=weights, device=device, batch_size=batch_size, backend=backend,
+                           flow_weights=flow_weights)
 
 
 class FusedClassifier:

@@ -252,6 +252,7 @@ class EleAttCLI(LightningCLI):
             if "pytorch-lightning_version" not in checkpoint:
                 raise ValueError(f"'{ckpt}' is not a Lightning checkpoint (no pytorch-lightning_version); pass a "
                                  "best.ckpt or last.ckpt written by `eleatt fit`")
+            self._ckpt_epoch = checkpoint.get("epoch")  # a resume drops the metrics rows logged after it
             del checkpoint
         super()._parse_ckpt_path()
 
@@ -327,7 +328,7 @@ class EleAttCLI(LightningCLI):
         ensure_writable_dir(self.run_dir, what)
         if self.subcommand == "fit" and ckpt is not None:
             # A resume continues from the end of the checkpoint's epoch: rows logged after it are redone.
-            epoch = read_checkpoint(ckpt).get("epoch")
+            epoch = getattr(self, "_ckpt_epoch", None)  # read when --ckpt_path was checked
             if isinstance(epoch, int):
                 _drop_rows_after(self.run_dir / "metrics.csv", epoch)
         elif self.subcommand == "fit" and not cfg.trainer.get("fast_dev_run"):

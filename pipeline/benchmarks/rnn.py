@@ -4,8 +4,9 @@
 interleaved repeats, so that load from other processes hits every implementation alike) and ratios:
 `x nn` = time / time of nn.LSTM (LSTM rows) or nn.GRU (GRU rows); `naive / this` = speed-up over the naive
 EleAtt loop of public code (nn.LSTMCell / nn.GRUCell with a Linear on cat(x_t, h_{t-1}) for the gate), forward
-and forward+backward. A last table times one streaming step at batch 1 (no grad): EleAttLSTMCell against one
-nn.LSTMCell step plus the gate's two products (W_xa x_t and W_ha h_{t-1}), the floor of an EleAtt step.
+and forward+backward. A last table times one streaming step at batch 1 (no grad): EleAttLSTMCell (the readable
+cell) and one step of an EleAttLSTM stack with its state carried (what streaming classification runs), against
+one nn.LSTMCell step plus the gate's two products (W_xa x_t and W_ha h_{t-1}), the floor of an EleAtt step.
 """
 from __future__ import annotations
 
@@ -147,10 +148,22 @@ class CellFloor(nn.Module):
         return self.cell(x, state)
 
 
+class StackStep(nn.Module):
+    """One step of an EleAttLSTM stack with its state carried (T=1), as streaming classification runs it."""
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.rnn = EleAttLSTM(input_size, hidden_size)
+
+    def forward(self, x: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        _, (h, c) = self.rnn(x.unsqueeze(0), (state[0].unsqueeze(0), state[1].unsqueeze(0)))  # (1, B, D) -> ...
+        return h[0], c[0]
+
+
 def streaming_table(d: int, h: int, steps: int, repeats: int, device: torch.device) -> str:
     """Per-step latency at batch 1 (no grad), interleaved: EleAttLSTMCell vs nn.LSTMCell + the gate's products."""
     cells = {"nn.LSTMCell + gate products": CellFloor(d, h), "EleAttLSTMCell": EleAttLSTMCell(d, h),
-             "nn.LSTMCell": nn.LSTMCell(d, h)}
+             "EleAttLSTM, one step (classify --stream)": StackStep(d, h), "nn.LSTMCell": nn.LSTMCell(d, h)}
     x = torch.randn(steps, 1, d, device=device)
     times: dict[str, list[float]] = {k: [] for k in cells}
 

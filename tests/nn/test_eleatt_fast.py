@@ -12,6 +12,7 @@ from pipeline.nn.eleatt_fast import EleAttLayerFunction
 
 D, H, T, B = 6, 5, 7, 4
 LENGTHS = torch.tensor([5, 7, 2, 7])
+LENGTHS_SIZES = (4, 4, 3, 3, 3, 2, 2)  # the packed batch sizes of LENGTHS, step by step
 F64 = torch.float64
 
 STACKS = [
@@ -115,7 +116,8 @@ def test_benchmark_quick_prints_the_table(capsys):
     body = [[c.strip() for c in r] for r in rows if r[0].strip() != "implementation"]
     streaming, body = body[18:], body[:18]
     assert [r[0] for r in body] == names * 3
-    assert [r[0] for r in streaming] == ["nn.LSTMCell + gate products", "EleAttLSTMCell", "nn.LSTMCell"]
+    assert [r[0] for r in streaming] == ["nn.LSTMCell + gate products", "EleAttLSTMCell",
+                                         "EleAttLSTM, one step (classify --stream)", "nn.LSTMCell"]
     assert float(streaming[0][2]) == 1.0 and all(float(r[1]) > 0 for r in streaming)
     for r in body:
         fwd, fwdbwd, ratio_f, ratio_fb = map(float, r[1:5])
@@ -259,7 +261,7 @@ def test_inference_reuses_step_weights_but_never_stale_ones():
     x = torch.randn(2, 3, 12)  # (B, T, D): T > 1, so h_{t-1} and the recurrent weights matter
     with torch.no_grad():
         first = m(x)[0]
-        key = (id(m.weight_ih_l0), id(m.weight_hh_l0), id(m.weight_ha_l0))
+        key = (id(m.weight_ih_l0), id(m.weight_hh_l0), id(m.weight_ha_l0), id(m.weight_xa_l0))
         assert key in eleatt_fast._STEP_WEIGHTS  # prepared once, kept for the next step
         cached = eleatt_fast._STEP_WEIGHTS[key][2]
         assert m(x)[0].equal(first) and eleatt_fast._STEP_WEIGHTS[key][2] is cached
@@ -273,3 +275,84 @@ def test_inference_reuses_step_weights_but_never_stale_ones():
         replaced = m(x)[0]
         m.impl = "reference"
         assert torch.allclose(replaced, m(x)[0], atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Chunks of steps, and the oneDNN products
+# --------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("batch_sizes", [(4,) * 7, (4, 4, 3, 3, 2, 1, 1), (1,), (5, 2)], ids=str)
+@pytest.mark.parametrize("min_rows", [1, 3, 5, 100])
+def test_chunks_cover_every_step_once(batch_sizes, min_rows, monkeypatch):
+    from pipeline.nn import eleatt_fast
+
+    monkeypatch.setattr(eleatt_fast, "_CHUNK_MIN_ROWS", min_rows)
+    monkeypatch.setattr(eleatt_fast, "_CHUNK_FLOATS", 1)
+    offsets = [sum(batch_sizes[:t]) for t in range(len(batch_sizes))]
+    chunks = eleatt_fast._chunks(batch_sizes, offsets, width=8)
+    assert [c[0] for c in chunks] == [0] + [c[1] for c in chunks[:-1]] and chunks[-1][1] == len(batch_sizes)
+    for t0, t1, r0, r1 in chunks:
+        assert t0 < t1 and r0 == offsets[t0] and r1 == offsets[t1 - 1] + batch_sizes[t1 - 1]
+    count = max(1, sum(batch_sizes) // min_rows)  # as many chunks as full min_rows fit, at most
+    assert len(chunks) <= count
+    assert all(r1 - r0 >= sum(batch_sizes) / count for _, _, r0, r1 in chunks[:-1])  # about equal shares
+    if min_rows == 100:
+        assert len(chunks) == 1  # short sequences: one chunk, the products over all rows at once
+    if min_rows == 1 and len(batch_sizes) > 1:
+        assert len(chunks) > 1
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("ours, kw", STACKS)
+def test_fast_in_chunks_equals_reference(ours, kw, packed, monkeypatch):
+    """Long inputs run in chunks of steps (forward W_xa x, backward weight gradients): forcing chunks of a few
+    rows, values and every gradient still equal the reference path, with and without grad."""
+    from pipeline.nn import eleatt_fast
+
+    monkeypatch.setattr(eleatt_fast, "_CHUNK_MIN_ROWS", 5)
+    monkeypatch.setattr(eleatt_fast, "_CHUNK_FLOATS", 1)
+    for sizes in (LENGTHS_SIZES, (B,) * T):
+        assert len(eleatt_fast._chunks(sizes, [sum(sizes[:t]) for t in range(T)], 8)) > 2
+    module = ours(D, H, num_layers=2, batch_first=True, dtype=F64, **kw)
+    x = torch.randn(B, T, D, dtype=F64, requires_grad=True)
+    h0 = torch.randn(2, B, H, dtype=F64, requires_grad=True)
+    hx = (h0, torch.randn(2, B, H, dtype=F64, requires_grad=True)) if ours is EleAttLSTM else h0
+    lengths = LENGTHS if packed else None
+    results = {}
+    for impl in ("reference", "fast"):
+        module.impl = impl
+        results[impl] = forward_backward(module, x, lengths, hx, True)
+        with torch.no_grad():
+            results[impl] += (module(x)[0],)
+    (ref_vals, ref_grads, ref_nograd), (fast_vals, fast_grads, fast_nograd) = results["reference"], results["fast"]
+    for a, b in zip([*ref_vals, *ref_grads, ref_nograd], [*fast_vals, *fast_grads, fast_nograd]):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("ours, kw", STACKS)
+def test_onednn_and_blas_products_agree_in_float32(ours, kw, monkeypatch):
+    """In float32 on CPU the per-step products run through oneDNN (when this torch has it); the torch.mm path
+    (other dtypes and devices, ELEATT_ONEDNN=0) gives the same values and gradients up to float32 rounding."""
+    from pipeline.nn import eleatt_fast
+
+    torch.manual_seed(0)
+    module = ours(24, 16, num_layers=2, **kw)
+    x = torch.randn(9, 5, 24)
+    runs = {}
+    for onednn in (True, False):
+        monkeypatch.setattr(eleatt_fast, "_ONEDNN", [onednn and eleatt_fast._onednn_available()])
+        module.zero_grad()
+        out, _ = module(x)
+        (out * out.cos()).sum().backward()
+        with torch.no_grad():
+            runs[onednn] = [out, module(x)[0], *(p.grad.clone() for p in module.parameters())]
+    for a, b in zip(runs[True], runs[False]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_onednn_can_be_switched_off(monkeypatch):
+    from pipeline.nn import eleatt_fast
+
+    monkeypatch.setattr(eleatt_fast, "_ONEDNN", [])
+    monkeypatch.setenv("ELEATT_ONEDNN", "0")
+    assert eleatt_fast._onednn_available() is False
+    assert not eleatt_fast._Rows(torch.randn(3, 2)).onednn

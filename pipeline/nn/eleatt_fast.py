@@ -126,6 +126,11 @@ def _onednn_available() -> bool:
     return _ONEDNN[0]
 
 
+def _compiling() -> bool:
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    return bool(is_compiling is not None and is_compiling())
+
+
 class _Rows:
     """A weight W (M, K) prepared for many products with rows: y (n, M) = x (n, K) @ W^T (+ bias (M,)).
 
@@ -137,7 +142,10 @@ class _Rows:
     __slots__ = ("onednn", "weight")
 
     def __init__(self, w: Tensor, pack: bool = True):
-        self.onednn = w.device.type == "cpu" and w.dtype == torch.float32 and _onednn_available()
+        # Under torch.compile the products stay plain matmuls: inductor lowers oneDNN's linear only for weights
+        # that are graph constants (frozen), and these are parameters.
+        self.onednn = (w.device.type == "cpu" and w.dtype == torch.float32 and not _compiling()
+                       and _onednn_available())
         if self.onednn:
             self.weight = torch.ops.mkldnn._reorder_linear_weight(w.contiguous()) if pack else w  # (M, K)
         else:

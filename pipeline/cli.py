@@ -32,8 +32,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 from pipeline.errors import (
-    EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, interrupt_message, is_user_error, set_interrupt_note, usage_error,
-    watch_interrupts,
+    EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, interrupt_message, is_user_error, quiet_broken_pipe, set_interrupt_note,
+    usage_error, watch_interrupts,
 )
 
 
@@ -46,6 +46,7 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+@quiet_broken_pipe
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):

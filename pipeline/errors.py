@@ -7,6 +7,8 @@ too, and Ctrl-C into EXIT_INTERRUPTED with what was kept and the command that re
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 import signal
 import shlex
 import sys
@@ -16,6 +18,7 @@ EXIT_OK = 0  # all done
 EXIT_USAGE = 2  # usage error or refused run; the message gives the reason and the fix
 EXIT_SOME_FAILED = 3  # some inputs failed, were missing or did not match; each is listed
 EXIT_INTERRUPTED = 130  # Ctrl-C: what was kept and the command that resumes are printed
+EXIT_BROKEN_PIPE = 141  # the reader of stdout went away (`... | head`): ends quietly, as SIGPIPE would end it
 
 _interrupt_note: str | None = None
 
@@ -92,3 +95,25 @@ def usage_error(command: str, err: BaseException) -> int:
     """Prints `eleatt <command>: error: <one line>` on stderr and returns EXIT_USAGE (see `is_user_error`)."""
     print(f"eleatt {command}: error: {one_line(err)}", file=sys.stderr)
     return EXIT_USAGE
+
+
+def quiet_broken_pipe(main):
+    """Decorator of a command's main: when the reader of stdout goes away (`eleatt ... | head`), end quietly with
+    EXIT_BROKEN_PIPE instead of a BrokenPipeError traceback (stdout is pointed at /dev/null, so that Python's
+    final flush cannot fail again)."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            code = main(*args, **kwargs)
+            sys.stdout.flush()
+            return code
+        except BrokenPipeError:
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+            except (OSError, ValueError):  # stdout without a file descriptor (captured)
+                pass
+            return EXIT_BROKEN_PIPE
+
+    return wrapper

@@ -19,3 +19,28 @@ def test_usage_error_prints_one_line_naming_the_path(capsys):
     assert usage_error("fuse", PermissionError(errno.EACCES, "Permission denied", "/out/fused.npz")) == EXIT_USAGE
     err = capsys.readouterr().err
     assert err == "eleatt fuse: error: cannot use '/out/fused.npz': Permission denied\n"
+
+
+def test_a_closed_pipe_ends_quietly_with_141():
+    """`... | head`: the reader goes away after the first line; the command ends without a traceback, exit 141."""
+    import subprocess
+
+    import os
+    import sys
+
+    from tests.conftest import REPO
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.benchmarks.rnn", "--quick", "--repeats", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, env=env)
+    proc.stdout.readline()
+    proc.stdout.close()  # what `head -1` does after its line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_quiet_broken_pipe_passes_the_exit_code_through():
+    from pipeline.errors import quiet_broken_pipe
+
+    assert quiet_broken_pipe(lambda: 3)() == 3

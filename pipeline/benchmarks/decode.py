@@ -30,6 +30,7 @@ import av
 import numpy as np
 
 from pipeline.data import video as V
+from pipeline.errors import quiet_broken_pipe
 
 DEFAULT_VIDEOS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "videos"
 NUM_SEGMENTS = 8
@@ -172,6 +173,7 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+@quiet_broken_pipe
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.benchmarks.decode",

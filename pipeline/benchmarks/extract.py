@@ -26,6 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
+from pipeline.errors import quiet_broken_pipe
 from pipeline.nn.backbone import FrameEncoder
 from preprocessing.extract import quiet_extraction_logs, default_workers, extract
 from preprocessing.synthetic import CLASSES, render_video, video_seed, write_lossless_video
@@ -107,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+@quiet_broken_pipe
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.benchmarks.extract", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -26,6 +26,7 @@ import numpy as np
 
 from pipeline.data.flow import FlowFolder, jpeg_bytes, load_quantized
 from pipeline.data.video import load_frames, probe
+from pipeline.errors import quiet_broken_pipe
 from preprocessing.flow import OpenCVFlow, RaftFlow, compute, target_size, tvl1_available
 from preprocessing.synthetic import write_lossless_video
 
@@ -59,6 +60,7 @@ def flow_alone(estimator, rgb: np.ndarray, repeats: int) -> float:
     return (len(images) - 1) / best
 
 
+@quiet_broken_pipe
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.benchmarks.flow", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from pipeline.errors import quiet_broken_pipe
 from pipeline.nn.eleatt import EleAttGRU, EleAttLSTM, EleAttLSTMCell
 
 # (name, D, H, T, B): the paper's NTU RGB set-up (ResNet-50 features; batch 32 and the paper's 256) and skeletons.
@@ -187,6 +188,7 @@ def streaming_table(d: int, h: int, steps: int, repeats: int, device: torch.devi
     return "\n".join(lines)
 
 
+@quiet_broken_pipe
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.benchmarks.rnn",
@@ -213,8 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     setups = QUICK_SETUPS if args.quick else SETUPS
     if args.setups:
         setups = [s for s in setups if s[0] in args.setups]
+    from pipeline.nn.eleatt_fast import _onednn_available
+
+    products = "oneDNN" if device.type == "cpu" and _onednn_available() else "torch.mm"
     print(f"# EleAtt RNN benchmark: torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "
-          f"median of {repeats} interleaved repeats{' (quick sizes)' if args.quick else ''}")
+          f"median of {repeats} interleaved repeats{' (quick sizes)' if args.quick else ''}; the kernel's float32 "
+          f"products: {products}")
     for name, d, h, t, b in setups:
         rows = build_rows(d, h, args.reference, device)
         x = torch.randn(t, b, d, device=device)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.data.skeleton import FEATURE_DIM, SkeletonRotation
+from pipeline.errors import quiet_broken_pipe
 from pipeline.nn.classifier import SequenceClassifier
 
 POOL = 4  # generated batches cycled: the content of a batch does not change its time
@@ -80,6 +81,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@quiet_broken_pipe
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.benchmarks.skeleton",

@@ -27,6 +27,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
+from pipeline.errors import quiet_broken_pipe
+
 SOURCE_FPS = 25
 STEP_FPS = 8.0
 
@@ -91,6 +93,7 @@ def bench(backbone: str, video: Path, tmp: Path) -> dict:
             "realtime": (1.0 / STEP_FPS) / per_step}
 
 
+@quiet_broken_pipe
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.benchmarks.stream", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a shorter video (2 s instead of 8 s)")

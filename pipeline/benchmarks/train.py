@@ -28,6 +28,8 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from pipeline.errors import quiet_broken_pipe
+
 
 class StepTimer(pl.Callback):
     """Wall time of each training step, split into waiting for the batch and computing on it."""
@@ -107,6 +109,7 @@ def bench_features(videos: Path, args, root: Path, dim: int) -> dict:
     return timer.summary(args.batch_size)
 
 
+@quiet_broken_pipe
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.benchmarks.train",

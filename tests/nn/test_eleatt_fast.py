@@ -23,6 +23,13 @@ STACKS = [
 ]
 
 
+def input_and_state(ours, batch_first: bool):
+    """x (B, T, D) or (T, B, D) and a 2-layer initial state, float64, all requiring grad."""
+    x = torch.randn(*((B, T, D) if batch_first else (T, B, D)), dtype=F64, requires_grad=True)
+    h0 = torch.randn(2, B, H, dtype=F64, requires_grad=True)
+    return x, ((h0, torch.randn(2, B, H, dtype=F64, requires_grad=True)) if ours is EleAttLSTM else h0)
+
+
 def forward_backward(module, x, lengths, hx, batch_first):
     """One forward + backward with a loss touching outputs, final states and gates. -> every value and grad."""
     inp = x if lengths is None else pack_padded_sequence(x, lengths, batch_first=batch_first, enforce_sorted=False)
@@ -45,9 +52,7 @@ def test_fast_equals_reference(ours, kw, packed, attention_layers, gate, bias):
     batch_first = packed  # both layouts, without doubling the cases
     module = ours(D, H, num_layers=2, attention_layers=attention_layers, gate=gate, bias=bias,
                   batch_first=batch_first, dtype=F64, **kw)
-    x = torch.randn(*((B, T, D) if batch_first else (T, B, D)), dtype=F64, requires_grad=True)
-    h0 = torch.randn(2, B, H, dtype=F64, requires_grad=True)
-    hx = (h0, torch.randn(2, B, H, dtype=F64, requires_grad=True)) if ours is EleAttLSTM else h0
+    x, hx = input_and_state(ours, batch_first)
     lengths = LENGTHS if packed else None
     results = {}
     for impl in ("reference", "fast"):
@@ -313,9 +318,7 @@ def test_fast_in_chunks_equals_reference(ours, kw, packed, monkeypatch):
     for sizes in (LENGTHS_SIZES, (B,) * T):
         assert len(eleatt_fast._chunks(sizes, [sum(sizes[:t]) for t in range(T)], 8)) > 2
     module = ours(D, H, num_layers=2, batch_first=True, dtype=F64, **kw)
-    x = torch.randn(B, T, D, dtype=F64, requires_grad=True)
-    h0 = torch.randn(2, B, H, dtype=F64, requires_grad=True)
-    hx = (h0, torch.randn(2, B, H, dtype=F64, requires_grad=True)) if ours is EleAttLSTM else h0
+    x, hx = input_and_state(ours, batch_first=True)
     lengths = LENGTHS if packed else None
     results = {}
     for impl in ("reference", "fast"):

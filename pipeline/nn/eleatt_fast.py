@@ -20,6 +20,7 @@ batch_sizes[t] sequences (an unpacked (T, B, D) input is the case batch_sizes = 
 """
 from __future__ import annotations
 
+import functools
 import os
 import weakref
 from typing import Sequence
@@ -184,8 +185,17 @@ def _step_weights(w_ih: Tensor, w_hh: Tensor, w_ha: Tensor, w_xa: Tensor, cache:
     if cache and not torch.is_grad_enabled():
         if len(_STEP_WEIGHTS) >= _STEP_WEIGHTS_MAX:
             _STEP_WEIGHTS.pop(next(iter(_STEP_WEIGHTS)))
-        _STEP_WEIGHTS[key] = (tuple(weakref.ref(w) for w in weights), versions, prepared)
+        # When a weight is freed (its model deleted), its entry goes with it: the prepared copies are not kept
+        # for the remaining entries' sake (a sweep over models in one process would otherwise hold 32 of them).
+        refs = tuple(weakref.ref(w, functools.partial(_forget_step_weights, key)) for w in weights)
+        _STEP_WEIGHTS[key] = (refs, versions, prepared)
     return prepared
+
+
+def _forget_step_weights(key: tuple[int, ...], dead_ref) -> None:
+    entry = _STEP_WEIGHTS.get(key)
+    if entry is not None and any(r is dead_ref for r in entry[0]):  # not a newer entry under a reused id
+        del _STEP_WEIGHTS[key]
 
 
 def _run_layer(mode: str, gate: str, batch_sizes: Sequence[int], x: Tensor, h0: Tensor, c0: Tensor,

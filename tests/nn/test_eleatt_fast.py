@@ -359,3 +359,19 @@ def test_onednn_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("ELEATT_ONEDNN", "0")
     assert eleatt_fast._onednn_available() is False
     assert not eleatt_fast._Rows(torch.randn(3, 2)).onednn
+
+
+def test_prepared_step_weights_are_dropped_with_their_model():
+    """The no-grad cache of prepared weights does not outlive the model: deleting it frees its entries."""
+    import gc
+
+    from pipeline.nn import eleatt_fast
+
+    m = EleAttGRU(12, 8, num_layers=2).eval()
+    with torch.no_grad():
+        m(torch.randn(3, 2, 12))
+    keys = [k for k in eleatt_fast._STEP_WEIGHTS if id(m.weight_ih_l0) in k or id(m.weight_ih_l1) in k]
+    assert len(keys) == 2  # one entry per gated layer
+    del m
+    gc.collect()
+    assert not any(k in eleatt_fast._STEP_WEIGHTS for k in keys)

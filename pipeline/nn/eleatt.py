@@ -122,9 +122,14 @@ def _autocast_enabled(device_type: str) -> bool:
         return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
 
 
+def compiler_flag(name: str) -> bool:
+    """torch.compiler.<name>() ("is_compiling", "is_exporting"), False on a torch that does not have it."""
+    flag = getattr(torch.compiler, name, None)
+    return bool(flag is not None and flag())
+
+
 def _exporting() -> bool:
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    return bool(is_exporting is not None and is_exporting())
+    return compiler_flag("is_exporting")
 
 
 def _capturing() -> bool:

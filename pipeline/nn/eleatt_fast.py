@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, _VF
 
+from pipeline.nn.eleatt import compiler_flag, reference_layer
+
 State = tuple[Tensor, ...]
 
 
@@ -127,11 +129,6 @@ def _onednn_available() -> bool:
     return _ONEDNN[0]
 
 
-def _compiling() -> bool:
-    is_compiling = getattr(torch.compiler, "is_compiling", None)
-    return bool(is_compiling is not None and is_compiling())
-
-
 class _Rows:
     """A weight W (M, K) prepared for many products with rows: y (n, M) = x (n, K) @ W^T (+ bias (M,)).
 
@@ -145,8 +142,8 @@ class _Rows:
     def __init__(self, w: Tensor, pack: bool = True):
         # Under torch.compile the products stay plain matmuls: inductor lowers oneDNN's linear only for weights
         # that are graph constants (frozen), and these are parameters.
-        self.onednn = (w.device.type == "cpu" and w.dtype == torch.float32 and not _compiling()
-                       and _onednn_available())
+        self.onednn = (w.device.type == "cpu" and w.dtype == torch.float32
+                       and not compiler_flag("is_compiling") and _onednn_available())
         if self.onednn:
             self.weight = torch.ops.mkldnn._reorder_linear_weight(w.contiguous()) if pack else w  # (M, K)
         else:
@@ -174,7 +171,8 @@ def _step_weights(w_ih: Tensor, w_hh: Tensor, w_ha: Tensor, w_xa: Tensor, cache:
     cached or used for several chunks (for one product the reorder costs more than it saves).
     """
     weights = (w_ih, w_hh, w_ha, w_xa)
-    if cache and not torch.is_grad_enabled():
+    cache = cache and not torch.is_grad_enabled()
+    if cache:
         key = tuple(id(w) for w in weights)
         versions = tuple(w._version for w in weights)
         hit = _STEP_WEIGHTS.get(key)
@@ -182,7 +180,7 @@ def _step_weights(w_ih: Tensor, w_hh: Tensor, w_ha: Tensor, w_xa: Tensor, cache:
             return hit[2]
     w_cat = torch.cat([w_ha, w_hh])  # (D + G, H): the one product on h_{t-1} per step
     prepared = (_Rows(w_cat), _Rows(w_ih), _Rows(w_xa, pack=pack_xa or cache))
-    if cache and not torch.is_grad_enabled():
+    if cache:
         if len(_STEP_WEIGHTS) >= _STEP_WEIGHTS_MAX:
             _STEP_WEIGHTS.pop(next(iter(_STEP_WEIGHTS)))
         # When a weight is freed (its model deleted), its entry goes with it: the prepared copies are not kept
@@ -228,53 +226,51 @@ def _run_layer(mode: str, gate: str, batch_sizes: Sequence[int], x: Tensor, h0: 
         cbuf = x.new_empty(batch + n, hid) if keep else x.new_empty(2, batch, hid)
         (cbuf[:batch] if keep else cbuf[0]).copy_(c0)
     prev = 0  # buffer row of h_{t-1}[0]
-    xa, r0 = None, 0
-    for t, bs in enumerate(batch_sizes):
-        o = offsets[t]
-        if xa is None or o >= r0 + xa.size(0):  # the first step of a chunk
-            _, _, r0, r1 = next(c for c in chunks if c[2] == o)
-            xa = xa_rows(x[r0:r1])  # (rows, D): W_xa x_t for the chunk's steps at once
-        rows, nxt = slice(o, o + bs), slice(batch + o, batch + o + bs)
-        srows = rows if keep else slice(0, bs)  # this step's rows of xt and acts
-        h_prev = hbuf[prev:prev + bs]  # (bs, H)
-        z = cat_rows(h_prev, b_cat)  # (bs, H) -> (bs, D + G) [W_ha h + b_a | W_hh h (+ b)]
-        a = gates[rows]  # (bs, D)
-        torch.add(xa[o - r0:o - r0 + bs], z[:, :d], out=a)  # (bs, D) gate pre-activation
-        _gate_forward(a, gate)
-        x_t = xt[srows]  # (bs, D)
-        torch.mul(a, x[rows], out=x_t)  # (bs, D)
-        h_new = hbuf[nxt]  # (bs, H)
-        if lstm:
-            ifgo = acts[srows]  # (bs, 4H) pre-activations, then activations in place
-            torch.add(ih_rows(x_t), z[:, d:], out=ifgo)  # (bs, D) -> (bs, 4H), plus the h side
-            ifgo[:, :2 * hid].sigmoid_()
-            ifgo[:, 2 * hid:3 * hid].tanh_()
-            ifgo[:, 3 * hid:].sigmoid_()
-            i, f, gg, og = ifgo.chunk(4, 1)  # each (bs, H)
-            if keep:
-                c_prev, c_new = cbuf[prev:prev + bs], cbuf[nxt]  # (bs, H)
+    for t0, t1, r0, r1 in chunks:
+        xa = xa_rows(x[r0:r1])  # (rows, D): W_xa x_t for the chunk's steps at once
+        for t in range(t0, t1):
+            bs, o = batch_sizes[t], offsets[t]
+            rows, nxt = slice(o, o + bs), slice(batch + o, batch + o + bs)
+            srows = rows if keep else slice(0, bs)  # this step's rows of xt and acts
+            h_prev = hbuf[prev:prev + bs]  # (bs, H)
+            z = cat_rows(h_prev, b_cat)  # (bs, H) -> (bs, D + G) [W_ha h + b_a | W_hh h (+ b)]
+            a = gates[rows]  # (bs, D)
+            torch.add(xa[o - r0:o - r0 + bs], z[:, :d], out=a)  # (bs, D) gate pre-activation
+            _gate_forward(a, gate)
+            x_t = xt[srows]  # (bs, D)
+            torch.mul(a, x[rows], out=x_t)  # (bs, D)
+            h_new = hbuf[nxt]  # (bs, H)
+            if lstm:
+                ifgo = acts[srows]  # (bs, 4H) pre-activations, then activations in place
+                torch.add(ih_rows(x_t), z[:, d:], out=ifgo)  # (bs, D) -> (bs, 4H), plus the h side
+                ifgo[:, :2 * hid].sigmoid_()
+                ifgo[:, 2 * hid:3 * hid].tanh_()
+                ifgo[:, 3 * hid:].sigmoid_()
+                i, f, gg, og = ifgo.chunk(4, 1)  # each (bs, H)
+                if keep:
+                    c_prev, c_new = cbuf[prev:prev + bs], cbuf[nxt]  # (bs, H)
+                else:
+                    c_prev, c_new = cbuf[t % 2, :bs], cbuf[(t + 1) % 2, :bs]
+                    if bs < batch:  # ended sequences keep their c (only their h row is read at the end)
+                        cbuf[(t + 1) % 2, bs:] = cbuf[t % 2, bs:]
+                torch.mul(f, c_prev, out=c_new)
+                c_new.addcmul_(i, gg)
+                torch.tanh(c_new, out=h_new)
+                h_new.mul_(og)
+            elif gru:
+                act = acts[srows]  # (bs, 4H)
+                r_z, nn_, hn = act[:, :2 * hid], act[:, 2 * hid:3 * hid], act[:, 3 * hid:]  # (bs, 2H), (bs, H), (bs, H)
+                gi = ih_rows(x_t, b_ih)  # (bs, D) -> (bs, 3H) W_ih x~ + b_ih
+                torch.add(gi[:, :2 * hid], z[:, d:d + 2 * hid], out=r_z).sigmoid_()  # (bs, 2H) r, z
+                hn.copy_(z[:, d + 2 * hid:])  # (bs, H) W_hn h + b_hn
+                torch.addcmul(gi[:, 2 * hid:], r_z[:, :hid], hn, out=nn_).tanh_()  # (bs, H) n
+                # h = (1 - z) n + z h_prev = n + z (h_prev - n)
+                torch.sub(h_prev, nn_, out=h_new)
+                h_new.mul_(r_z[:, hid:]).add_(nn_)
             else:
-                c_prev, c_new = cbuf[t % 2, :bs], cbuf[(t + 1) % 2, :bs]
-                if bs < batch:  # ended sequences keep their c (only their h row is read at the end)
-                    cbuf[(t + 1) % 2, bs:] = cbuf[t % 2, bs:]
-            torch.mul(f, c_prev, out=c_new)
-            c_new.addcmul_(i, gg)
-            torch.tanh(c_new, out=h_new)
-            h_new.mul_(og)
-        elif gru:
-            act = acts[srows]  # (bs, 4H)
-            r_z, nn_, hn = act[:, :2 * hid], act[:, 2 * hid:3 * hid], act[:, 3 * hid:]  # (bs, 2H), (bs, H), (bs, H)
-            gi = ih_rows(x_t, b_ih)  # (bs, D) -> (bs, 3H) W_ih x~ + b_ih
-            torch.add(gi[:, :2 * hid], z[:, d:d + 2 * hid], out=r_z).sigmoid_()  # (bs, 2H) r, z
-            hn.copy_(z[:, d + 2 * hid:])  # (bs, H) W_hn h + b_hn
-            torch.addcmul(gi[:, 2 * hid:], r_z[:, :hid], hn, out=nn_).tanh_()  # (bs, H) n
-            # h = (1 - z) n + z h_prev = n + z (h_prev - n)
-            torch.sub(h_prev, nn_, out=h_new)
-            h_new.mul_(r_z[:, hid:]).add_(nn_)
-        else:
-            torch.add(ih_rows(x_t), z[:, d:], out=h_new)  # (bs, D) -> (bs, H), plus the h side
-            h_new.tanh_() if mode == "RNN_TANH" else h_new.relu_()
-        prev = batch + o
+                torch.add(ih_rows(x_t), z[:, d:], out=h_new)  # (bs, D) -> (bs, H), plus the h side
+                h_new.tanh_() if mode == "RNN_TANH" else h_new.relu_()
+            prev = batch + o
 
     out = hbuf[batch:]  # (N, H)
     if uniform:
@@ -442,8 +438,6 @@ class EleAttLayerFunction(torch.autograd.Function):
 def _reference_backward(ctx, inputs, grad_outputs) -> tuple:
     """Gradients that are themselves differentiable (create_graph=True): the layer is run again through the
     readable reference definition on the saved inputs, and autograd differentiates that graph."""
-    from pipeline.nn.eleatt import reference_layer
-
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_xa, w_ha, b_a = inputs
     named = dict(x=x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, w_xa=w_xa, w_ha=w_ha, b_a=b_a)
     wanted = [k for k, need in zip(_SLOTS, ctx.needs_input_grad) if need and named.get(k) is not None]

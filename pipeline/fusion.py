@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -224,21 +223,6 @@ def search_weights(val_dicts: Sequence[dict], mode: str = "prob", grid: Sequence
             "missing": missing, "common": len(keep)}
 
 
-def load(paths: Sequence[str | os.PathLike]) -> list[dict]:
-    """Reads scores files, with one clear error per unreadable file."""
-    out = []
-    for path in paths:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"scores file '{path}' not found (written by `eleatt validate|test|predict` "
-                                    "into the checkpoint's run folder)")
-        try:
-            out.append(read_scores(path))
-        except (OSError, ValueError) as err:
-            raise ValueError(f"scores file '{path}' cannot be read ({err}); is it a scores_<stage>.npz?") from None
-    return out
-
-
 def _fmt_weights(weights: Sequence[float]) -> str:
     return " : ".join(f"{w:g}" for w in weights)
 
@@ -308,13 +292,13 @@ def main(argv: list[str] | None = None) -> int:
     ensure_writable_dir(out.parent, "folder of --out")  # before the (possibly long) weight search
     if args.plot and not args.no_plot:
         ensure_writable_dir(Path(args.plot).parent, "folder of --plot")
-    score_dicts = load(names)
+    score_dicts = [read_scores(p) for p in names]  # each names its file when missing or unreadable
     weights = args.weights
     if args.search_weights is not None:
         if len(args.search_weights) != len(names):
             raise ValueError(f"--search-weights has {len(args.search_weights)} validation files for "
                              f"{len(names)} --scores files; give each stream's validation scores, in the same order")
-        val_dicts = load(args.search_weights)
+        val_dicts = [read_scores(p) for p in args.search_weights]
         check_classes([*score_dicts, *val_dicts], [*names, *args.search_weights])
         picked = search_weights(val_dicts, mode=args.mode, names=args.search_weights)
         if picked["missing"]:  # a note only: the exit status speaks of the fused (test) files

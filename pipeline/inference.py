@@ -116,9 +116,6 @@ class VideoClassifier:
                 raise ValueError(f"checkpoint '{ckpt}' was trained on flow imported from JPEG folders, whose "
                                  "computation is unknown, so a new video's flow cannot be made the same way; train "
                                  "on flow computed by `eleatt flow` to classify videos")
-        elif settings.modality != "rgb":
-            raise ValueError(f"checkpoint '{ckpt}' was trained on {settings.modality!r} features; classify "
-                             "handles RGB and flow checkpoints")
         self.settings = settings
         num_classes = int(hparams["num_classes"])
         self.class_names = list(hparams.get("class_names") or [f"class_{i}" for i in range(num_classes)])
@@ -205,14 +202,6 @@ class VideoClassifier:
         return Prediction.from_scores(video, scores, self.class_names, topk)
 
 
-def open_classifier(ckpt: str | os.PathLike, weights: str | None = None, device: str = "auto", batch_size: int = 64,
-                    backend: str = "auto", flow_weights: str | os.PathLike | None = None):
-    """The video classifier of one checkpoint (an RGB or a flow stream's; see `VideoClassifier`, which reads the
-    checkpoint once and refuses other streams)."""
-    return VideoClassifier(ckpt, weights=weights, device=device, batch_size=batch_size, backend=backend,
-                           flow_weights=flow_weights)
-
-
 class FusedClassifier:
     """Several streams' classifiers (e.g. RGB and flow) fused as `eleatt fuse` fuses their scores files: each gives
     class probabilities (C,) for the video, fused by a weighted mean (`mode="prob"`) or of log-probabilities."""
@@ -260,7 +249,7 @@ def open_classifiers(ckpts: str | os.PathLike | Sequence[str | os.PathLike], wei
         raise ValueError("stream fusion weights need two or more checkpoints (e.g. --ckpt RGB.ckpt FLOW.ckpt "
                          "--weights 1 1.5)")
     backbones = _as_list(weights, len(ckpts), "backbone weights")
-    models = [open_classifier(c, weights=w, **kwargs) for c, w in zip(ckpts, backbones)]
+    models = [VideoClassifier(c, weights=w, **kwargs) for c, w in zip(ckpts, backbones)]
     if len(models) == 1:
         return models[0]
     return FusedClassifier(models, stream_weights, mode, names=[str(c) for c in ckpts])

@@ -287,14 +287,15 @@ class EleAttClassifier(pl.LightningModule):
                 torch.cuda.set_rng_state_all(checkpoint["rng_states"]["cuda"])
 
 
-def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
     """A training checkpoint as a dict, loaded with weights-only semantics (nothing unpickled but plain types and
-    tensors); a missing, truncated or foreign file raises FileNotFoundError / ValueError naming it."""
+    tensors); a missing, truncated or foreign file raises FileNotFoundError / ValueError naming it. `mmap`: tensors
+    are mapped, not read (for a look at a few keys of a checkpoint that Lightning loads again anyway)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{path}' not found (runs keep best.ckpt and last.ckpt in checkpoints/<run>/)")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # not a checkpoint, truncated, damaged: pickle, zip and torch errors alike
         reason = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
         if "Weights only load failed" in reason:  # torch's advice to unpickle anything is not ours to give

@@ -26,7 +26,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
-import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import CSVLogger
@@ -248,7 +247,7 @@ class EleAttCLI(LightningCLI):
                 "without one it would score an untrained, randomly initialised model"
             )
         if ckpt and Path(ckpt).is_file():
-            checkpoint = read_checkpoint(ckpt)  # one clear line for a truncated or foreign file
+            checkpoint = read_checkpoint(ckpt, mmap=True)  # one clear line for a truncated or foreign file
             if "pytorch-lightning_version" not in checkpoint:
                 raise ValueError(f"'{ckpt}' is not a Lightning checkpoint (no pytorch-lightning_version); pass a "
                                  "best.ckpt or last.ckpt written by `eleatt fit`")
@@ -460,7 +459,7 @@ def _interrupt_message(command: str, argv: list[str]) -> str:
         last = run / "last.ckpt"
         if last.is_file():
             try:
-                epoch = read_checkpoint(last).get("epoch")
+                epoch = read_checkpoint(last, mmap=True).get("epoch")
             except ValueError:
                 epoch = None
             done = f" (end of epoch {epoch})" if isinstance(epoch, int) else ""

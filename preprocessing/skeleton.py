@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.data.features import FeatureFolder, FeatureSettings
-from pipeline.data.lists import ListEntry
+from pipeline.data.lists import ListEntry, read_text_lines
 from pipeline.data.skeleton import CENTRE_JOINT, FEATURE_DIM, NUM_BODIES, NUM_JOINTS, load_skeleton
 from pipeline.errors import EXIT_INTERRUPTED
 from preprocessing.splits import NTU_BENCHMARKS, NTU_NAME, finish, scan_ntu
@@ -46,16 +46,15 @@ def read_missing_list(path: str | os.PathLike) -> set[str]:
     if not path.is_file():
         raise FileNotFoundError(f"--missing-list '{path}' not found (NTU's samples_with_missing_skeletons.txt)")
     names = set()
-    with open(path, encoding="utf-8-sig") as f:
-        for n, line in enumerate(f, 1):
-            text = line.split("#", 1)[0].strip()
-            if not text:
-                continue
-            name = PurePosixPath(text).name
-            m = NTU_NAME.match(name)
-            if not m or name[m.end():] not in ("", SUFFIX):
-                raise ValueError(f"{path}:{n}: expected an NTU sample name like S001C002P005R002A008, got {text!r}")
-            names.add(name[: m.end()])
+    for n, line in enumerate(read_text_lines(path, "--missing-list", "one NTU sample name a line"), 1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        name = PurePosixPath(text).name
+        m = NTU_NAME.match(name)
+        if not m or name[m.end():] not in ("", SUFFIX):
+            raise ValueError(f"{path}:{n}: expected an NTU sample name like S001C002P005R002A008, got {text!r}")
+        names.add(name[: m.end()])
     return names
 
 
@@ -159,25 +158,3 @@ def run(args: argparse.Namespace) -> int:
                              f"already done, {len(failures)} failed (left out of the lists) -> {folder.root}")
     prepared.title = f"ntu-skeleton {prepared.title}"
     return finish(prepared, args.out / "lists" / args.protocol, val_fraction=args.val_fraction, seed=args.seed)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="eleatt prepare ntu-skeleton",
-        description="NTU RGB+D .skeleton files -> a float32 (T, 150) skeleton feature folder and the protocol's "
-        "lists. Exit 0 when all is done, 3 when files failed (each listed), 2 on usage errors.",
-    )
-    add_arguments(parser)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as stop:
-        return int(stop.code or 0)
-    return run(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

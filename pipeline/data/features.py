@@ -266,6 +266,9 @@ class FeatureFolder:
         self.failed_path = self.root / f"failed{suffix}.jsonl"
         self._repaired: set[Path] = set()
         self._settings: FeatureSettings | None = None
+        # files whose values were found finite, as (path, mtime_ns, size): each is read in full once, not once
+        # per training sample (a memory-mapped load otherwise reads only the sampled steps)
+        self._finite: set[tuple[Path, int, int]] = set()
 
     def __repr__(self) -> str:
         return f"FeatureFolder({str(self.root)!r}, rank={self.rank})"
@@ -499,11 +502,14 @@ class FeatureFolder:
             problem = "has zero frames"
         elif dim and features.shape[-1] != int(dim):
             problem = f"has feature dimension {features.shape[-1]} but the folder's settings say {dim}"
-        elif not np.isfinite(features).all():
+        else:
+            stat = path.stat()
+            key = (path, stat.st_mtime_ns, stat.st_size)
+            if key in self._finite or np.isfinite(features).all():
+                self._finite.add(key)
+                return features
             bad = int((~np.isfinite(features)).sum())
             problem = f"holds {bad} non-finite values (NaN/inf)"
-        else:
-            return features
         raise FeatureFileError(f"feature file '{path}' of '{video}' {problem}; {fix}")
 
     @contextlib.contextmanager

@@ -318,11 +318,12 @@ class VideoDataModule(ListDataModule):
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
-            unlabelled = [e.path for e in self._dataset("train_list", stage, True).entries if e.label < 0]
+            train = self._dataset("train_list", stage, True)
+            unlabelled = [e.path for e in train.entries if e.label < 0]
             if unlabelled:
                 raise ValueError(f"train_list '{self.list_paths['train_list']}' has {len(unlabelled)} videos without "
                                  f"a label (-1), e.g. {unlabelled[0]!r}; training needs labels")
-            self.datasets["train"] = self._dataset("train_list", stage, True)
+            self.datasets["train"] = train
             if "val_list" in self.list_paths:
                 self.datasets["val"] = self._dataset("val_list", stage, False)
         else:

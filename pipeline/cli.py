@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "flow": ("preprocessing.flow", "main", "compute dense optical flow into a flow folder (resumable); import/export JPEG flow"),
     "classify": ("pipeline.inference", "main", "classify video files with a trained checkpoint"),
     "fuse": ("pipeline.fusion", "main", "fuse the scores files of several streams (weighted, optional weight search)"),
-    "demo": ("pipeline.demo", "main", "run the RGB pipeline end to end on a generated dataset"),
+    "demo": ("pipeline.demo", "main", "run the two-stream pipeline end to end on a generated dataset (make demo)"),
     "export": ("pipeline.export", "main", "export a checkpoint for serving: ONNX, torch.export or TorchScript"),
     "visualize": ("pipeline.visualize", "main", "draw a checkpoint's attention gates and class probabilities over time for one video"),
 }

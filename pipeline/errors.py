@@ -117,3 +117,11 @@ def quiet_broken_pipe(main):
             return EXIT_BROKEN_PIPE
 
     return wrapper
+
+
+def load_failure(err: BaseException) -> str:
+    """The first line of why a file could not be loaded, for a one-line message. numpy (allow_pickle=False) reads
+    any file that is not .npy/.npz as a pickle and advises unpickling it: that advice is not ours to give."""
+    if "allow_pickle" in str(err):
+        return "not a NumPy .npy/.npz file"
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import load_failure
 from pipeline.paths import atomic_write
 
 
@@ -57,8 +58,7 @@ def read_scores(path: str | os.PathLike) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as data:
             scores = {key: data[key] for key in data.files}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ValueError(f"'{path}' is not a readable scores file ({type(err).__name__}: {reason}); pass a "
+        raise ValueError(f"'{path}' is not a readable scores file ({load_failure(err)}); pass a "
                          "scores_<stage>.npz written by `eleatt test`/`validate`/`predict` or `eleatt fuse`") from None
     missing = [key for key in ("videos", "scores", "labels") if key not in scores]
     if missing:

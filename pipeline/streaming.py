@@ -32,6 +32,7 @@ import torch
 
 from pipeline.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
 from pipeline.inference import Prediction, VideoClassifier
+from pipeline.paths import ensure_writable_dir
 
 # Steps/s for a checkpoint trained on segment sampling (a fixed number of frames per video, whatever its length):
 # a stream has no length to spread segments over, so it samples at a typical rate (override with sample_fps).
@@ -361,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.topk < 1 or not args.every > 0:
         print("eleatt classify --stream: error: --topk must be >= 1 and --every > 0", file=sys.stderr)
         return EXIT_USAGE
+    if args.plot:  # before the stream, not after it (raises OutputLocationError: one line, exit 2)
+        ensure_writable_dir(Path(args.plot).parent, "folder of --plot")
     try:
         container = open_stream(args.stream, args.input_format)
     except SourceError as err:

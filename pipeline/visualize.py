@@ -19,7 +19,7 @@ import torch
 from pipeline.data.datamodules import FeatureDataModule
 from pipeline.data.datasets import FeatureNormalizer, sample_sequence
 from pipeline.data.features import as_views
-from pipeline.errors import EXIT_OK, EXIT_SOME_FAILED
+from pipeline.errors import EXIT_OK, EXIT_SOME_FAILED, load_failure
 from pipeline.lit import EleAttClassifier, classifier_from_checkpoint, read_checkpoint
 from pipeline.paths import atomic_write, ensure_writable_dir
 
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             features = np.load(source, allow_pickle=False)
         except (ValueError, OSError) as err:
-            raise ValueError(f"'{source}' is not a readable .npy feature file ({err})") from None
+            raise ValueError(f"'{source}' is not a readable .npy feature file ({load_failure(err)})") from None
     else:
         from pipeline.data.video import VideoReadError
         from pipeline.inference import VideoClassifier
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             features = classifier.features(source).numpy()  # (V, T, D)
             frames = video_frames(source)
         except VideoReadError as err:
-            print(f"eleatt visualize: {source}: {err}", file=sys.stderr)
+            print(f"eleatt visualize: {err}", file=sys.stderr)  # the error names the file
             return EXIT_SOME_FAILED
     seq = sequence_model.prepare(features)  # (V, T, D)
     gates, probs = gates_and_probabilities(sequence_model.model, seq, args.layer)

@@ -31,6 +31,7 @@ from pipeline.data.optical_flow import (CONTRIB, DEFAULT_BACKEND, DEFAULT_PRESET
                                         PRESETS, OpenCVFlow, RaftFlow, build_raft, make_estimator, target_size,
                                         tvl1_available, video_flow)
 from pipeline.data.lists import read_list
+from pipeline.paths import ensure_writable_dir
 from pipeline.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
 
 # Bytes of decoded RGB frames held at once per worker (a module global, so that tests can shrink the chunks).
@@ -403,6 +404,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.import_jpg and args.export_jpg:
             raise ValueError("--import-jpg and --export-jpg exclude each other; run them one at a time")
+        if args.export_jpg:
+            ensure_writable_dir(args.export_jpg, "--export-jpg folder")
+        else:
+            ensure_writable_dir(args.out, "--out flow folder")  # before any work: one line, exit 2
         if args.import_jpg:
             summary, what = import_jpg(args.import_jpg, args.out, args.bound, progress), "imported"
         elif args.export_jpg:

@@ -31,6 +31,7 @@ import numpy as np
 
 from pipeline.data.sampling import Sampling
 from pipeline.data.transforms import VIEW_COUNTS
+from pipeline.errors import load_failure
 from pipeline.paths import TMP_PREFIX, atomic_write, file_mode
 
 try:  # POSIX; elsewhere the lock is advisory only (see FeatureFolder.lock)
@@ -491,8 +492,8 @@ class FeatureFolder:
         try:
             features = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
         except (ValueError, OSError, EOFError) as err:
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise FeatureFileError(f"feature file '{path}' of '{video}' cannot be read ({reason}); {fix}") from None
+            raise FeatureFileError(f"feature file '{path}' of '{video}' cannot be read ({load_failure(err)}); "
+                                   f"{fix}") from None
         if not check:
             return features
         dim = self.settings.dim if self.settings is not None else None

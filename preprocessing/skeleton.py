@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 0:
         raise ValueError(f"--workers {args.workers}: must be >= 0")
     missing = read_missing_list(args.missing_list) if args.missing_list else set()
-    prepared = scan_ntu(args.skeletons, args.benchmark, args.protocol, suffix=SUFFIX)
+    prepared = scan_ntu(args.skeletons, args.benchmark, args.protocol, suffix=SUFFIX, flag="--skeletons")
     if missing:
         before = len(prepared.train) + len(prepared.test)
         prepared.train = [e for e in prepared.train if _sample_name(e) not in missing]

@@ -344,13 +344,14 @@ def parse_hmdb(splits_dir: str | os.PathLike, split: int, dataset: str = "hmdb51
 
 
 def scan_ntu(
-    videos: str | os.PathLike, benchmark: str = "ntu60", protocol: str = "cs", suffix: str = "_rgb.avi"
+    videos: str | os.PathLike, benchmark: str = "ntu60", protocol: str = "cs", suffix: str = "_rgb.avi",
+    flag: str = "--videos",
 ) -> Prepared:
     """NTU RGB+D 60/120 from the names `SsssCcccPpppRrrrAaaa<suffix>` found under `videos` (label A-1).
 
     cs: the cross-subject training performers train; cv (NTU 60): cameras 2 and 3 train, camera 1 tests;
     cset (NTU 120): even setups train. For ntu60, NTU-120-only files (S018+, A061+) are left out and counted.
-    Raw-frame folders with these names are taken too.
+    Raw-frame folders with these names are taken too. `flag`: the command's option naming the folder (messages).
     """
     if benchmark not in NTU_BENCHMARKS:
         raise ValueError(f"--benchmark {benchmark!r}: choose ntu60 or ntu120")
@@ -362,7 +363,7 @@ def scan_ntu(
         raise ValueError(f"--protocol {protocol!r}: choose cs, cv or cset")
     root = Path(videos)
     if not root.is_dir():
-        raise FileNotFoundError(f"--videos '{root}' is not a folder (give the folder holding the NTU {suffix} files)")
+        raise FileNotFoundError(f"{flag} '{root}' is not a folder (give the folder holding the NTU {suffix} files)")
     num_actions, num_setups = NTU_BENCHMARKS[benchmark]
     subjects = NTU60_TRAIN_SUBJECTS if benchmark == "ntu60" else NTU120_TRAIN_SUBJECTS
 
@@ -561,6 +562,13 @@ def finish(
     """Holds out validation (when the protocol has none), checks the videos, writes the four files, prints the
     summary. Returns the exit code: 0, or 3 when inputs were skipped or videos are missing (each listed)."""
     p = prepared
+    if p.problems and not p.train and not p.test:  # every input failed: say which and why, not "0 videos"
+        print(f"eleatt prepare {p.title}: none of the inputs could be used; nothing written to {out}", file=sys.stderr)
+        for line in p.problems[:MAX_LISTED]:
+            print(f"  {line}", file=sys.stderr)
+        if len(p.problems) > MAX_LISTED:
+            print(f"  ... and {len(p.problems) - MAX_LISTED} more", file=sys.stderr)
+        return EXIT_INCOMPLETE
     notes = list(p.notes)
     train, val = p.train, p.val
     if val is None:

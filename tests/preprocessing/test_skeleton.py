@@ -171,3 +171,17 @@ def test_a_short_fit_on_generated_skeletons_learns_the_direction_of_the_walk(ntu
     scores = read_scores(run / "scores_test.npz")
     top1 = float((scores["scores"].argmax(1) == scores["labels"]).mean())
     assert scores["scores"].shape == (12, 60) and top1 >= 0.75  # chance: 1 in 4 directions
+
+
+def test_when_every_file_is_malformed_each_is_named_and_no_list_is_written(tmp_path, capsys):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "S001C001P001R001A001.skeleton").write_text("garbage\n")
+    (raw / "S001C002P002R001A002.skeleton").write_bytes(b"\x00\xff" * 40)
+    assert prepare("--skeletons", str(raw), "--out", str(tmp_path / "o"), "--no-progress") == 3
+    err = capsys.readouterr().err
+    assert "none of the inputs could be used" in err
+    assert "S001C001P001R001A001.skeleton:1" in err and "S001C002P002R001A002.skeleton" in err
+    assert not (tmp_path / "o" / "lists").exists()
+    assert prepare("--skeletons", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")) == 2
+    assert "--skeletons" in capsys.readouterr().err

@@ -23,7 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline.data.features import FeatureSettings, SettingsMismatchError
-from pipeline.data.flow import (DEFAULT_BOUND, FlowFolder, FlowOptions, FlowWriter, export_jpg, flow_folder_settings,
+from pipeline.data.flow import (DEFAULT_BOUND, FlowFolder, FlowOptions, export_jpg, flow_folder_settings,
                                 jpg_files, read_jpg_folder)
 from pipeline.data import optical_flow
 # The computation lives on the pipeline side (classify computes a new video's flow the same way); re-exported here.
@@ -101,27 +101,20 @@ def _work(video: str) -> tuple[str, dict | None, str | None]:
     config = _STATE["config"]
     folder = FlowFolder(config["out"])
     start = time.perf_counter()
-    tmp = None
     try:
         from pipeline.data.video import probe
 
         src = Path(config["root"]) / video
         folder.feature_path(video)  # raises ValueError for a path leaving the root
         info = probe(src)
-        tmp = folder.temporary(video)
-        with FlowWriter(tmp, config["bound"], fps=info.fps) as writer:
+        with folder.writer(video, config["bound"], fps=info.fps) as writer:
             for q in video_flow(src, _estimator(), config["short_side"], config["bound"], config["backend"],
                                 decode_bytes=DECODE_BYTES):
                 writer.add(q)
-        folder.commit(video, tmp)
-        tmp = None
         return video, {"source_frames": int(info.num_frames), "source_fps": float(info.fps),
                        "seconds": round(time.perf_counter() - start, 3)}, None
     except Exception as err:  # a bad video fails alone; the parent records the reason
         return video, None, f"{type(err).__name__}: {err}"
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -20,11 +20,11 @@ bound (``normalize_flow``: pixels -> [-1, 1], zero motion ~0), recorded as ``"fl
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +32,8 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from pipeline.data.features import FeatureFolder, FeatureSettings, SettingsFormatError
+from pipeline.data.features import TMP_DIR, FeatureFolder, FeatureSettings, SettingsFormatError
+from pipeline.paths import atomic_write
 
 __all__ = [
     "DEFAULT_BOUND",
@@ -63,7 +64,6 @@ FLOW_SUFFIX = ".flow.zip"
 FORMAT = "eleatt-flow-png-zip"
 VERSION = 1
 META = "meta.json"
-TMP_SUFFIX = ".tmp.flow.zip"
 FLOW_NORM = "bound"  # flow stacks are divided by the bound: pixels -> [-1, 1]
 # PNG settings measured in the module docstring: Paeth + RLE is both the smallest and among the fastest here.
 _PNG_PARAMS = None  # filled on first use (cv2 is imported lazily: `import pipeline.data` must not need OpenCV)
@@ -202,16 +202,16 @@ def normalize_flow(flow, bound: float = DEFAULT_BOUND):
 class FlowWriter:
     """Writes one flow file pair by pair (memory stays one pair), e.g. to a temporary path later renamed.
 
-    Usage: ``with FlowWriter(path, bound) as w: w.add(q)`` for each pair ``q`` uint8 ``(2, H, W)`` (x, y).
+    Usage: ``with FlowWriter(path, bound) as w: w.add(q)`` for each pair ``q`` uint8 ``(2, H, W)`` (x, y). `path`
+    may also be a binary file open for writing (see `FlowFolder.writer`, which writes whole files or none).
     """
 
-    def __init__(self, path: str | os.PathLike, bound: float = DEFAULT_BOUND, fps: float | None = None):
-        self.path = Path(path)
+    def __init__(self, path, bound: float = DEFAULT_BOUND, fps: float | None = None):
         self.bound = _check_bound(bound)
         self.fps = None if fps is None else float(fps)  # the source's frame rate (fps sampling of flow stacks)
         self.pairs = 0
         self.shape: tuple[int, int] | None = None
-        self._zip = zipfile.ZipFile(self.path, "w", compression=zipfile.ZIP_STORED)
+        self._zip = zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED)
 
     def add(self, q: np.ndarray) -> None:
         q = np.asarray(q)
@@ -412,23 +412,17 @@ class FlowFolder(FeatureFolder):
     suffix = FLOW_SUFFIX
     what, command = "flow", "eleatt flow"
 
-    def temporary(self, video: str) -> Path:
-        """A fresh hidden temporary path beside the video's flow file (renamed into place by `commit`)."""
+    @contextlib.contextmanager
+    def writer(self, video: str, bound: float, fps: float | None = None) -> Iterator[FlowWriter]:
+        """`with folder.writer(video, bound) as w: w.add(q)...`: the video's flow file, written whole (through the
+        folder's temporary folder, as every feature file is) or not at all; the manifest record comes after."""
         target = self.feature_path(video)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name[:-len(FLOW_SUFFIX)]}.", suffix=TMP_SUFFIX,
-                                   dir=target.parent)
-        os.close(fd)
-        return Path(tmp)
-
-    def commit(self, video: str, tmp: str | os.PathLike) -> Path:
-        """Renames a finished temporary flow file into place (atomic); the manifest record comes after."""
-        target = self.feature_path(video)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; a flow file is as readable as any output
-        os.replace(tmp, target)
-        return target
+        with atomic_write(target, "wb", tmp_dir=self.root / TMP_DIR) as f:
+            with FlowWriter(f, bound, fps=fps) as w:
+                yield w
+            if w.pairs == 0:
+                raise ValueError(f"'{video}': no frame pairs to store")
 
     def record(self, video: str, **extra) -> dict:
         """Appends the manifest record of a committed video: ``video``, ``feature``, ``pairs``, ... (from the file)."""
@@ -441,17 +435,9 @@ class FlowFolder(FeatureFolder):
 
     def write_quantized(self, video: str, q: np.ndarray | Iterable[np.ndarray], bound: float, **extra) -> dict:
         """Stores uint8 pairs ``(N, 2, H, W)`` (or an iterable of ``(2, H, W)``) atomically, then records them."""
-        tmp = self.temporary(video)
-        try:
-            with FlowWriter(tmp, bound) as w:
-                for pair in q:
-                    w.add(pair)
-            if w.pairs == 0:
-                raise ValueError(f"'{video}': no frame pairs to store")
-            self.commit(video, tmp)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with self.writer(video, bound) as w:
+            for pair in q:
+                w.add(pair)
         return self.record(video, **extra)
 
     def _whole(self, record: dict) -> bool:
@@ -479,14 +465,6 @@ class FlowFolder(FeatureFolder):
         if not path.is_file():
             self.load(video)  # raises the clear error
         return flow_stack(path, positions, length, normalize)
-
-    def remove_stale_temporaries(self) -> int:
-        count = 0
-        if self.root.is_dir():
-            for tmp in self.root.rglob(f".*{TMP_SUFFIX}"):
-                tmp.unlink(missing_ok=True)
-                count += 1
-        return count + super().remove_stale_temporaries()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -174,14 +174,17 @@ def test_resume_after_crash_states(videos, tmp_path):
     manifest = out / "manifest.jsonl"
     lines = manifest.read_text().splitlines(keepends=True)
     manifest.write_text(lines[0] + lines[1][:20])  # killed while appending the second record
-    stale = out / "move" / ".left_down.abc123.tmp.flow.zip"  # killed while writing
+    stale = out / ".eleatt-tmp" / ".eleatt-tmp.abc123.part"  # killed while writing
     stale.write_bytes(b"PK partial")
+    keep = out / "move" / ".notes.tmp.flow.zip"  # a user's file that only looks like a temporary
+    keep.write_bytes(b"mine")
     assert _run(videos, out) == 0
     counts: dict[str, int] = {}
     for record in _records(out):
         counts[record["video"]] = counts.get(record["video"], 0) + 1
     assert counts == {f"move/{n}.mp4": 1 for n, _, _ in MOTIONS}
-    assert not list(out.rglob("*.tmp*"))
+    assert not list(out.rglob("*.tmp*.part")) and not any((out / ".eleatt-tmp").iterdir())
+    assert keep.read_bytes() == b"mine"
     for name, _, _ in MOTIONS:
         assert flow_info(folder.feature_path(f"move/{name}.mp4"))["pairs"] == T - 1
 

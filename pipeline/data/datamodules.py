@@ -28,6 +28,57 @@ class ListDataModule(pl.LightningDataModule):
     collate_fn: Callable = staticmethod(collate_sequences)
     drop_last_partial: bool = False  # a training epoch ends before a last partial batch (BatchNorm in the model)
 
+    # -- the lists and their classes (what the model is linked to) ---------------------------------------------------
+    def _init_lists(self, train_list, val_list, test_list, predict_list) -> None:
+        self.list_paths = {
+            name: Path(path) for name, path in
+            (("train_list", train_list), ("val_list", val_list), ("test_list", test_list), ("predict_list", predict_list))
+            if path
+        }
+        if not self.list_paths:
+            raise ValueError("no list given: pass at least one of --data.train_list/val_list/test_list/predict_list")
+        self._lists: dict[str, list[ListEntry]] = {}  # read when a stage (or the class count) needs them
+
+    def _read_class_names(self, classes: str | None) -> list[str] | None:
+        if classes:
+            return read_classes(classes)
+        for path in self.list_paths.values():
+            candidate = classes_path_for(path)
+            if candidate.is_file():
+                return read_classes(candidate)
+        return None
+
+    def _existing_lists(self) -> list[str]:
+        return [name for name, path in self.list_paths.items() if path.is_file()]
+
+    def entries(self, name: str) -> list[ListEntry]:
+        """The entries of list `name` ("train_list", ...), read once; labels checked against the classes."""
+        if name not in self._lists:
+            entries = read_list(self.list_paths[name])
+            if not entries:
+                raise ValueError(f"{name} '{self.list_paths[name]}' lists no videos")
+            if self.class_names is not None:
+                bad = [e for e in entries if e.label >= len(self.class_names)]
+                if bad:
+                    raise ValueError(
+                        f"{name} '{self.list_paths[name]}': video {bad[0].path!r} has label {bad[0].label} but "
+                        f"classes.txt names {len(self.class_names)} classes ({len(bad)} such videos; is it the "
+                        "right classes.txt?)"
+                    )
+            self._lists[name] = entries
+        return self._lists[name]
+
+    def _resolve_num_classes(self) -> int:
+        if self.class_names is not None:
+            return len(self.class_names)
+        labels = [e.label for name in self._existing_lists() for e in self.entries(name)]
+        if not labels or max(labels) < 0:
+            raise ValueError(
+                f"cannot tell the number of classes: no classes.txt beside {[str(p) for p in self.list_paths.values()]} "
+                "and no labels (pass --data.classes PATH/classes.txt, or the training list with --data.train_list)"
+            )
+        return max(labels) + 1
+
     def _loader(self, key: str, train: bool = False) -> DataLoader:
         if key not in self.datasets:
             raise ValueError(f"no {key} data: pass --data.{key}_list (setup found none)")
@@ -115,14 +166,7 @@ class FeatureDataModule(ListDataModule):
                 "and pass --data.features_dir DIR)"
             )
         self.folder = FeatureFolder(self.features_dir)
-        self.list_paths = {
-            name: Path(path) for name, path in
-            (("train_list", train_list), ("val_list", val_list), ("test_list", test_list), ("predict_list", predict_list))
-            if path
-        }
-        if not self.list_paths:
-            raise ValueError("no list given: pass at least one of --data.train_list/val_list/test_list/predict_list")
-        self._lists: dict[str, list[ListEntry]] = {}  # read when a stage (or a fallback below) needs them
+        self._init_lists(train_list, val_list, test_list, predict_list)
         self.num_steps = num_steps or None
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -158,47 +202,6 @@ class FeatureDataModule(ListDataModule):
         from pipeline.data.skeleton import SkeletonRotation
 
         return SkeletonRotation(rotation_degrees)
-
-    # -- what the model is linked to -------------------------------------------------------------------------------
-    def _read_class_names(self, classes: str | None) -> list[str] | None:
-        if classes:
-            return read_classes(classes)
-        for path in self.list_paths.values():
-            candidate = classes_path_for(path)
-            if candidate.is_file():
-                return read_classes(candidate)
-        return None
-
-    def _existing_lists(self) -> list[str]:
-        return [name for name, path in self.list_paths.items() if path.is_file()]
-
-    def entries(self, name: str) -> list[ListEntry]:
-        """The entries of list `name` ("train_list", ...), read once; labels checked against the classes."""
-        if name not in self._lists:
-            entries = read_list(self.list_paths[name])
-            if not entries:
-                raise ValueError(f"{name} '{self.list_paths[name]}' lists no videos")
-            if self.class_names is not None:
-                bad = [e for e in entries if e.label >= len(self.class_names)]
-                if bad:
-                    raise ValueError(
-                        f"{name} '{self.list_paths[name]}': video {bad[0].path!r} has label {bad[0].label} but "
-                        f"classes.txt names {len(self.class_names)} classes ({len(bad)} such videos; is it the "
-                        "right classes.txt?)"
-                    )
-            self._lists[name] = entries
-        return self._lists[name]
-
-    def _resolve_num_classes(self) -> int:
-        if self.class_names is not None:
-            return len(self.class_names)
-        labels = [e.label for name in self._existing_lists() for e in self.entries(name)]
-        if not labels or max(labels) < 0:
-            raise ValueError(
-                f"cannot tell the number of classes: no classes.txt beside {[str(p) for p in self.list_paths.values()]} "
-                "and no labels (pass --data.classes PATH/classes.txt, or the training list with --data.train_list)"
-            )
-        return max(labels) + 1
 
     def _resolve_feature_dim(self) -> int:
         if self.settings is not None and self.settings.dim:

@@ -26,13 +26,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from pipeline.data.datamodules import ListDataModule
 from pipeline.data.features import FeatureSettings
-from pipeline.data.lists import ListEntry, classes_path_for, read_classes, read_list
+from pipeline.data.lists import ListEntry
 from pipeline.data.sampling import Sampling, segment_indices
 from pipeline.data.frames import video_views
 from pipeline.data.transforms import VIEW_COUNTS, eval_views, hflip, train_clip_transform
@@ -246,19 +245,12 @@ class VideoDataModule(ListDataModule):
             what = "flow folder (eleatt flow ... --out DIR)" if modality == "flow" else "folder of the videos"
             raise FileNotFoundError(f"video_root '{self.video_root}' not found; pass --data.video_root, the {what} "
                                     "the list paths are relative to")
-        self.list_paths = {
-            name: Path(path) for name, path in
-            (("train_list", train_list), ("val_list", val_list), ("test_list", test_list), ("predict_list", predict_list))
-            if path
-        }
-        if not self.list_paths:
-            raise ValueError("no list given: pass at least one of --data.train_list/val_list/test_list/predict_list")
+        self._init_lists(train_list, val_list, test_list, predict_list)
         self.modality = modality
         self.in_chans: int = 2 * flow_length if modality == "flow" else 3
         self.data_config = backbone_data_config(backbone, frame_size, self.in_chans)
         if modality == "flow":  # stacks come divided by the flow bound ([-1, 1], zero motion at 0): no mean/std
             self.data_config.update(mean=(0.0,), std=(1.0,))
-        self._lists: dict[str, list[ListEntry]] = {}
         self.class_names: list[str] | None = self._read_class_names(classes)
         self.num_classes: int = self._resolve_num_classes()
         self.batch_size = batch_size
@@ -276,37 +268,6 @@ class VideoDataModule(ListDataModule):
             options={"end_to_end": True, **({"flow_norm": "bound"} if modality == "flow" else {})},
         )
         self.extraction_settings: dict[str, Any] = self.settings.to_json()
-
-    def _read_class_names(self, classes: str | None) -> list[str] | None:
-        if classes:
-            return read_classes(classes)
-        for path in self.list_paths.values():
-            candidate = classes_path_for(path)
-            if candidate.is_file():
-                return read_classes(candidate)
-        return None
-
-    def entries(self, name: str) -> list[ListEntry]:
-        if name not in self._lists:
-            entries = read_list(self.list_paths[name])
-            if not entries:
-                raise ValueError(f"{name} '{self.list_paths[name]}' lists no videos")
-            if self.class_names is not None:
-                bad = [e for e in entries if e.label >= len(self.class_names)]
-                if bad:
-                    raise ValueError(f"{name} '{self.list_paths[name]}': video {bad[0].path!r} has label "
-                                     f"{bad[0].label} but classes.txt names {len(self.class_names)} classes")
-            self._lists[name] = entries
-        return self._lists[name]
-
-    def _resolve_num_classes(self) -> int:
-        if self.class_names is not None:
-            return len(self.class_names)
-        labels = [e.label for name, p in self.list_paths.items() if p.is_file() for e in self.entries(name)]
-        if not labels or max(labels) < 0:
-            raise ValueError("cannot tell the number of classes: no classes.txt beside the lists and no labels "
-                             "(pass --data.classes PATH/classes.txt)")
-        return max(labels) + 1
 
     def _dataset(self, name: str, stage: str, train: bool) -> VideoClipDataset:
         if name not in self.list_paths:

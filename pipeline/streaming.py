@@ -102,7 +102,6 @@ class StreamingClassifier:
                 "online use)", stacklevel=2)
         else:
             raise ValueError(f"checkpoint '{ckpt}' records sampling mode {mode!r}; expected fps, all or segments")
-        self.sampling_mode = mode
         if self.video.num_steps:
             warnings.warn(
                 f"checkpoint '{ckpt}' was trained on {self.video.num_steps} steps per video spread evenly "
@@ -124,7 +123,6 @@ class StreamingClassifier:
         self._t0: float | None = None  # first timestamp pushed (timestamp mode)
         self._prev_t: float | None = None
         self._last_stamp: float | None = None  # the latest timestamp pushed, as given
-        self.last_probs: np.ndarray | None = None  # (C,) after the latest sampled frame
 
     # -- sampling ----------------------------------------------------------------------------------------------
     def _select(self, count: int, timestamps: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -213,7 +211,6 @@ class StreamingClassifier:
         feats = self.video.normalizer(feats).to(self.device)
         logits, self._state = self.net.stream(feats, self._state)  # (V, n, C)
         probs = logits.float().softmax(-1).mean(0).cpu().numpy()  # (n, C): views averaged as `test` does
-        self.last_probs = probs[-1]
         return StreamOutput(probs, numbers, times)
 
 

@@ -72,20 +72,13 @@ def gates_and_probabilities(model: torch.nn.Module, seq: torch.Tensor, layer: in
     if seq.dim() == 2:
         seq = seq[None]
     seq = seq.to(net.head.weight.device)
-    x = net.proj(net.input_dropout(seq))  # (V, T, D')
-    out, _, gates = net.rnn(x, return_attention=True)  # out (V, T, H); gates[k] (V, T, D_k)
+    logits, _, gates = net.stream(seq, return_attention=True)  # (V, T, C): step t's as for a (t + 1)-step input
     if not gates:
         raise ValueError("this model has no element-wise attention gate (attention_layers=0: the plain RNN "
                          "baseline); visualize a model trained with attention_layers >= 1")
     if not 1 <= layer <= len(gates):
         raise ValueError(f"--layer {layer}: the model has {len(gates)} gated layer(s); use 1..{len(gates)}")
-    steps = out.shape[1]
-    if net.pooling == "last":
-        pooled = out  # a causal recurrence: the state after t steps is what the head reads for a t-step input
-    else:
-        counts = torch.arange(1, steps + 1, device=out.device, dtype=out.dtype)[None, :, None]  # (1, T, 1)
-        pooled = out.cumsum(1) / counts  # (V, T, H): the mean of the first t steps
-    probs = net.head(net.dropout(pooled)).float().softmax(-1).mean(0)  # (T, C)
+    probs = logits.float().softmax(-1).mean(0)  # (T, C)
     return gates[layer - 1][0].float().cpu().numpy(), probs.cpu().numpy()
 
 

@@ -92,18 +92,19 @@ class SequenceClassifier(nn.Module):
         return self.head(self.dropout(pooled))  # (B, C)
 
     @torch.no_grad()
-    def stream(self, feats: torch.Tensor, state: StreamState | None = None) -> tuple[torch.Tensor, StreamState]:
+    def stream(self, feats: torch.Tensor, state: StreamState | None = None, return_attention: bool = False
+               ) -> tuple[torch.Tensor, StreamState] | tuple[torch.Tensor, StreamState, list[torch.Tensor]]:
         """Online classification: feats (B, T, D) are the next T steps of B running sequences, `state` what the
         earlier steps left (None = the start of the sequences). Returns the logits after each of the T steps
         (B, T, C), each what `forward` gives for the whole sequence seen so far, and the state to pass next time.
 
         The recurrent state (h, c of every layer) is carried through the stack's own `hx`, so chunks of any size
         give the per-step outputs of one pass over the whole sequence; "mean" pooling keeps the running sum of the
-        outputs.
+        outputs. `return_attention`: also the gate values of every gated layer, each (B, T, D_k).
         """
         B, T, _ = feats.shape
         x = self.proj(self.input_dropout(feats))  # (B, T, D')
-        out, hx = self.rnn(x, None if state is None else state.hx)  # out (B, T, H)
+        out, hx, *gates = self.rnn(x, None if state is None else state.hx, return_attention=return_attention)
         if self.pooling == "last":
             pooled, total = out, None  # (B, T, H): step t's output is what "last" pools after step t
         else:
@@ -113,7 +114,8 @@ class SequenceClassifier(nn.Module):
             pooled = sums / torch.arange(count + 1, count + T + 1, device=out.device, dtype=out.dtype)[None, :, None]
             total = sums[:, -1]
         steps = T + (0 if state is None else state.steps)
-        return self.head(self.dropout(pooled)), StreamState(hx, total, steps)  # (B, T, C)
+        logits = self.head(self.dropout(pooled))  # (B, T, C)
+        return (logits, StreamState(hx, total, steps), *gates)
 
 
 @dataclass

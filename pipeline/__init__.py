@@ -18,8 +18,8 @@ _EXPORTS = {
     "VideoReadError": "pipeline.data.video",
     "probe": "pipeline.data.video",
     "load_frames": "pipeline.data.video",
-    "classify": "pipeline.inference",
-    "StreamingClassifier": "pipeline.streaming",
+    "classify": "pipeline.serving.classify",
+    "StreamingClassifier": "pipeline.serving.streaming",
 }
 
 __all__ = sorted(_EXPORTS)

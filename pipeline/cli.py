@@ -1,6 +1,6 @@
 """The `eleatt` command line (also `python -m pipeline`).
 
-`fit|validate|test|predict` go to the LightningCLI (`pipeline.lit_cli`); every other subcommand has its own
+`fit|validate|test|predict` go to the LightningCLI (`pipeline.training.cli`); every other subcommand has its own
 parser in its own module, imported only when that subcommand runs so that `eleatt --help` stays fast.
 Each subcommand's `main(argv) -> int` returns the design's exit codes: 0 all done, 3 some inputs failed,
 2 usage errors and refused runs. The dispatcher gives every subcommand, present and future, the same treatment of
@@ -24,11 +24,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "prepare": ("preprocessing.splits", "main", "write train/val/test lists and classes.txt (official splits, folders, synthetic)"),
     "extract": ("preprocessing.extract", "main", "extract per-frame timm backbone features into a feature folder (resumable)"),
     "flow": ("preprocessing.flow", "main", "compute dense optical flow into a flow folder (resumable); import/export JPEG flow"),
-    "classify": ("pipeline.inference", "main", "classify video files with a trained checkpoint"),
-    "fuse": ("pipeline.fusion", "main", "fuse the scores files of several streams (weighted, optional weight search)"),
+    "classify": ("pipeline.serving.classify", "main", "classify video files with a trained checkpoint"),
+    "fuse": ("pipeline.evaluation.fusion", "main", "fuse the scores files of several streams (weighted, optional weight search)"),
     "demo": ("pipeline.demo", "main", "run the two-stream pipeline end to end on a generated dataset (make demo)"),
-    "export": ("pipeline.export", "main", "export a checkpoint for serving: ONNX, torch.export or TorchScript"),
-    "visualize": ("pipeline.visualize", "main", "draw a checkpoint's attention gates and class probabilities over time for one video"),
+    "export": ("pipeline.serving.export", "main", "export a checkpoint for serving: ONNX, torch.export or TorchScript"),
+    "visualize": ("pipeline.serving.visualize", "main", "draw a checkpoint's attention gates and class probabilities over time for one video"),
 }
 
 from pipeline.errors import (
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK if argv else EXIT_USAGE
     command, rest = argv[0], argv[1:]
     if command in LIGHTNING_COMMANDS:
-        from pipeline.lit_cli import main as lightning_main
+        from pipeline.training.cli import main as lightning_main
 
         return lightning_main(argv)
     if command not in COMMANDS:

@@ -196,7 +196,7 @@ def _run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from pipeline.lit_cli import main as lightning_main
+    from pipeline.training.cli import main as lightning_main
 
     # The sequence model is tiny (batches of 16 x 24 steps): one thread is as fast, and on a busy machine several
     # threads that wait on each other make training ten times slower. Restored before classify (and by main).
@@ -220,7 +220,7 @@ def _run(args: argparse.Namespace) -> int:
             return _failed(f"fit {LABELS[stream]}", code)
         _done(t, f"{LABELS[stream]} checkpoints in {runs[stream]}")
 
-    from pipeline.scores import accuracy_summary, read_scores
+    from pipeline.evaluation.scores import accuracy_summary, read_scores
 
     t = _stage(7, "validate and test both streams with their best checkpoints")
     metrics = {}
@@ -236,7 +236,7 @@ def _run(args: argparse.Namespace) -> int:
     _done(t, "test top-1 " + ", ".join(f"{LABELS[s]} {metrics[s]['top1']:.1%}" for s in STREAMS)
              + f" (chance {chance:.1%})")
 
-    from pipeline.fusion import main as fuse_main
+    from pipeline.evaluation.fusion import main as fuse_main
 
     fused_path = session / "fused_test.npz"
     t = _stage(8, "fuse: weighted mean of the two streams' probabilities, weights picked on validation")
@@ -251,8 +251,8 @@ def _run(args: argparse.Namespace) -> int:
     _done(t, f"fused test top-1 {metrics['fused']['top1']:.1%} with weights RGB {weights[0]:g} : flow {weights[1]:g}")
 
     torch.set_num_threads(threads)
-    from pipeline.fusion import fuse_probs
-    from pipeline.inference import VideoClassifier
+    from pipeline.evaluation.fusion import fuse_probs
+    from pipeline.serving.classify import VideoClassifier
 
     tests = read_list(data / "test.txt")
     picks = [tests[i] for i in range(0, len(tests), max(1, len(tests) // 4))][:4]
@@ -274,7 +274,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"   {entry.path}  (true: {names[entry.label]})  ->  fused {names[label]} {probs[label]:.0%}  ({each})")
     _done(t, f"fused top-1 agrees with `fuse` for {agree} of {len(picks)} videos")
 
-    from pipeline.report import Stream
+    from pipeline.evaluation.report import Stream
 
     t = _stage(10, f"report: order-blind baseline, curves, confusion, attention -> {session}")
     streams = [Stream("RGB", runs["rgb"] / "scores_test.npz", runs["rgb"]),
@@ -295,15 +295,15 @@ def _run(args: argparse.Namespace) -> int:
 
 def write_demo_report(out: Path, streams: list, features: Path, data: Path, ckpt: Path, videos: list,
                       seed: int = 0, commands: list[tuple[str, str]] | None = None) -> tuple[Path, dict]:
-    """The demo's report in the folder `out`: the table of `streams` (pipeline.report.Stream, e.g. RGB, flow, fused) plus the
+    """The demo's report in the folder `out`: the table of `streams` (pipeline.evaluation.report.Stream, e.g. RGB, flow, fused) plus the
     order-blind baseline on the RGB `features`, curves, confusion matrices, and the attention picture of the RGB
     checkpoint `ckpt` on a few of `videos` (list entries under `data`). Returns (report.html, baseline)."""
     from tqdm import tqdm
 
-    from pipeline.baseline import order_blind_baseline
+    from pipeline.evaluation.baseline import order_blind_baseline
     from pipeline.data.features import FeatureFolder
-    from pipeline.report import write_report
-    from pipeline.visualize import attention_picture, load_sequence_model
+    from pipeline.evaluation.report import write_report
+    from pipeline.serving.visualize import attention_picture, load_sequence_model
 
     shown = videos[:3]
     with tqdm(total=4, desc="report", unit="step", leave=False) as bar:
@@ -345,7 +345,7 @@ def streaming_timeline(ckpt: Path, data: Path, path: Path, first: str = "grow", 
 
     from pipeline.data.lists import read_classes, read_list
     from pipeline.data.video import load_frames, probe
-    from pipeline.streaming import StreamingClassifier, plot_stream
+    from pipeline.serving.streaming import StreamingClassifier, plot_stream
 
     names = read_classes(data / "classes.txt")
     if first not in names or second not in names:

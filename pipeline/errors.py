@@ -1,7 +1,7 @@
 """Exit codes of the commands (DESIGN "Exit codes"), defined once for every command, and the one-line error text.
 
 Commands raise ValueError/FileNotFoundError (or subclasses) for bad input; the dispatcher (`pipeline.cli`) and the
-Lightning CLI (`pipeline.lit_cli`) turn them into one line and EXIT_USAGE, an OSError naming a file into one line
+Lightning CLI (`pipeline.training.cli`) turn them into one line and EXIT_USAGE, an OSError naming a file into one line
 too, and Ctrl-C into EXIT_INTERRUPTED with what was kept and the command that resumes (`set_interrupt_note`).
 """
 from __future__ import annotations

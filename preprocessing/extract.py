@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from pipeline.data.features import PRECISIONS, FeatureFolder, FeatureSettings, SettingsMismatchError
-from pipeline.data.flow import FlowFile, FlowFolder, FlowOptions, flow_data_config
-from pipeline.data.frames import DECODE_CHUNK, video_views
+from pipeline.data.flow_files import FlowFile, FlowFolder, FlowOptions, flow_data_config
+from pipeline.data.views import DECODE_CHUNK, video_views
 from pipeline.data.lists import read_list
 from pipeline.data.sampling import Sampling
 from pipeline.data.transforms import VIEW_COUNTS

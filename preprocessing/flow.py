@@ -2,7 +2,7 @@
 
 Flow is computed between consecutive decoded frames (frame ``i`` to ``i + 1``, in the frame-accurate decoder's
 order), on greyscale frames resized to the short side (RAFT: RGB), quantised to uint8 with the bound and written
-one ``.flow.zip`` per video (``pipeline/data/flow.py``). Frames are decoded in bounded chunks, so a long or
+one ``.flow.zip`` per video (``pipeline/data/flow_files.py``). Frames are decoded in bounded chunks, so a long or
 high-resolution video never sits in memory whole. Each video is done by one worker process; the parent alone
 appends manifest records, after the worker has renamed the finished file into place, so a kill at any moment
 leaves each video either finished (file and record) or redone on the next run.
@@ -23,11 +23,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline.data.features import FeatureSettings, SettingsMismatchError
-from pipeline.data.flow import (DEFAULT_BOUND, FlowFolder, FlowOptions, export_jpg, flow_folder_settings,
+from pipeline.data.flow_files import (DEFAULT_BOUND, FlowFolder, FlowOptions, export_jpg, flow_folder_settings,
                                 jpg_files, read_jpg_folder)
-from pipeline.data import optical_flow
+from pipeline.data import flow_estimation
 # The computation lives on the pipeline side (classify computes a new video's flow the same way); re-exported here.
-from pipeline.data.optical_flow import (CONTRIB, DEFAULT_BACKEND, DEFAULT_PRESET, DEFAULT_SHORT_SIDE, METHODS,
+from pipeline.data.flow_estimation import (CONTRIB, DEFAULT_BACKEND, DEFAULT_PRESET, DEFAULT_SHORT_SIDE, METHODS,
                                         PRESETS, OpenCVFlow, RaftFlow, build_raft, make_estimator, target_size,
                                         tvl1_available, video_flow)
 from pipeline.data.lists import read_list
@@ -35,7 +35,7 @@ from pipeline.paths import ensure_writable_dir
 from pipeline.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
 
 # Bytes of decoded RGB frames held at once per worker (a module global, so that tests can shrink the chunks).
-DECODE_BYTES = optical_flow.DECODE_BYTES
+DECODE_BYTES = flow_estimation.DECODE_BYTES
 
 # Worker-process state: the run's config and its estimator (RAFT loaded once per process; see _estimator).
 _STATE: dict = {}

@@ -12,7 +12,7 @@ import pytest
 from pipeline import cli
 from pipeline.data.lists import ListEntry, write_list
 from pipeline.paths import OutputLocationError, atomic_write, ensure_writable_dir
-from pipeline.scores import write_scores
+from pipeline.evaluation.scores import write_scores
 
 
 @pytest.fixture

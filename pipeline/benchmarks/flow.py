@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.flow import FlowFolder, jpeg_bytes, load_quantized
+from pipeline.data.flow_files import FlowFolder, jpeg_bytes, load_quantized
 from pipeline.data.video import load_frames, probe
 from pipeline.errors import quiet_broken_pipe
 from preprocessing.flow import OpenCVFlow, RaftFlow, compute, target_size, tvl1_available

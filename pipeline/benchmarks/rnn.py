@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     setups = QUICK_SETUPS if args.quick else SETUPS
     if args.setups:
         setups = [s for s in setups if s[0] in args.setups]
-    from pipeline.nn.eleatt_fast import _onednn_available
+    from pipeline.nn.kernel import _onednn_available
 
     products = "oneDNN" if device.type == "cpu" and _onednn_available() else "torch.mm"
     print(f"# EleAtt RNN benchmark: torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "

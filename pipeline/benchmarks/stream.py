@@ -37,7 +37,7 @@ def make_checkpoint(path: Path, backbone: str, hidden: int = 512, num_classes: i
     """Writes a checkpoint like `eleatt fit` makes on `backbone` features sampled at STEP_FPS; returns D."""
     from pipeline.data.features import FeatureSettings
     from pipeline.data.sampling import Sampling
-    from pipeline.lit import EleAttClassifier
+    from pipeline.training.module import EleAttClassifier
     from pipeline.nn.backbone import FrameEncoder
 
     encoder = FrameEncoder(backbone, weights="none")
@@ -58,7 +58,7 @@ def _ms(values: list[float]) -> float:
 def bench(backbone: str, video: Path, tmp: Path) -> dict:
     import warnings
 
-    from pipeline.streaming import StreamingClassifier, decode_frames, open_stream
+    from pipeline.serving.streaming import StreamingClassifier, decode_frames, open_stream
 
     ckpt = tmp / f"{backbone}.ckpt"
     dim = make_checkpoint(ckpt, backbone)

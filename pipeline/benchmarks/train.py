@@ -76,8 +76,8 @@ def make_videos(root: Path, videos_per_class: int, frames: int, size: int) -> Pa
 
 
 def bench_end_to_end(videos: Path, args, root: Path) -> dict:
-    from pipeline.data.videodata import VideoDataModule
-    from pipeline.lit_video import VideoEleAttClassifier
+    from pipeline.training.clip_data import VideoDataModule
+    from pipeline.training.end_to_end import VideoEleAttClassifier
 
     pl.seed_everything(0, verbose=False)
     dm = VideoDataModule(str(videos), train_list=str(videos / "train.txt"), backbone=args.backbone,
@@ -91,10 +91,10 @@ def bench_end_to_end(videos: Path, args, root: Path) -> dict:
 
 
 def bench_features(videos: Path, args, root: Path, dim: int) -> dict:
-    from pipeline.data.datamodules import FeatureDataModule
+    from pipeline.training.feature_data import FeatureDataModule
     from pipeline.data.features import FeatureFolder
     from pipeline.data.lists import read_list
-    from pipeline.lit import EleAttClassifier
+    from pipeline.training.module import EleAttClassifier
 
     folder = FeatureFolder(root / "features")
     rng = np.random.default_rng(0)

@@ -14,7 +14,7 @@ Layout (Cell -> Layer -> Stack):
 - cells (`EleAttRNNCell`, `EleAttLSTMCell`, `EleAttGRUCell`) are drop-in for `nn.RNNCell`/`nn.LSTMCell`/`nn.GRUCell`;
 - `reference_layer` runs one layer over a (packed) sequence, one step at a time, with plain autograd;
 - stacks (`EleAttRNN`, `EleAttLSTM`, `EleAttGRU`) are drop-in for `nn.RNN`/`nn.LSTM`/`nn.GRU`. They run the fast
-  kernel of `pipeline.nn.eleatt_fast` by default (`impl="fast"`); `impl="reference"` runs `reference_layer`, the
+  kernel of `pipeline.nn.kernel` by default (`impl="fast"`); `impl="reference"` runs `reference_layer`, the
   readable definition the fast kernel is tested against.
 
 GRU note: the GRU cells compute what `nn.GRU` computes, n = tanh(W_in x~ + b_in + r * (W_hn h + b_hn)), so that
@@ -393,7 +393,7 @@ class _EleAttRNNBase(nn.Module):
 
     @property
     def impl(self) -> Impl:
-        """"fast" (default: the kernel of pipeline.nn.eleatt_fast) or "reference" (step-by-step autograd)."""
+        """"fast" (default: the kernel of pipeline.nn.kernel) or "reference" (step-by-step autograd)."""
         return self._impl
 
     @impl.setter
@@ -483,7 +483,7 @@ class _EleAttRNNBase(nn.Module):
         if batch_sizes is None:
             out, final, gates = self._scan_stack(data.view(steps, batch, data.size(-1)), state)
         elif self.impl == "fast" and not _capturing():
-            from pipeline.nn.eleatt_fast import fast_stack
+            from pipeline.nn.kernel import fast_stack
 
             out, final, gates = fast_stack(self, data, batch_sizes, state)
         else:

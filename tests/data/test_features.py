@@ -117,7 +117,7 @@ def test_a_damaged_feature_file_is_named_and_redone(tmp_path, damage, message):
 
 
 def test_non_finite_features_stop_a_batch_naming_the_file(tmp_path):
-    from pipeline.data.datasets import FeatureSequenceDataset
+    from pipeline.data.sequences import FeatureSequenceDataset
     from pipeline.data.lists import ListEntry
 
     folder = _folder_with(tmp_path, {"ok.mp4": np.ones((5, 4))})

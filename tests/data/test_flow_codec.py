@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import decord  # before cv2: OpenCV's libpng then binds decord's zlib and writes damaged PNGs
 import cv2
-from pipeline.data.flow import FlowFolder, quantize
+from pipeline.data.flow_files import FlowFolder, quantize
 
 folder = FlowFolder(sys.argv[1])
 flow = np.random.default_rng(0).normal(0, 2, size=(3, 2, 16, 16)).astype(np.float32)

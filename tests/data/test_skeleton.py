@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data.datamodules import FeatureDataModule
+from pipeline.training.feature_data import FeatureDataModule
 from pipeline.data.features import FeatureFolder
 from pipeline.data.lists import ListEntry, write_classes, write_list
 from pipeline.data.skeleton import (

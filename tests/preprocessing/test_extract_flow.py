@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from pipeline.data.features import FeatureFolder, FeatureSettings
-from pipeline.data.flow import FlowFile, FlowFolder, FlowOptions, flow_data_config, flow_stack, flow_info
-from pipeline.data.frames import video_views
+from pipeline.data.flow_files import FlowFile, FlowFolder, FlowOptions, flow_data_config, flow_stack, flow_info
+from pipeline.data.views import video_views
 from pipeline.data.sampling import Sampling
 from pipeline.data.transforms import hflip
 from pipeline.nn.backbone import FrameEncoder
@@ -103,8 +103,8 @@ def test_extract_flow_features_settings_batching_and_refusals(flows, tmp_path, c
 
 def test_compute_flow_gives_the_stored_levels(flows, synthetic_dataset):
     """The pipeline-side computation (what classify uses) gives exactly the levels `eleatt flow` stored."""
-    from pipeline.data.flow import load_quantized
-    from pipeline.data.optical_flow import compute_flow
+    from pipeline.data.flow_files import load_quantized
+    from pipeline.data.flow_estimation import compute_flow
     from pipeline.data.video import load_frames, probe
 
     folder, videos, _ = flows

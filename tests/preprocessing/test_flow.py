@@ -11,7 +11,7 @@ import torch
 
 import preprocessing.flow as flowmod
 from pipeline.cli import main as cli_main
-from pipeline.data.flow import FlowFolder, FlowOptions, flow_info, load_flow, load_quantized
+from pipeline.data.flow_files import FlowFolder, FlowOptions, flow_info, load_flow, load_quantized
 from preprocessing.flow import compute, main, tvl1_available
 from preprocessing.synthetic import write_lossless_video
 
@@ -85,7 +85,7 @@ def test_known_translation_is_measured(videos, tmp_path, method):
 
 
 def test_flow_files_are_at_most_2_5x_the_jpeg_layout(videos, tmp_path):
-    from pipeline.data.flow import jpeg_bytes
+    from pipeline.data.flow_files import jpeg_bytes
 
     out = tmp_path / "size"
     assert _run(videos, out) == 0

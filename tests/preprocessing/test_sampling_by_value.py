@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pipeline.data.features import FeatureFolder, FeatureSettings
-from pipeline.data.frames import video_views
+from pipeline.data.views import video_views
 from pipeline.data.sampling import Sampling
 from pipeline.data.transforms import eval_views
 from pipeline.nn.backbone import FrameEncoder

@@ -12,7 +12,7 @@ from pipeline.cli import main as eleatt
 from pipeline.data.features import FeatureFolder
 from pipeline.data.lists import read_classes, read_list
 from pipeline.data.skeleton import CENTRE_JOINT, NUM_JOINTS, write_skeleton
-from pipeline.scores import read_scores
+from pipeline.evaluation.scores import read_scores
 from preprocessing.splits import NTU60_TRAIN_SUBJECTS
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,0 +1,235 @@
+"""Dense optical flow computation: frames -> flow between consecutive frames, quantised (the pipeline side).
+
+`eleatt flow` (``preprocessing/flow.py``) stores what this computes for every video of a list; `classify` with a
+flow-stream checkpoint computes a new video's flow here with the settings the checkpoint records
+(``FlowOptions``), so both see the same uint8 levels. Estimators: OpenCV DIS (default), Farneback, TV-L1 (contrib)
+on greyscale frames resized to the short side, and torchvision RAFT from a local weights file.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from pipeline.data.flow_files import FlowOptions, quantize
+
+METHODS = ("dis", "farneback", "tvl1", "raft")
+PRESETS = ("fast", "medium")
+# The default preset: DIS fast (~800 pairs/s flow alone at 340x256 on one core) keeps end to end (decode + flow
+# + quantise + write) above 100 pairs/s with 2 workers on a loaded 2-core machine; medium (~140-180) does not.
+DEFAULT_PRESET = "fast"
+DEFAULT_SHORT_SIDE = 256
+# Bytes of decoded RGB frames held at once per worker: bounds the memory of a long or 4K video.
+DECODE_BYTES = 128 * 2**20
+# Flow reads every frame in order, which PyAV does exactly and about as fast as decord; "auto" would first verify
+# decord on each file (~0.2 s a file under load), which cost up to 3x on 24-frame clips (benchmarks/flow.py --quick).
+DEFAULT_BACKEND = "pyav"
+RAFT_BATCH = 8  # frame pairs per RAFT forward pass
+RAFT_MIN_SIDE = 128
+# Farneback parameters (pyr_scale, levels, winsize, iterations, poly_n, poly_sigma): "fast" is OpenCV's sample.
+_FARNEBACK = {"fast": (0.5, 3, 15, 3, 5, 1.2), "medium": (0.5, 5, 15, 5, 7, 1.5)}
+_RAFT_UPDATES = {"fast": 12, "medium": 20}
+CONTRIB = "opencv-contrib-python-headless"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Estimators: prepared frames in, flow (H, W, 2) float32 pixels out
+# --------------------------------------------------------------------------------------------------------------
+def target_size(height: int, width: int, short_side: int | None) -> tuple[int, int]:
+    """(H, W) after resizing the short side to ``short_side`` (None or 0: unchanged)."""
+    if not short_side or min(height, width) == short_side:
+        return height, width
+    s = short_side / min(height, width)
+    return max(1, round(height * s)), max(1, round(width * s))
+
+
+def tvl1_available() -> bool:
+    import cv2
+
+    return hasattr(cv2, "optflow") and hasattr(cv2.optflow, "DualTVL1OpticalFlow_create")
+
+
+class OpenCVFlow:
+    """DIS, Farneback or TV-L1 on greyscale frames."""
+
+    def __init__(self, method: str, preset: str = DEFAULT_PRESET):
+        import cv2
+
+        self.cv2 = cv2
+        self.method = method
+        if method == "dis":
+            self.dis = cv2.DISOpticalFlow_create(
+                {"fast": cv2.DISOPTICAL_FLOW_PRESET_FAST, "medium": cv2.DISOPTICAL_FLOW_PRESET_MEDIUM}[preset])
+        elif method == "tvl1":
+            if not tvl1_available():
+                raise ValueError(f"--method tvl1 needs OpenCV's contrib module (cv2.optflow), which is not installed; "
+                                 f"replace opencv-python-headless by {CONTRIB} (pip uninstall opencv-python-headless "
+                                 f"&& pip install {CONTRIB}; never both), or use --method dis")
+            self.tvl1 = cv2.optflow.DualTVL1OpticalFlow_create()
+        elif method == "farneback":
+            self.params = _FARNEBACK[preset]
+        else:
+            raise ValueError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
+
+    def prepare(self, frames: np.ndarray, size: tuple[int, int]) -> list[np.ndarray]:
+        """uint8 (t, H, W, 3) RGB -> t greyscale uint8 (h, w) images at ``size``."""
+        cv2 = self.cv2
+        out = []
+        for frame in frames:
+            grey = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
+            if grey.shape != size:
+                shrink = size[0] < grey.shape[0]
+                grey = cv2.resize(grey, (size[1], size[0]), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+            out.append(grey)
+        return out
+
+    def flows(self, images: list) -> Iterator[np.ndarray]:
+        """(h, w, 2) float32 flow from each image to the next (len(images) - 1 of them)."""
+        for a, b in zip(images[:-1], images[1:]):
+            if self.method == "dis":
+                yield self.dis.calc(a, b, None)
+            elif self.method == "tvl1":
+                yield self.tvl1.calc(a, b, None)
+            else:
+                yield self.cv2.calcOpticalFlowFarneback(a, b, None, *self.params, 0)
+
+
+def build_raft(weights: str | os.PathLike | None, device: str = "cpu"):
+    """A torchvision RAFT (large or small, told apart by the state dict) from a local weights file; None: random."""
+    import torch
+    from torchvision.models.optical_flow import raft_large, raft_small
+
+    if weights is None:
+        raise ValueError("--method raft needs --weights PATH: a torchvision RAFT state dict (raft_large or raft_small, "
+                         "e.g. Raft_Large_Weights.C_T_SKHT_V2 saved with torch.save(model.state_dict(), PATH)); "
+                         "nothing is downloaded")
+    path = Path(weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"RAFT weights '{path}' not found (--weights)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"RAFT weights '{path}' cannot be read ({type(err).__name__}: {err}); save them with "
+                         "torch.save(model.state_dict(), PATH)") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    for name, make in (("large", raft_large), ("small", raft_small)):
+        model = make(weights=None)
+        try:
+            model.load_state_dict(state, strict=True)
+        except (RuntimeError, TypeError, AttributeError):
+            continue
+        return name, model.eval().to(device)
+    raise ValueError(f"'{path}' is not a torchvision raft_large or raft_small state dict (keys do not match)")
+
+
+class RaftFlow:
+    """torchvision RAFT on RGB frames, in batches of pairs, padded to a multiple of 8."""
+
+    def __init__(self, weights: str | os.PathLike, preset: str = DEFAULT_PRESET, device: str | None = None):
+        import torch
+
+        self.torch = torch
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.variant, self.model = build_raft(weights, self.device)
+        self.updates = _RAFT_UPDATES[preset]
+
+    def prepare(self, frames: np.ndarray, size: tuple[int, int]):
+        import cv2
+
+        out = []
+        for frame in frames:
+            if frame.shape[:2] != size:
+                frame = cv2.resize(frame, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+            out.append(frame)
+        return out
+
+    def flows(self, images: list) -> Iterator[np.ndarray]:
+        torch = self.torch
+        F = torch.nn.functional
+        h, w = images[0].shape[:2]
+        # RAFT needs sides that are multiples of 8 and at least 128 (its correlation pyramid); pad, then crop back.
+        ph, pw = max(RAFT_MIN_SIDE, h + (-h) % 8) - h, max(RAFT_MIN_SIDE, w + (-w) % 8) - w
+        x = torch.from_numpy(np.stack(images))  # (t, h, w, 3) uint8
+        for s in range(0, len(images) - 1, RAFT_BATCH):
+            a = x[s:s + RAFT_BATCH + 1].to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (b+1, 3, h, w)
+            if ph or pw:
+                a = F.pad(a, (0, pw, 0, ph), mode="replicate")
+            with torch.inference_mode():
+                flow = self.model(a[:-1], a[1:], num_flow_updates=self.updates)[-1]  # (b, 2, h+ph, w+pw)
+            flow = flow[:, :, :h, :w].permute(0, 2, 3, 1).float().cpu().numpy()  # (b, h, w, 2)
+            yield from flow
+
+
+def make_estimator(config: dict):
+    if config["method"] == "raft":
+        return RaftFlow(config["weights_path"], config["preset"])
+    return OpenCVFlow(config["method"], config["preset"])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One video
+# --------------------------------------------------------------------------------------------------------------
+def video_flow(path: str | os.PathLike, estimator, short_side: int | None, bound: float,
+               backend: str = DEFAULT_BACKEND, decode_bytes: int = DECODE_BYTES) -> Iterator[np.ndarray]:
+    """Quantised pairs uint8 (2, h, w) of a video, frame i -> i + 1, decoded in bounded chunks.
+
+    Raises ValueError (``VideoReadError``) for an unreadable video and for one with fewer than 2 frames.
+    """
+    from pipeline.data.video import load_frames, probe
+
+    path = Path(path)
+    info = probe(path)
+    if info.num_frames < 2:
+        raise ValueError(f"'{path}' has {info.num_frames} frame(s): no frame pairs, so no optical flow "
+                         "(drop it from the list)")
+    size = target_size(info.height, info.width, short_side)
+    chunk = max(2, decode_bytes // (info.height * info.width * 3))
+    previous = None  # the last prepared image of the previous chunk, paired with this chunk's first
+    for start in range(0, info.num_frames, chunk):
+        frames = load_frames(path, np.arange(start, min(start + chunk, info.num_frames)), backend=backend).numpy()
+        images = estimator.prepare(frames, size)
+        del frames
+        if previous is not None:
+            images.insert(0, previous)
+        for flow in estimator.flows(images):  # (h, w, 2)
+            yield quantize(flow.transpose(2, 0, 1), bound)  # (2, h, w) x, y
+        previous = images[-1]
+
+
+def estimator_for(options: FlowOptions, weights_path: str | os.PathLike | None = None):
+    """A fresh estimator for the flow settings ``options`` (RAFT needs the local weights file ``weights_path``)."""
+    if options.method == "raft":
+        if weights_path is None:
+            raise ValueError(f"the flow was computed with RAFT ({options.raft}, weights file {options.weights!r}); "
+                             "pass the path of that weights file (flow_weights=PATH) to compute it again")
+        return RaftFlow(weights_path, options.preset)
+    if options.method not in METHODS:
+        raise ValueError(f"flow method {options.method!r} cannot be computed here (flow imported from JPEG "
+                         "folders has no recorded method); compute flow with `eleatt flow --method dis` instead")
+    return OpenCVFlow(options.method, options.preset)
+
+
+def compute_flow(frames: np.ndarray, method: str = "dis", preset: str = DEFAULT_PRESET,
+                 short_side: int | None = DEFAULT_SHORT_SIDE, bound: float = 20.0, estimator=None) -> np.ndarray:
+    """Quantised flow uint8 ``(T-1, 2, h, w)`` (x, y) between consecutive frames uint8 ``(T, H, W, 3)`` RGB.
+
+    The same computation as `eleatt flow` does per video (``video_flow`` in chunks): greyscale (RAFT: RGB) at the
+    short side, flow from frame ``i`` to ``i + 1``, clipped and quantised with ``bound``. Pass ``estimator`` (e.g.
+    a loaded RAFT) to reuse one; OpenCV's are made afresh (see ``preprocessing/flow.py``'s ``_estimator``).
+    """
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[0] < 2:
+        raise ValueError(f"compute_flow needs frames (T >= 2, H, W, 3), got {tuple(frames.shape)}: no frame pairs")
+    if estimator is None:
+        estimator = estimator_for(FlowOptions(method=method, preset=preset, short_side=short_side, bound=bound))
+    size = target_size(frames.shape[1], frames.shape[2], short_side)
+    images = estimator.prepare(frames, size)
+    return np.stack([quantize(f.transpose(2, 0, 1), bound) for f in estimator.flows(images)])  # (T-1, 2, h, w)

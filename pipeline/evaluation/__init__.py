@@ -1,0 +1,1 @@
+"""Evaluation: scores files, accuracy, late fusion, plots and the report."""

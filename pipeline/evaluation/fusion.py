@@ -1,0 +1,330 @@
+"""Late fusion of scores files (two-stream RGB + flow, or any streams): `eleatt fuse` and `fuse_scores`.
+
+Files are aligned by video name, their class lists must agree, class probabilities are fused by a weighted mean
+(`prob`, TSN's 1 : 1.5 for two streams) or a weighted mean of log-probabilities turned back into probabilities
+(`logit`), and weights can be searched on validation scores (never on the scores being fused).
+Imports neither Lightning nor the model: only scores files and numpy (and viz for the confusion matrix).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from pipeline.errors import EXIT_OK, EXIT_SOME_FAILED
+from pipeline.paths import ensure_writable_dir
+from pipeline.evaluation.scores import accuracy_summary, read_scores, write_scores
+
+MODES = ("prob", "logit")
+TSN_WEIGHTS = (1.0, 1.5)  # RGB : flow, the two-stream default of TSN
+SEARCH_GRID = tuple(np.arange(0, 3.0 + 1e-9, 0.25).round(2).tolist())  # weights of the later streams, first = 1
+MAX_SEARCH = 50_000  # weightings tried at most (13 ** (K - 1) grows fast with the number of streams)
+EPS = 1e-12  # floor of a probability before its log: float32 softmax outputs can round to 0
+SHOWN = 5  # names listed per missing-videos report
+
+
+def default_weights(count: int) -> list[float]:
+    """TSN's 1 : 1.5 for two streams (RGB, flow), equal weights otherwise."""
+    return list(TSN_WEIGHTS) if count == 2 else [1.0] * count
+
+
+def check_weights(weights: Sequence[float], count: int) -> list[float]:
+    """One finite, non-negative weight per stream, not all zero; raises ValueError naming the fix."""
+    weights = [float(w) for w in weights]
+    if len(weights) != count:
+        raise ValueError(f"{len(weights)} weights given for {count} streams: give one weight per scores file "
+                         "or checkpoint, in the same order")
+    if not all(np.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"weights {weights}: each must be a finite number >= 0, and at least one > 0")
+    return weights
+
+
+def fuse_probs(probs: Sequence[np.ndarray], weights: Sequence[float], mode: str = "prob") -> np.ndarray:
+    """Fuses K aligned probability arrays (N, C) (or (C,)) into one of the same shape, float32.
+
+    prob:  sum_k w_k p_k / sum_k w_k (a weighted mean of class probabilities);
+    logit: softmax(sum_k w_k log p_k / sum_k w_k) (a weighted geometric mean, renormalised).
+    """
+    if mode not in MODES:
+        raise ValueError(f"fusion mode {mode!r}: expected one of {', '.join(MODES)}")
+    weights = np.asarray(check_weights(weights, len(probs)), dtype=np.float64)
+    stack = np.stack([np.asarray(p, dtype=np.float64) for p in probs])  # (K, N, C)
+    w = (weights / weights.sum()).reshape(-1, *([1] * (stack.ndim - 1)))
+    if mode == "prob":
+        return (w * stack).sum(0).astype(np.float32)
+    logits = (w * np.log(np.clip(stack, EPS, None))).sum(0)  # (N, C)
+    logits -= logits.max(-1, keepdims=True)
+    out = np.exp(logits)
+    return (out / out.sum(-1, keepdims=True)).astype(np.float32)
+
+
+def _names(score_dicts: Sequence[dict], names: Sequence[str] | None) -> list[str]:
+    return list(names) if names is not None else [f"input {i + 1}" for i in range(len(score_dicts))]
+
+
+def _check_file(data: dict, name: str) -> None:
+    for key in ("videos", "scores", "labels"):
+        if key not in data:
+            raise ValueError(f"{name}: not a scores file (no {key!r} array); fuse the scores_<stage>.npz files "
+                             "written by `eleatt validate|test|predict`")
+    n = len(data["videos"])
+    if data["scores"].ndim != 2 or data["scores"].shape[0] != n or len(data["labels"]) != n:
+        raise ValueError(f"{name}: inconsistent scores file ({n} videos, scores {data['scores'].shape}, "
+                         f"{len(data['labels'])} labels)")
+
+
+def check_classes(score_dicts: Sequence[dict], names: Sequence[str] | None = None) -> list[str] | None:
+    """The class names the files share (None when no file records them); raises ValueError naming the first
+    difference when two files disagree (different names, order or number of classes)."""
+    names = _names(score_dicts, names)
+    ref = None
+    for data, name in zip(score_dicts, names):
+        _check_file(data, name)
+        if "classes" in data and ref is None:
+            ref = (list(map(str, data["classes"])), name)
+    for data, name in zip(score_dicts, names):
+        num, first = data["scores"].shape[1], score_dicts[0]["scores"].shape[1]
+        if ref is None and num != first:
+            raise ValueError(f"{name} scores {num} classes but {names[0]} scores {first}: fuse files of models "
+                             "trained on the same class list")
+        if ref is None:
+            continue
+        mine = list(map(str, data["classes"])) if "classes" in data else None
+        theirs, ref_name = ref
+        if mine is None:
+            if num != len(theirs):
+                raise ValueError(f"{name} scores {num} classes but {ref_name} has {len(theirs)}: fuse files of "
+                                 "models trained on the same class list")
+            continue
+        check_same_classes(theirs, mine, ref_name, name)
+    return ref[0] if ref else None
+
+
+def check_same_classes(first: Sequence[str], second: Sequence[str], first_name: str, second_name: str,
+                       what: str = "files") -> None:
+    """Raises ValueError naming the first difference between two class lists (names, order or number)."""
+    first, second = list(map(str, first)), list(map(str, second))
+    if first == second:
+        return
+    i = next((i for i, (a, b) in enumerate(zip(first, second)) if a != b), min(len(first), len(second)))
+    a = repr(first[i]) if i < len(first) else "(end of list)"
+    b = repr(second[i]) if i < len(second) else "(end of list)"
+    raise ValueError(f"class lists differ: class {i} is {a} in {first_name} but {b} in {second_name} "
+                     f"({len(first)} vs {len(second)} classes); fuse {what} of models trained on the same "
+                     "classes.txt")
+
+
+def _keys(videos) -> list[tuple[str, int]]:
+    """(video, occurrence): a list may name a video twice, and the k-th occurrences are matched to each other."""
+    seen: dict[str, int] = {}
+    keys = []
+    for video in map(str, videos):
+        keys.append((video, seen.get(video, 0)))
+        seen[video] = seen.get(video, 0) + 1
+    return keys
+
+
+def align_scores(score_dicts: Sequence[dict], names: Sequence[str] | None = None
+                 ) -> tuple[list[str], list[np.ndarray], np.ndarray, dict[str, list[str]]]:
+    """Aligns files by video name.
+
+    Returns (videos, probs, labels, missing): the videos every file has (in the first file's order), each file's
+    scores (N, C) in that order, the labels (N,) (-1 where no file knows it), and for each file that lacks some
+    of the other files' videos, those videos. Raises ValueError when a video's labels disagree or no video is
+    in every file.
+    """
+    names = _names(score_dicts, names)
+    keys = [_keys(d["videos"]) for d in score_dicts]
+    index = [{k: i for i, k in enumerate(ks)} for ks in keys]
+    union = list(dict.fromkeys(k for ks in keys for k in ks))
+    missing = {name: [v for v, _ in (k for k in union if k not in idx)] for name, idx in zip(names, index)}
+    missing = {name: videos for name, videos in missing.items() if videos}
+    common = [k for k in keys[0] if all(k in idx for idx in index[1:])]
+    if not common:
+        raise ValueError(f"no video is in every file ({', '.join(names)}): fuse scores of the same list "
+                         "(e.g. each stream's scores_test.npz)")
+    rows = [np.array([idx[k] for k in common]) for idx in index]
+    probs = [np.asarray(d["scores"], dtype=np.float32)[r] for d, r in zip(score_dicts, rows)]
+    per_file = np.stack([np.asarray(d["labels"], dtype=np.int64)[r] for d, r in zip(score_dicts, rows)])  # (K, N)
+    labels = per_file.max(0)
+    clash = ((per_file >= 0) & (per_file != labels)).any(0)
+    if clash.any():
+        j = int(np.flatnonzero(clash)[0])
+        said = ", ".join(f"{n}: {int(per_file[i, j])}" for i, n in enumerate(names))
+        raise ValueError(f"video {common[j][0]!r} has different labels in the files ({said}); fuse scores of the "
+                         "same list")
+    return [v for v, _ in common], probs, labels, missing
+
+
+def fuse_scores(score_dicts: Sequence[dict], weights: Sequence[float] | None = None, mode: str = "prob",
+                names: Sequence[str] | None = None) -> dict:
+    """Fuses scores dicts (`pipeline.evaluation.scores.read_scores`) of the same videos from different streams.
+
+    Returns a scores dict over the videos common to all files: `videos`, `scores` (N, C) float32, `labels`,
+    `classes` (when known), `weights` float32 (K,), `inputs` (K,), `missing` ({input name: videos it lacks},
+    empty when every file has every video) and `streams` (each file's aligned scores (N, C), for per-stream
+    accuracies). Raises ValueError for differing class lists.
+    """
+    if len(score_dicts) < 1:
+        raise ValueError("nothing to fuse: give at least one scores file")
+    names = _names(score_dicts, names)
+    classes = check_classes(score_dicts, names)
+    weights = check_weights(default_weights(len(score_dicts)) if weights is None else weights, len(score_dicts))
+    videos, probs, labels, missing = align_scores(score_dicts, names)
+    fused = {"videos": np.array(videos, dtype=np.str_), "scores": fuse_probs(probs, weights, mode), "labels": labels,
+             "weights": np.array(weights, dtype=np.float32), "inputs": np.array(names, dtype=np.str_),
+             "missing": missing, "streams": probs}
+    if classes is not None:
+        fused["classes"] = np.array(classes, dtype=np.str_)
+    return fused
+
+
+def _rank(probs: np.ndarray, labels: np.ndarray) -> tuple[float, float, float]:
+    """(top-1, mca, -NLL) of labelled videos: larger is better, compared in that order."""
+    summary = accuracy_summary(probs, labels)
+    keep = labels >= 0
+    nll = -np.log(np.clip(probs[keep, labels[keep]], EPS, None)).mean()
+    return summary["top1"], summary["mca"], -float(nll)
+
+
+def search_weights(val_dicts: Sequence[dict], mode: str = "prob", grid: Sequence[float] = SEARCH_GRID,
+                   names: Sequence[str] | None = None) -> dict:
+    """Picks fusion weights on validation scores: the first stream's weight is 1, every later stream's runs over
+    `grid` (default 0..3 step 0.25); the best top-1 wins, then mean class accuracy, then the lower negative
+    log-likelihood of the true class, then the earlier weighting.
+
+    Returns {"weights", "top1", "mca", "videos" (labelled videos used), "tried", "missing" (as `align_scores`),
+    "common" (videos in every file)}.
+    """
+    names = _names(val_dicts, names)
+    if len(val_dicts) < 2:
+        raise ValueError("a weight search needs the validation scores of two or more streams")
+    tried = len(grid) ** (len(val_dicts) - 1)
+    if tried > MAX_SEARCH:
+        raise ValueError(f"a grid search over {len(val_dicts)} streams would try {tried} weightings; give --weights")
+    check_classes(val_dicts, names)
+    _, probs, labels, missing = align_scores(val_dicts, names)
+    keep = labels >= 0
+    if not keep.any():
+        raise ValueError(f"the validation scores ({', '.join(names)}) have no labelled video; the weight search "
+                         "needs the scores of `eleatt validate` (labelled val list)")
+    probs, labels = [p[keep] for p in probs], labels[keep]
+    best, best_rank = None, None
+    for rest in itertools.product(grid, repeat=len(val_dicts) - 1):
+        weights = [1.0, *map(float, rest)]
+        rank = _rank(fuse_probs(probs, weights, mode), labels)
+        if best_rank is None or rank > best_rank:
+            best, best_rank = weights, rank
+    return {"weights": best, "top1": best_rank[0], "mca": best_rank[1], "videos": int(keep.sum()), "tried": tried,
+            "missing": missing, "common": len(keep)}
+
+
+def _fmt_weights(weights: Sequence[float]) -> str:
+    return " : ".join(f"{w:g}" for w in weights)
+
+
+def _report_missing(missing: dict[str, list[str]], common: int, what: str = "videos") -> None:
+    total = common + len({v for videos in missing.values() for v in videos})
+    print(f"eleatt fuse: {total - common} of {total} {what} are not in every file; used the {common} common ones:",
+          file=sys.stderr)
+    for name, videos in missing.items():
+        more = f", ... ({len(videos) - SHOWN} more)" if len(videos) > SHOWN else ""
+        print(f"  {name} lacks {len(videos)}: {', '.join(videos[:SHOWN])}{more}", file=sys.stderr)
+
+
+def print_table(fused: dict, names: Sequence[str]) -> None:
+    """top-1, top-k and mean class accuracy of each stream and the fusion, on the videos they share."""
+    labels = fused["labels"]
+    rows = [(name, f"{w:g}", accuracy_summary(p, labels)) for name, w, p in zip(names, fused["weights"],
+                                                                               fused["streams"])]
+    rows.append(("fused", "", accuracy_summary(fused["scores"], labels)))
+    if rows[-1][2] is None:
+        print("no labelled video: accuracies not computed")
+        return
+    k = min(5, fused["scores"].shape[1])
+    width = max(len("stream"), *(len(r[0]) for r in rows))
+    print(f"{int((labels >= 0).sum())} labelled videos")
+    print(f"{'stream':<{width}}  {'weight':>6}  {'top-1':>6}  {f'top-{k}':>6}  {'mca':>6}")
+    for name, weight, s in rows:
+        print(f"{name:<{width}}  {weight:>6}  {s['top1']:>6.1%}  {s[f'top{k}']:>6.1%}  {s['mca']:>6.1%}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="eleatt fuse",
+        description="Fuse the scores files of several streams (e.g. RGB and flow scores_test.npz of the same test "
+                    "list): align by video name, weighted mean of class probabilities (or of log-probabilities), "
+                    "print top-1/top-5/mean class accuracy per stream and fused, write the fused scores file and "
+                    "its confusion matrix.",
+        epilog="exit status: 0 fused; 3 some videos were not in every file (the common ones were fused, the others "
+               "listed); 2 usage error or refused inputs (e.g. different class lists)",
+    )
+    parser.add_argument("--scores", nargs="+", required=True, metavar="NPZ",
+                        help="scores files to fuse, one per stream (e.g. rgb/scores_test.npz flow/scores_test.npz)")
+    parser.add_argument("--weights", nargs="+", type=float, default=None, metavar="W",
+                        help="one weight per file (default: 1 1.5 for two files, as TSN's RGB : flow; equal "
+                             "otherwise)")
+    parser.add_argument("--mode", choices=MODES, default="prob",
+                        help="prob: weighted mean of probabilities (default); logit: weighted mean of "
+                             "log-probabilities, softmaxed back to probabilities")
+    parser.add_argument("--search-weights", nargs="+", default=None, metavar="VAL_NPZ",
+                        help="validation scores files of the same streams, in the same order: pick the weights "
+                             "on them (first stream 1, the others over 0..3 step 0.25; best top-1, then mca)")
+    parser.add_argument("--out", default="fused.npz", help="fused scores file (default fused.npz)")
+    parser.add_argument("--plot", default=None,
+                        help="confusion matrix PNG of the fusion (default confusion_<out name>.png beside --out)")
+    parser.add_argument("--no-plot", action="store_true", help="do not draw the confusion matrix")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    names = list(args.scores)
+    out = Path(args.out)
+    if any(Path(p).resolve() == out.resolve() for p in names + list(args.search_weights or [])):
+        raise ValueError(f"--out '{out}' is one of the input files; choose another name for the fused scores")
+    if args.weights is not None and args.search_weights is not None:
+        raise ValueError("give either --weights or --search-weights, not both")
+    ensure_writable_dir(out.parent, "folder of --out")  # before the (possibly long) weight search
+    if args.plot and not args.no_plot:
+        ensure_writable_dir(Path(args.plot).parent, "folder of --plot")
+    score_dicts = [read_scores(p) for p in names]  # each names its file when missing or unreadable
+    weights = args.weights
+    if args.search_weights is not None:
+        if len(args.search_weights) != len(names):
+            raise ValueError(f"--search-weights has {len(args.search_weights)} validation files for "
+                             f"{len(names)} --scores files; give each stream's validation scores, in the same order")
+        val_dicts = [read_scores(p) for p in args.search_weights]
+        check_classes([*score_dicts, *val_dicts], [*names, *args.search_weights])
+        picked = search_weights(val_dicts, mode=args.mode, names=args.search_weights)
+        if picked["missing"]:  # a note only: the exit status speaks of the fused (test) files
+            _report_missing(picked["missing"], picked["common"], "validation videos")
+        weights = picked["weights"]
+        print(f"picked weights {_fmt_weights(weights)} on validation ({picked['videos']} labelled videos, "
+              f"{picked['tried']} weightings tried): top-1 {picked['top1']:.1%}, mca {picked['mca']:.1%}")
+    fused = fuse_scores(score_dicts, weights, mode=args.mode, names=names)
+    n = len(fused["videos"])
+    print(f"fused {n} videos from {len(names)} files (mode {args.mode}, weights "
+          f"{_fmt_weights(fused['weights'].tolist())})")
+    print_table(fused, names)
+    classes = fused.get("classes")
+    write_scores(out, list(fused["videos"]), fused["scores"], fused["labels"],
+                 None if classes is None else list(classes),
+                 extra={"weights": fused["weights"], "inputs": fused["inputs"]})
+    print(f"wrote {out}")
+    if not args.no_plot and (fused["labels"] >= 0).any():
+        from pipeline.evaluation.plots import confusion_matrix, plot_confusion
+
+        plot = Path(args.plot) if args.plot else out.with_name(f"confusion_{out.stem}.png")
+        cm = confusion_matrix(fused["scores"], fused["labels"])
+        plot_confusion(cm, plot, None if classes is None else list(map(str, classes)),
+                       title=f"fused ({_fmt_weights(fused['weights'].tolist())}, {args.mode}): {int(cm.sum())} videos")
+        print(f"wrote {plot}")
+    if fused["missing"]:
+        _report_missing(fused["missing"], n)
+        return EXIT_SOME_FAILED
+    return EXIT_OK

@@ -1,0 +1,1 @@
+"""Serving trained streams without Lightning: classify, stream, export, visualize."""

@@ -1,0 +1,1 @@
+"""Training with PyTorch Lightning: the LightningModules, their data modules, the CLI and its run folders."""

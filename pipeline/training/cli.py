@@ -1,0 +1,503 @@
+"""`eleatt fit|validate|test|predict --config configs/<name>.yaml [overrides]`: the Lightning CLI for EleAtt
+classifiers on feature folders.
+
+Each run lives in `checkpoints/<run>/` (`<run>` = --run_name or `<config name>-<YYYYmmdd-HHMMSS>`, under
+--trainer.default_root_dir when given): best.ckpt, last.ckpt, config.yaml, metrics.csv; `validate`/`test`/
+`predict --ckpt_path P` write scores_<stage>.npz and confusion_<stage>.png into P's folder and print the metrics.
+Checkpoints are loaded with weights-only semantics (no arbitrary unpickling).
+
+A run folder stays whole across a resume: last.ckpt is rewritten at the end of every epoch (whatever the monitored
+metric did), `fit --ckpt_path <run>/last.ckpt` (or `--ckpt_path last` with the run's config.yaml or --run_name)
+continues in the same folder, and metrics.csv keeps the rows of the epochs before the resume. The config.yaml saved
+in a run folder starts a fresh run beside it when given to `fit` again.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import importlib.util
+import logging
+import os
+import re
+import shlex
+import sys
+import warnings
+from datetime import datetime
+from pathlib import Path
+from typing import Optional
+
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+
+from pipeline.training.feature_data import FeatureDataModule
+from pipeline.errors import (
+    EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, InterruptWatch, is_user_error, usage_error, watch_interrupts,
+)
+from pipeline.training.module import EleAttClassifier, read_checkpoint
+from pipeline.paths import atomic_write, ensure_writable_dir
+from pipeline.evaluation.scores import accuracy_summary, read_scores
+
+DEFAULT_ROOT = "checkpoints"
+CHECKPOINT_FILES = ("best.ckpt", "last.ckpt")
+EVALUATIONS = ("validate", "test", "predict")
+RUN_DIR_ENV = "ELEATT_RUN_DIR"  # the run folder, handed from rank 0 to the DDP processes Lightning starts
+RUN_STAMP = re.compile(r"-\d{8}-\d{6}(-\d+)?$")  # the time stamp of a run folder's name
+
+# Noise that says nothing to a user of this command: we override the model's default optimiser on purpose when a
+# config names one, we pass `args` on purpose, and run folders are reused on purpose (resume, test).
+QUIET = (
+    r".*configure_optimizers` will be overridden.*",
+    r".*LightningCLI's args parameter is intended to run from within Python.*",
+    r".*Checkpoint directory .* exists and is not empty.*",
+    r".*Experiment logs directory .* exists and is not empty.*",  # our CSV logger keeps the rows (_KeptRows)
+    r".*does not have many workers which may be a bottleneck.*",
+    r".*callbacks used to create the checkpoint need to be provided.*",
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
+    r"(?s).*(JsonargparseDeprecationWarning|was deprecated in v4\.).*",  # from Lightning's own jsonargparse calls
+)
+
+
+class _NoTips(logging.Filter):
+    """Drops Lightning's advertising tips ("💡 Tip: ... try installing ...")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in str(record.msg)
+
+
+class _SaveFitConfig(SaveConfigCallback):
+    """Saves config.yaml into the run folder when training only: an evaluation must not overwrite the training
+    config of the run it evaluates. The saved config describes the training, not this invocation: without
+    ckpt_path and run_name, so that `fit --config <run>/config.yaml` starts a fresh run beside it."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":
+            self.config = self.config.clone()
+            self.config["ckpt_path"] = None
+            self.config["run_name"] = None
+            super().setup(trainer, pl_module, stage)
+
+
+def is_end_to_end(args: list[str] | None) -> bool:
+    """True when the command line (or a --config it names) sets `data.video_root`: an end-to-end run on videos
+    (VideoEleAttClassifier + VideoDataModule) rather than one on a feature folder."""
+    args = list(sys.argv[1:] if args is None else args)
+    configs = []
+    for i, arg in enumerate(args):
+        if arg == "--data.video_root" or arg.startswith("--data.video_root="):
+            return True
+        if arg == "--config" and i + 1 < len(args):
+            configs.append(args[i + 1])
+        elif arg.startswith("--config="):
+            configs.append(arg.split("=", 1)[1])
+    for config in configs:
+        try:
+            import yaml
+
+            data = (yaml.safe_load(Path(config).read_text()) or {}).get("data") or {}
+        except (OSError, ValueError, AttributeError):  # the parser reports a bad config itself
+            continue
+        if isinstance(data, dict) and ("video_root" in data or "video_root" in (data.get("init_args") or {})):
+            return True
+    return False
+
+
+class _RunCheckpoint(ModelCheckpoint):
+    """best.ckpt by the monitored metric, and last.ckpt at the end of *every* epoch.
+
+    Lightning 2.6's `save_last=True` rewrites last.ckpt only when a top-k checkpoint is saved in the same step, so
+    after the metric stops improving last.ckpt would stay at the best epoch and a resume would redo every epoch
+    since. Here last.ckpt is written whenever this callback had a chance to save, whatever the metric did.
+    """
+
+    _last_written_step = -1
+
+    def _save_last_checkpoint(self, trainer, monitor_candidates) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        self._last_written_step = trainer.global_step
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        due = not self._should_skip_saving_checkpoint(trainer) and self._should_save_on_train_epoch_end(trainer)
+        super().on_train_epoch_end(trainer, pl_module)
+        self._save_last_if_missed(trainer, due)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        due = not self._should_skip_saving_checkpoint(trainer) and not self._should_save_on_train_epoch_end(trainer)
+        super().on_validation_end(trainer, pl_module)
+        self._save_last_if_missed(trainer, due)
+
+    def _save_last_if_missed(self, trainer, due: bool) -> None:
+        if due and self.save_last and self._last_written_step != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class _KeptRowsWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that an existing metrics.csv is continued, not deleted (a resumed run)."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = sorted(next(csv.reader(f), []))
+
+
+class _KeptRowsCSVLogger(CSVLogger):
+    """CSVLogger writing `<run>/metrics.csv` through `_KeptRowsWriter`."""
+
+    @property
+    def experiment(self):
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _KeptRowsWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+def _drop_rows_after(metrics: Path, epoch: int) -> None:
+    """Drops the rows of metrics.csv logged after `epoch` (a resume from the end of `epoch` redoes them)."""
+    if not metrics.is_file():
+        return
+    with open(metrics, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames or [], list(reader)
+
+    def after(row: dict) -> bool:
+        try:
+            return float(row.get("epoch") or "nan") > epoch
+        except ValueError:
+            return False
+
+    kept = [row for row in rows if not after(row)]
+    if len(kept) != len(rows):
+        with atomic_write(metrics, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(kept)
+
+
+class _InterruptNote(Callback):
+    """Remembers a Ctrl-C (Lightning catches it, tears down, and exits with status 1) and what the run kept."""
+
+    def __init__(self, cli: "EleAttCLI") -> None:
+        self.cli = cli
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt):
+            self.cli.interrupted = True
+
+
+class EleAttCLI(LightningCLI):
+    """LightningCLI with the project's run folders, links from the data module to the model, and reports.
+
+    A run whose data sets `video_root` trains end to end (`pipeline.training.end_to_end.VideoEleAttClassifier` on
+    `pipeline.training.clip_data.VideoDataModule`); every other run trains on a feature folder.
+    """
+
+    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+        self.run_dir: Path | None = None
+        self.interrupted = False
+        _last_cli[0] = self
+        self.end_to_end = is_end_to_end(args)
+        if self.end_to_end:
+            from pipeline.training.clip_data import VideoDataModule
+            from pipeline.training.end_to_end import VideoEleAttClassifier
+
+            model_class, data_class = VideoEleAttClassifier, VideoDataModule
+        else:
+            model_class, data_class = EleAttClassifier, FeatureDataModule
+        super().__init__(
+            model_class,
+            data_class,
+            save_config_callback=_SaveFitConfig,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"prog": "eleatt", "description": "Train and evaluate EleAtt-RNN classifiers on features."},
+            parser_class=_OneLineErrorParser,
+            args=args,
+            run=run,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--run_name", type=Optional[str], default=None,
+            help="run folder name under checkpoints/ (default: <config name>-<YYYYmmdd-HHMMSS>)",
+        )
+        # Sizes and names come from the data, never configured twice.
+        if self.end_to_end:  # the backbone sets the frame size and normalisation; the data sets its input channels
+            parser.link_arguments("model.backbone", "data.backbone", apply_on="parse")
+            parser.link_arguments("data.in_chans", "model.in_chans", apply_on="instantiate")
+        else:
+            parser.link_arguments("data.feature_dim", "model.input_size", apply_on="instantiate")
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+        parser.link_arguments("data.extraction_settings", "model.extraction_settings", apply_on="instantiate")
+
+    def _parse_ckpt_path(self) -> None:
+        """Resolves `--ckpt_path last|best` to the run's file, refuses an evaluation without a checkpoint, and
+        refuses a --ckpt_path that is not a Lightning checkpoint before Lightning reads it (a text file, a bare
+        state dict or a truncated file would otherwise end in a KeyError/UnpicklingError traceback)."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return super()._parse_ckpt_path()
+        cfg = self.config[subcommand]
+        ckpt = cfg.get("ckpt_path")
+        if ckpt in ("last", "best", "hpc", "registry"):
+            cfg["ckpt_path"] = ckpt = str(self._named_checkpoint(cfg, ckpt))
+        if ckpt is None and subcommand in EVALUATIONS:
+            raise ValueError(
+                f"`{subcommand}` needs --ckpt_path: the checkpoint to score (e.g. checkpoints/<run>/best.ckpt); "
+                "without one it would score an untrained, randomly initialised model"
+            )
+        if ckpt and Path(ckpt).is_file():
+            checkpoint = read_checkpoint(ckpt, mmap=True)  # one clear line for a truncated or foreign file
+            if "pytorch-lightning_version" not in checkpoint:
+                raise ValueError(f"'{ckpt}' is not a Lightning checkpoint (no pytorch-lightning_version); pass a "
+                                 "best.ckpt or last.ckpt written by `eleatt fit`")
+            self._ckpt_epoch = checkpoint.get("epoch")  # a resume drops the metrics rows logged after it
+            del checkpoint
+        super()._parse_ckpt_path()
+
+    def _named_checkpoint(self, cfg, name: str) -> Path:
+        """`--ckpt_path last` (Lightning's shorthand) or `best`: that file of the run named by --run_name, or of
+        the run whose config.yaml is given as --config."""
+        if name not in ("last", "best"):
+            raise ValueError(f"--ckpt_path {name}: give a checkpoint file, or last / best of a run")
+        folders = []
+        if cfg.get("run_name"):
+            folders.append(Path(cfg.trainer.get("default_root_dir") or DEFAULT_ROOT) / cfg["run_name"])
+        folders += [Path(str(c)).parent for c in (cfg.get("config") or []) if Path(str(c)).name == "config.yaml"]
+        for folder in folders:
+            if (folder / f"{name}.ckpt").is_file():
+                return folder / f"{name}.ckpt"
+        where = f" (looked in {', '.join(str(f) for f in folders)})" if folders else ""
+        raise FileNotFoundError(
+            f"--ckpt_path {name}: no {name}.ckpt found{where}; name the run with --run_name RUN (under "
+            f"--trainer.default_root_dir, default {DEFAULT_ROOT}/), pass --config checkpoints/<run>/config.yaml, or "
+            f"give the file: --ckpt_path checkpoints/<run>/{name}.ckpt"
+        )
+
+    # -- run folder --------------------------------------------------------------------------------------------------
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand is None:
+            return
+        cfg = self.config[self.subcommand]
+        ckpt = cfg.get("ckpt_path")
+        if ckpt is not None and not Path(ckpt).is_file():
+            raise FileNotFoundError(
+                f"checkpoint '{ckpt}' not found (--ckpt_path takes a file such as checkpoints/<run>/best.ckpt)"
+            )
+        if cfg.get("weights_only") is None:
+            cfg["weights_only"] = True  # never unpickle arbitrary objects from a checkpoint
+        run_name = cfg.get("run_name")
+        root = Path(cfg.trainer.get("default_root_dir") or DEFAULT_ROOT)
+        if ckpt is not None and not (self.subcommand == "fit" and run_name):
+            self.run_dir = Path(ckpt).resolve().parent  # evaluations and resumed fits write beside the checkpoint
+        elif run_name:
+            self.run_dir = root / run_name
+        elif os.environ.get(RUN_DIR_ENV) and int(os.environ.get("LOCAL_RANK", "0") or 0) > 0:
+            # A DDP process that Lightning started (it inherits rank 0's environment): the run folder rank 0 named,
+            # not a second time stamp. torchrun/SLURM start every rank themselves: give them --run_name.
+            self.run_dir = Path(os.environ[RUN_DIR_ENV])
+        else:
+            configs = cfg.get("config") or []
+            stem = Path(str(configs[-1])).stem if configs else "eleatt"
+            if configs and Path(str(configs[-1])).name == "config.yaml":
+                # The config saved in a run folder: the fresh run is named after that run (its stamp dropped).
+                stem = RUN_STAMP.sub("", Path(str(configs[-1])).resolve().parent.name) or stem
+            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+            self.run_dir = root / f"{stem}-{stamp}"
+            k = 2
+            while self.run_dir.exists():  # two runs started within the same second
+                self.run_dir, k = root / f"{stem}-{stamp}-{k}", k + 1
+        if self.subcommand == "fit" and ckpt is None and not cfg.trainer.get("fast_dev_run"):
+            taken = [name for name in CHECKPOINT_FILES if (self.run_dir / name).exists()]
+            if taken:
+                raise ValueError(
+                    f"run folder '{self.run_dir}' already holds {', '.join(taken)}; choose another --run_name, or "
+                    f"resume that run with --ckpt_path {self.run_dir / 'last.ckpt'}"
+                )
+        scheduler = cfg.get("lr_scheduler")
+        if self.subcommand == "fit" and not cfg.data.get("val_list") and scheduler is not None:
+            monitor = (scheduler.get("init_args") or {}).get("monitor", "")
+            if str(monitor).startswith("val/"):
+                raise ValueError(
+                    f"the lr_scheduler watches {monitor!r} but there is no validation list: pass --data.val_list, "
+                    "or train without validation with a config that has no lr_scheduler section"
+                )
+        os.environ[RUN_DIR_ENV] = str(self.run_dir)  # for the DDP processes Lightning starts from this one
+        what = "run folder" if self.subcommand == "fit" else "folder of --ckpt_path (scores and plots go there)"
+        ensure_writable_dir(self.run_dir, what)
+        if self.subcommand == "fit" and ckpt is not None:
+            # A resume continues from the end of the checkpoint's epoch: rows logged after it are redone.
+            epoch = getattr(self, "_ckpt_epoch", None)  # read when --ckpt_path was checked
+            if isinstance(epoch, int):
+                _drop_rows_after(self.run_dir / "metrics.csv", epoch)
+        elif self.subcommand == "fit" and not cfg.trainer.get("fast_dev_run"):
+            # A fresh run in a folder without checkpoints (one stopped before its first epoch ended): its rows
+            # are not this run's history.
+            (self.run_dir / "metrics.csv").unlink(missing_ok=True)
+        # The root, not the run folder, goes into the config saved with the run (instantiate_trainer passes the
+        # run folder to the trainer), so that the saved config.yaml starts new runs beside this one.
+        cfg.trainer["default_root_dir"] = str(root)
+
+    def instantiate_trainer(self, **kwargs):
+        if self.run_dir is None:  # built with run=False: a plain LightningCLI trainer
+            return super().instantiate_trainer(**kwargs)
+        trainer_cfg = self._get(self.config_init, "trainer", default={})
+        kwargs["default_root_dir"] = str(self.run_dir)
+        fitting = self.subcommand == "fit"
+        if trainer_cfg.get("logger") in (None, True):
+            kwargs["logger"] = self._loggers() if fitting else False
+        callbacks = trainer_cfg.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        dry_run = bool(trainer_cfg.get("fast_dev_run"))
+        if fitting and not dry_run and trainer_cfg.get("enable_checkpointing") is not False:
+            validated = "val_list" in self.datamodule.list_paths
+            callbacks.append(_RunCheckpoint(
+                dirpath=self.run_dir,
+                filename="best",
+                monitor=self.model.hparams.monitor if validated else None,  # no validation: best = latest
+                mode=self.model.monitor_mode,
+                save_top_k=1,
+                save_last=True,
+                auto_insert_metric_name=False,
+            ))
+        callbacks.append(_InterruptNote(self))
+        kwargs["callbacks"] = callbacks
+        return super().instantiate_trainer(**kwargs)
+
+    def _loggers(self) -> list:
+        loggers = [_KeptRowsCSVLogger(self.run_dir, name="", version="")]  # run_dir/metrics.csv, hparams.yaml
+        if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+            from pytorch_lightning.loggers import TensorBoardLogger
+
+            loggers.append(TensorBoardLogger(self.run_dir, name="", version="tensorboard"))
+        return loggers
+
+    # -- reports -----------------------------------------------------------------------------------------------------
+    def after_fit(self) -> None:
+        if self.trainer.fast_dev_run or not self.trainer.is_global_zero or self.trainer.interrupted:
+            return
+        callback = self.trainer.checkpoint_callback
+        lines = [f"run folder: {self.run_dir}"]
+        if callback is not None and callback.best_model_path:
+            score = callback.best_model_score
+            metric = f" ({callback.monitor} = {float(score):.4f})" if callback.monitor and score is not None else ""
+            lines.append(f"best checkpoint: {callback.best_model_path}{metric}")
+            lines.append(f"last checkpoint: {callback.last_model_path or self.run_dir / 'last.ckpt'}")
+        print("\n".join(lines))
+
+    def _report(self, stage: str) -> None:
+        """Prints top-1, top-k and mean class accuracy with the paths, and plots the confusion matrix."""
+        path = self.model.scores_paths.get(stage)
+        if path is None or not self.trainer.is_global_zero:  # fast_dev_run, no videos, or not rank 0
+            return
+        scores = read_scores(path)
+        lines = [f"{stage}: {len(scores['videos'])} videos, scores: {path}"]
+        summary = accuracy_summary(scores["scores"], scores["labels"])
+        if summary is None:
+            lines.append(f"{stage}: no labelled videos, so no metrics")
+        else:
+            # From the file, not the logged metrics: under DDP the distributed sampler pads the shares with
+            # repeated videos, which the logged metrics count twice and the scores file holds once.
+            labelled = int((scores["labels"] >= 0).sum())
+            lines.append(f"{stage}: " + "  ".join(f"{k} {v:.4f}" for k, v in summary.items()) + f"  ({labelled} labelled)")
+            from pipeline.evaluation.plots import confusion_matrix, plot_confusion
+
+            classes = [str(c) for c in scores["classes"]] if "classes" in scores else None
+            png = plot_confusion(
+                confusion_matrix(scores["scores"], scores["labels"]), path.with_name(f"confusion_{stage}.png"),
+                classes, title=f"{stage}: top-1 {summary['top1']:.3f} ({labelled} videos)",
+            )
+            lines.append(f"{stage}: confusion matrix: {png}")
+        print("\n".join(lines))
+
+    def after_validate(self) -> None:
+        self._report("val")
+
+    def after_test(self) -> None:
+        self._report("test")
+
+    def after_predict(self) -> None:
+        self._report("predict")
+
+
+@contextlib.contextmanager
+def quiet_lightning():
+    """Silences the Lightning warnings and tips in QUIET for the duration (warning filters are restored after)."""
+    lightning_log = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    no_tips = _NoTips()
+    lightning_log.addFilter(no_tips)
+    try:
+        with warnings.catch_warnings():
+            for pattern in QUIET:
+                warnings.filterwarnings("ignore", message=pattern)
+            yield
+    finally:
+        lightning_log.removeFilter(no_tips)
+
+
+_last_cli: list = [None]  # the CLI of the current call, for the note printed on Ctrl-C
+
+
+class _OneLineErrorParser(LightningArgumentParser):
+    """Parser errors (an unknown key in a config, a bad value) as the error and one hint, without the usage lines
+    of every option first."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:
+            return super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        text = " ".join(line.strip() for line in str(message).strip().splitlines() if line.strip())
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(f"{prog}: error: {text}\n  ({prog} --help lists the options)\n")
+        sys.exit(EXIT_USAGE)
+
+
+def _interrupt_message(command: str, argv: list[str]) -> str:
+    cli = _last_cli[0]
+    run = getattr(cli, "run_dir", None)
+    if command == "fit" and run is not None:
+        last = run / "last.ckpt"
+        if last.is_file():
+            try:
+                epoch = read_checkpoint(last, mmap=True).get("epoch")
+            except ValueError:
+                epoch = None
+            done = f" (end of epoch {epoch})" if isinstance(epoch, int) else ""
+            args = list(argv[1:])
+            for flag in ("--ckpt_path", "--run_name"):  # replaced by the checkpoint
+                while flag in args:
+                    i = args.index(flag)
+                    del args[i:i + 2]
+            args = [a for a in args if not a.startswith(("--ckpt_path=", "--run_name="))]
+            resume = shlex.join(["eleatt", "fit", *args, "--ckpt_path", str(last)])
+            return f"eleatt fit: interrupted (Ctrl-C); kept {run}/ with {last.name}{done}; resume with: {resume}"
+        return f"eleatt fit: interrupted (Ctrl-C) before the first epoch ended; nothing kept in {run}/ to resume"
+    kept = f"; nothing written in {run}/" if command in EVALUATIONS and run is not None else ""
+    return f"eleatt {command}: interrupted (Ctrl-C){kept}; rerun the same command"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`eleatt fit|validate|test|predict ...`; argv[0] is the subcommand. Returns 0, 2 for a usage error or a
+    refused run (the reason and the fix printed in one line), or 130 after Ctrl-C (with the command that resumes)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv else ""
+    _last_cli[0] = None
+    ctrl_c = InterruptWatch()
+    try:
+        with quiet_lightning(), watch_interrupts() as ctrl_c:
+            EleAttCLI(args=argv)
+    except SystemExit as exit_:  # --help, --print_config, parser errors; Lightning's own exit after Ctrl-C
+        cli = _last_cli[0]
+        if ctrl_c.happened or (cli is not None and cli.interrupted):
+            print(_interrupt_message(command, argv), file=sys.stderr)
+            return EXIT_INTERRUPTED
+        code = exit_.code
+        return code if isinstance(code, int) else (EXIT_OK if code is None else EXIT_USAGE)
+    except KeyboardInterrupt:  # outside Lightning's loops (set-up, reading the data)
+        print(_interrupt_message(command, argv), file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, OSError) as err:  # bad input: one line naming the file and the fix (pipeline.errors)
+        if not is_user_error(err):
+            raise
+        return usage_error(command, err)
+    return EXIT_OK

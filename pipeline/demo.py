@@ -15,6 +15,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from pipeline.errors import InputNotFoundError, UsageError
 
 # Shipped inside the package (pipeline/configs links to the checkout's configs/), so an installed wheel finds it too.
 CONFIG = Path(__file__).resolve().parent / "configs" / "features_lstm.yaml"
@@ -121,7 +122,7 @@ def _options(args: argparse.Namespace) -> dict:
         if value is not None:
             opts[key] = value
     if opts["epochs"] < 1 or opts["stack"] < 1:
-        raise ValueError(f"--epochs {opts['epochs']} and --stack {opts['stack']}: both must be at least 1")
+        raise UsageError(f"--epochs {opts['epochs']} and --stack {opts['stack']}: both must be at least 1")
     return opts
 
 
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     opts = _options(args)
     if not CONFIG.is_file():
-        raise FileNotFoundError(f"config '{CONFIG}' not found: the installation lacks its configs; reinstall eleatt")
+        raise InputNotFoundError(f"config '{CONFIG}' not found: the installation lacks its configs; reinstall eleatt")
     from pipeline.paths import ensure_writable_dir
 
     out = ensure_writable_dir(Path(args.out), "--out").resolve()
@@ -266,7 +267,7 @@ def _run(args: argparse.Namespace) -> int:
         preds = [models[s](data / entry.path, topk=1) for s in STREAMS]
         for pred in preds:
             if not pred.ok:
-                raise ValueError(f"classify '{data / entry.path}' failed: {pred.error}")
+                raise UsageError(f"classify '{data / entry.path}' failed: {pred.error}")
         probs = fuse_probs([p.scores for p in preds], weights)  # (C,)
         label = int(probs.argmax())
         agree += label == int(fused["scores"][rows[entry.path]].argmax())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from pipeline.errors import UsageError
 
 __all__ = ["resolve_device"]
 
@@ -17,12 +18,12 @@ def resolve_device(device: str) -> torch.device:
     try:
         dev = torch.device(text)
     except RuntimeError:
-        raise ValueError(f"--device {device!r}: expected auto, cpu, cuda, cuda:N or mps") from None
+        raise UsageError(f"--device {device!r}: expected auto, cpu, cuda, cuda:N or mps") from None
     if dev.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"--device {device!r}: expected auto, cpu, cuda, cuda:N or mps")
+        raise UsageError(f"--device {device!r}: expected auto, cpu, cuda, cuda:N or mps")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device!r}: no CUDA device is available here; use --device cpu (or auto)")
+        raise UsageError(f"--device {device!r}: no CUDA device is available here; use --device cpu (or auto)")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA devices "
+        raise UsageError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA devices "
                          f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return dev

@@ -1,8 +1,13 @@
-"""Exit codes of the commands (DESIGN "Exit codes"), defined once for every command, and the one-line error text.
+"""The project's user errors, the exit codes of the commands (defined once for every command) and the one-line
+error text.
 
-Commands raise ValueError/FileNotFoundError (or subclasses) for bad input; the dispatcher (`pipeline.cli`) and the
-Lightning CLI (`pipeline.training.cli`) turn them into one line and EXIT_USAGE, an OSError naming a file into one line
-too, and Ctrl-C into EXIT_INTERRUPTED with what was kept and the command that resumes (`set_interrupt_note`).
+Bad input and refused runs raise `UserError` (one base class: `UsageError`, a ValueError, and `InputNotFoundError`,
+a FileNotFoundError, and their subclasses such as `VideoReadError`); the message names the file or value, the
+reason and the fix. The dispatcher (`pipeline.cli`) and the Lightning CLI (`pipeline.training.cli`) turn a
+UserError, or an OSError naming a path the user gave (permissions, a read-only file system), into one line and
+EXIT_USAGE, and Ctrl-C into EXIT_INTERRUPTED with what was kept and the command that resumes
+(`set_interrupt_note`). Anything else -- a ValueError from inside numpy or torch, say -- is a bug: it keeps its
+traceback (exit 1), so that it is seen and fixed.
 """
 from __future__ import annotations
 
@@ -21,6 +26,20 @@ EXIT_INTERRUPTED = 130  # Ctrl-C: what was kept and the command that resumes are
 EXIT_BROKEN_PIPE = 141  # the reader of stdout went away (`... | head`): ends quietly, as SIGPIPE would end it
 
 _interrupt_note: str | None = None
+
+
+class UserError(Exception):
+    """Base class of the project's user errors: bad input or a refused run, never a bug. The message says what
+    (naming the file or value), why, and the fix."""
+
+
+class UsageError(UserError, ValueError):
+    """A bad value, a bad or damaged input file, or a refused run (a ValueError, so that library callers that
+    catch ValueError keep working)."""
+
+
+class InputNotFoundError(UserError, FileNotFoundError):
+    """An input the user named (a file, a folder, weights) does not exist."""
 
 
 def set_interrupt_note(note: str | None) -> None:
@@ -83,10 +102,12 @@ def one_line(err: BaseException) -> str:
 
 
 def is_user_error(err: BaseException) -> bool:
-    """Whether an exception is about the user's input, to be shown as one line with EXIT_USAGE: a ValueError or
-    FileNotFoundError (our messages name the file and the fix), or an OSError naming a path the user gave
-    (permissions, a read-only file system, a file where a folder should be). Other errors keep their traceback."""
-    if isinstance(err, (ValueError, FileNotFoundError)):
+    """Whether an exception is about the user's input, to be shown as one line with EXIT_USAGE: one of the
+    project's `UserError`s (their messages name the file and the fix), or an OSError naming a path the user gave
+    (permissions, a read-only file system, a file where a folder should be). Everything else is a bug and keeps
+    its traceback: a plain ValueError raised inside numpy or torch is not the user's fault. (An error re-raised
+    from a DataLoader worker keeps its type.)"""
+    if isinstance(err, UserError):
         return True
     return isinstance(err, OSError) and err.filename is not None
 

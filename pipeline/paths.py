@@ -15,6 +15,7 @@ import tempfile
 import threading
 from pathlib import Path
 from typing import IO, Iterator
+from pipeline.errors import UsageError
 
 # Temporary files and folders of the project start with this: a leading dot and a name no dataset uses, so cleaning
 # up never touches a user's file that merely looks like one of ours (a video named `.clip.tmp.avi`, say).
@@ -23,7 +24,7 @@ TMP_PREFIX = ".eleatt-tmp"
 _umask_lock = threading.Lock()
 
 
-class OutputLocationError(ValueError):
+class OutputLocationError(UsageError):
     """An output location that cannot be written: an existing file, no permission, a read-only file system."""
 
 

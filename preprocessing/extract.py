@@ -34,7 +34,7 @@ from pipeline.data.lists import read_list
 from pipeline.data.sampling import Sampling
 from pipeline.data.transforms import VIEW_COUNTS
 from pipeline.devices import resolve_device
-from pipeline.errors import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
+from pipeline.errors import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, InputNotFoundError, UsageError
 from pipeline.nn.backbone import FrameEncoder
 
 from pipeline.paths import ensure_writable_dir
@@ -76,7 +76,7 @@ def open_flow_folder(root: str | os.PathLike) -> FeatureSettings:
     settings = FlowFolder(root).settings
     if settings is None or settings.modality != "flow":
         what = "has no settings.json" if settings is None else f"holds {settings.modality!r} features"
-        raise FileNotFoundError(f"--modality flow: --root '{root}' is not a flow folder ({what}); compute one with "
+        raise InputNotFoundError(f"--modality flow: --root '{root}' is not a flow folder ({what}); compute one with "
                                 "`eleatt flow --list LIST --root VIDEOS --out FLOW_DIR` and pass --root FLOW_DIR")
     FlowOptions.of(settings, FlowFolder(root).settings_path)  # readable options, or a clear error
     return settings
@@ -425,31 +425,31 @@ def extract(list_path: str | os.PathLike, root: str | os.PathLike, out: str | os
     Returns the summary of the list's state after the run.
     """
     if views not in VIEWS:
-        raise ValueError(f"--views {views!r}: expected one of {', '.join(VIEWS)}")
+        raise UsageError(f"--views {views!r}: expected one of {', '.join(VIEWS)}")
     if batch_size < 1:
-        raise ValueError(f"--batch-size {batch_size}: must be >= 1")
+        raise UsageError(f"--batch-size {batch_size}: must be >= 1")
     if precision not in PRECISIONS:
-        raise ValueError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+        raise UsageError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     if modality not in MODALITIES:
-        raise ValueError(f"--modality {modality!r}: expected one of {', '.join(MODALITIES)}")
+        raise UsageError(f"--modality {modality!r}: expected one of {', '.join(MODALITIES)}")
     if stack is None:
         stack = DEFAULT_STACK if modality == "flow" else 1
     if isinstance(stack, bool) or not isinstance(stack, int) or stack < 1:
-        raise ValueError(f"--stack {stack}: must be an integer >= 1 (flow fields per input; TSN uses 5)")
+        raise UsageError(f"--stack {stack}: must be an integer >= 1 (flow fields per input; TSN uses 5)")
     if modality == "rgb" and stack != 1:
-        raise ValueError(f"--stack {stack} is for --modality flow (stacks of flow fields); RGB frames are not stacked")
+        raise UsageError(f"--stack {stack} is for --modality flow (stacks of flow fields); RGB frames are not stacked")
     sampling = Sampling(fps=fps, num_segments=num_segments)
     root = Path(root)
     if not root.is_dir():
         what = "flow folder" if modality == "flow" else "video root"
-        raise FileNotFoundError(f"{what} '{root}' is not a folder (--root: the folder the list's paths are relative to)")
+        raise InputNotFoundError(f"{what} '{root}' is not a folder (--root: the folder the list's paths are relative to)")
     flow_settings = open_flow_folder(root) if modality == "flow" else None
     entries = read_list(list_path)
     videos = list(dict.fromkeys(e.path for e in entries))  # a video listed twice is extracted once
     accelerator, devices = _device_args(device, devices)
     workers = default_workers(accelerator) if workers is None else workers
     if workers < 0:
-        raise ValueError(f"--workers {workers}: must be >= 0")
+        raise UsageError(f"--workers {workers}: must be >= 0")
 
     ensure_writable_dir(out, "--out feature folder")
     folder = FeatureFolder(out)
@@ -457,7 +457,7 @@ def extract(list_path: str | os.PathLike, root: str | os.PathLike, out: str | os
     for video in videos:  # every path must map under the folder, each to its own file: fail before any work
         target = folder.feature_path(video)
         if target in targets:
-            raise ValueError(
+            raise UsageError(
                 f"list '{list_path}': videos '{targets[target]}' and '{video}' would both be stored as "
                 f"'{folder.relative(target)}' (feature files are named by the list path without its extension); "
                 "rename one of them, or extract them into separate folders (--out) from separate lists"
@@ -472,7 +472,7 @@ def extract(list_path: str | os.PathLike, root: str | os.PathLike, out: str | os
             enable_model_summary=False, use_distributed_sampler=False, inference_mode=True,
         )
     except (MisconfigurationException, TypeError) as err:
-        raise ValueError(
+        raise UsageError(
             f"--device {device} --devices {devices} --num-nodes {num_nodes} --strategy {strategy}: {err} "
             "(check the device flags against the machine: --device cpu, or a count of GPUs it has)"
         ) from None

@@ -32,7 +32,7 @@ from pipeline.data.flow_estimation import (CONTRIB, DEFAULT_BACKEND, DEFAULT_PRE
                                         tvl1_available, video_flow)
 from pipeline.data.lists import read_list
 from pipeline.paths import ensure_writable_dir
-from pipeline.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
+from pipeline.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, InputNotFoundError, UsageError
 
 # Bytes of decoded RGB frames held at once per worker (a module global, so that tests can shrink the chunks).
 DECODE_BYTES = flow_estimation.DECODE_BYTES
@@ -204,18 +204,18 @@ def compute(list_path: str | os.PathLike, root: str | os.PathLike, out: str | os
             progress: bool | None = None) -> Summary:
     """Computes the flow of every video of ``list_path`` not yet in ``out``; see ``eleatt flow --help``."""
     if method not in METHODS:
-        raise ValueError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
+        raise UsageError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
     if preset not in PRESETS:
-        raise ValueError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
+        raise UsageError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
     if short_side is not None and short_side < 0:
-        raise ValueError(f"--short-side {short_side}: must be >= 0 (0 keeps the decoded size)")
+        raise UsageError(f"--short-side {short_side}: must be >= 0 (0 keeps the decoded size)")
     if workers < 1:
-        raise ValueError(f"--workers {workers}: must be >= 1")
+        raise UsageError(f"--workers {workers}: must be >= 1")
     if not (bound > 0):
-        raise ValueError(f"--bound {bound}: must be a positive number of pixels (default {DEFAULT_BOUND})")
+        raise UsageError(f"--bound {bound}: must be a positive number of pixels (default {DEFAULT_BOUND})")
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"video root '{root}' is not a folder (--root)")
+        raise InputNotFoundError(f"video root '{root}' is not a folder (--root)")
     variant = None
     if method == "raft":
         variant, _ = build_raft(weights)  # checks the file before any work; workers load it again
@@ -227,7 +227,7 @@ def compute(list_path: str | os.PathLike, root: str | os.PathLike, out: str | os
     for video in videos:  # a path leaving the root, or two videos sharing one flow file, is a usage error
         other = owners.setdefault(folder.feature_path(video), video)
         if other != video:
-            raise ValueError(f"'{other}' and '{video}' in {list_path} would both be stored as "
+            raise UsageError(f"'{other}' and '{video}' in {list_path} would both be stored as "
                              f"'{folder.feature_path(video)}' (the extension is dropped); rename one of them")
     folder.check_settings(make_settings(method, preset, short_side, bound, variant, weights))
     folder.remove_stale_temporaries()
@@ -300,14 +300,14 @@ def import_jpg(src: str | os.PathLike, out: str | os.PathLike, bound: float = DE
     """
     src = Path(src)
     if not src.is_dir():
-        raise FileNotFoundError(f"JPEG flow folder '{src}' not found (--import-jpg)")
+        raise InputNotFoundError(f"JPEG flow folder '{src}' not found (--import-jpg)")
     folders = []
     for dirpath, dirnames, filenames in os.walk(src):
         dirnames.sort()
         if any(n.lower().endswith((".jpg", ".jpeg")) and ("x_" in n or "y_" in n) for n in filenames):
             folders.append(Path(dirpath))
     if not folders:
-        raise ValueError(f"'{src}' holds no flow JPEG folders (x_00001.jpg/y_00001.jpg or flow_x_/flow_y_ names)")
+        raise UsageError(f"'{src}' holds no flow JPEG folders (x_00001.jpg/y_00001.jpg or flow_x_/flow_y_ names)")
     folder = FlowFolder(out)
     folder.check_settings(make_settings("jpg", "none", None, bound))
     folder.remove_stale_temporaries()
@@ -335,7 +335,7 @@ def export_folder(out: str | os.PathLike, dest: str | os.PathLike, prefix: str =
     """Writes every finished video of the flow folder ``out`` as JPEGs under ``dest/<video without extension>/``."""
     folder = FlowFolder(out)
     if folder.settings is None:
-        raise FileNotFoundError(f"'{out}' is not a flow folder (no settings.json); make one with `eleatt flow`")
+        raise InputNotFoundError(f"'{out}' is not a flow folder (no settings.json); make one with `eleatt flow`")
     records = folder.finished()
     summary = Summary(total=len(records))
     dest = Path(dest)
@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     progress = False if args.no_progress else None
     try:
         if args.import_jpg and args.export_jpg:
-            raise ValueError("--import-jpg and --export-jpg exclude each other; run them one at a time")
+            raise UsageError("--import-jpg and --export-jpg exclude each other; run them one at a time")
         if args.export_jpg:
             ensure_writable_dir(args.export_jpg, "--export-jpg folder")
         else:
@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
             summary, what = export_folder(args.out, args.export_jpg, args.jpg_prefix, progress), "exported"
         else:
             if not args.list or not args.root:
-                raise ValueError("--list and --root are required to compute flow (or pass --import-jpg / "
+                raise UsageError("--list and --root are required to compute flow (or pass --import-jpg / "
                                  "--export-jpg)")
             summary = compute(args.list, args.root, args.out, args.method, args.preset, args.short_side, args.bound,
                               args.workers, args.weights, args.backend, progress)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from pipeline.data.features import FeatureFolder, FeatureSettings
 from pipeline.data.lists import ListEntry, read_text_lines
 from pipeline.data.skeleton import CENTRE_JOINT, FEATURE_DIM, NUM_BODIES, NUM_JOINTS, load_skeleton
-from pipeline.errors import EXIT_INTERRUPTED
+from pipeline.errors import EXIT_INTERRUPTED, InputNotFoundError, UsageError
 from preprocessing.splits import NTU_BENCHMARKS, NTU_NAME, finish, scan_ntu
 
 SUFFIX = ".skeleton"
@@ -44,7 +44,7 @@ def read_missing_list(path: str | os.PathLike) -> set[str]:
     lines and a `.skeleton` ending are tolerated."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--missing-list '{path}' not found (NTU's samples_with_missing_skeletons.txt)")
+        raise InputNotFoundError(f"--missing-list '{path}' not found (NTU's samples_with_missing_skeletons.txt)")
     names = set()
     for n, line in enumerate(read_text_lines(path, "--missing-list", "one NTU sample name a line"), 1):
         text = line.split("#", 1)[0].strip()
@@ -53,7 +53,7 @@ def read_missing_list(path: str | os.PathLike) -> set[str]:
         name = PurePosixPath(text).name
         m = NTU_NAME.match(name)
         if not m or name[m.end():] not in ("", SUFFIX):
-            raise ValueError(f"{path}:{n}: expected an NTU sample name like S001C002P005R002A008, got {text!r}")
+            raise UsageError(f"{path}:{n}: expected an NTU sample name like S001C002P005R002A008, got {text!r}")
         names.add(name[: m.end()])
     return names
 
@@ -122,9 +122,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Converts the files and writes the lists; returns 0, or 3 when files failed or were skipped (each listed)."""
     if not 0.0 <= args.val_fraction < 1.0:
-        raise ValueError(f"--val-fraction {args.val_fraction}: a fraction in [0, 1) is needed")
+        raise UsageError(f"--val-fraction {args.val_fraction}: a fraction in [0, 1) is needed")
     if args.workers < 0:
-        raise ValueError(f"--workers {args.workers}: must be >= 0")
+        raise UsageError(f"--workers {args.workers}: must be >= 0")
     missing = read_missing_list(args.missing_list) if args.missing_list else set()
     prepared = scan_ntu(args.skeletons, args.benchmark, args.protocol, suffix=SUFFIX, flag="--skeletons")
     if missing:

@@ -23,7 +23,7 @@ import numpy as np
 from pipeline.data.lists import ListEntry, read_text_lines, write_classes, write_list
 from pipeline.paths import ensure_writable_dir
 
-from pipeline.errors import EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED as EXIT_INCOMPLETE
+from pipeline.errors import EXIT_OK, EXIT_SOME_FAILED as EXIT_INCOMPLETE, EXIT_USAGE, InputNotFoundError, UsageError
 MAX_LISTED = 20  # problems printed to the terminal; all of them go to a file in --out
 
 # NTU RGB+D cross-subject training performers (Shahroudy et al. 2016; Liu et al. 2019 adds the second row).
@@ -95,7 +95,7 @@ def _read_lines(path: Path) -> list[tuple[int, str]]:
     lines = [(n, line.strip()) for n, line in
              enumerate(read_text_lines(path, "split file", "the official split format"), 1) if line.strip()]
     if not lines:
-        raise ValueError(f"split file '{path}' is empty; expected the official split lines (is it the right file, "
+        raise UsageError(f"split file '{path}' is empty; expected the official split lines (is it the right file, "
                          "or was its download cut short?)")
     return lines
 
@@ -127,7 +127,7 @@ def _deduplicate(lists: dict[str, list[ListEntry]]) -> tuple[dict[str, list[List
 
 def _require_file(path: Path, what: str, fix: str) -> Path:
     if not path.is_file():
-        raise FileNotFoundError(f"{what} '{path}' not found ({fix})")
+        raise InputNotFoundError(f"{what} '{path}' not found ({fix})")
     return path
 
 
@@ -138,7 +138,7 @@ def _with_ext(path: str, ext: str | None) -> str:
 
 def _check_ext(ext: str | None) -> str | None:
     if ext is not None and ext != "" and (not ext.startswith(".") or "/" in ext or len(ext) < 2):
-        raise ValueError(f"--ext {ext!r}: give an extension with its dot (e.g. .mp4), or '' for raw-frame folders")
+        raise UsageError(f"--ext {ext!r}: give an extension with its dot (e.g. .mp4), or '' for raw-frame folders")
     return ext
 
 
@@ -206,7 +206,7 @@ def grouped_holdout(
     `seed`; order within each part is the input order. Returns also {"groups", "held_groups", "stratified"}.
     """
     if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"holdout fraction {fraction}: must be in [0, 1) (0 leaves the held-out list empty)")
+        raise UsageError(f"holdout fraction {fraction}: must be in [0, 1) (0 leaves the held-out list empty)")
     groups: dict[str, Counter] = defaultdict(Counter)
     for e in entries:
         groups[group_of(e)][e.label] += 1
@@ -215,7 +215,7 @@ def grouped_holdout(
     stratified = all(len(groups[g]) == 1 for g in names)
     held: set[str] = set()
     if fraction > 0 and len(names) < 2:
-        raise ValueError(
+        raise UsageError(
             f"cannot hold out {fraction:.0%} of {len(entries)} videos in whole groups: they form {len(names)} "
             "group(s) (use --val-fraction 0, or name groups with a finer key)"
         )
@@ -237,7 +237,7 @@ def grouped_holdout(
 def missing_under(root: Path, entries: Iterable[ListEntry]) -> list[str]:
     """List paths (files or raw-frame folders) that do not exist under `root`, in list order."""
     if not root.is_dir():
-        raise FileNotFoundError(f"--check-root '{root}' is not a folder (give the folder the list paths start from)")
+        raise InputNotFoundError(f"--check-root '{root}' is not a folder (give the folder the list paths start from)")
     return [e.path for e in entries if not (root / e.path).exists()]
 
 
@@ -256,12 +256,12 @@ def parse_ucf101(splits_dir: str | os.PathLike, split: int, ext: str | None = No
     for n, line in _read_lines(class_file):
         parts = line.split()
         if len(parts) != 2 or not parts[0].isdigit():
-            raise ValueError(f"{class_file}:{n}: expected '<1-based id> <ClassName>', got {line!r}")
+            raise UsageError(f"{class_file}:{n}: expected '<1-based id> <ClassName>', got {line!r}")
         if int(parts[0]) in ids:
-            raise ValueError(f"{class_file}:{n}: class id {parts[0]} appears twice")
+            raise UsageError(f"{class_file}:{n}: class id {parts[0]} appears twice")
         ids[int(parts[0])] = parts[1]
     if sorted(ids) != list(range(1, len(ids) + 1)):
-        raise ValueError(f"{class_file}: class ids must run 1..{len(ids)} without gaps, got {sorted(ids)[:5]}...")
+        raise UsageError(f"{class_file}: class ids must run 1..{len(ids)} without gaps, got {sorted(ids)[:5]}...")
     classes = [ids[i] for i in range(1, len(ids) + 1)]
     exact = {name: i for i, name in enumerate(classes)}
     folded = {name.lower(): i for i, name in enumerate(classes)}
@@ -270,7 +270,7 @@ def parse_ucf101(splits_dir: str | os.PathLike, split: int, ext: str | None = No
         folder = PurePosixPath(path).parts[0] if len(PurePosixPath(path).parts) > 1 else ""
         label = exact.get(folder, folded.get(folder.lower()))
         if label is None:
-            raise ValueError(
+            raise UsageError(
                 f"{where}: video {path!r} is not in a class folder named in {class_file.name} "
                 f"(its folder {folder!r} is none of the {len(classes)} classes)"
             )
@@ -282,13 +282,13 @@ def parse_ucf101(splits_dir: str | os.PathLike, split: int, ext: str | None = No
             parts = line.split()
             where = f"{path}:{n}"
             if len(parts) not in (1, 2) or (with_labels and len(parts) != 2):
-                raise ValueError(f"{where}: expected '<Class>/<video> <1-based id>' or '<Class>/<video>', got {line!r}")
+                raise UsageError(f"{where}: expected '<Class>/<video> <1-based id>' or '<Class>/<video>', got {line!r}")
             label = label_of_folder(parts[0], where)
             if len(parts) == 2:
                 if not parts[1].isdigit() or int(parts[1]) not in ids:
-                    raise ValueError(f"{where}: class id {parts[1]!r} is not in {class_file.name} (1..{len(ids)})")
+                    raise UsageError(f"{where}: class id {parts[1]!r} is not in {class_file.name} (1..{len(ids)})")
                 if int(parts[1]) - 1 != label:
-                    raise ValueError(
+                    raise UsageError(
                         f"{where}: id {parts[1]} is {classes[int(parts[1]) - 1]!r} in {class_file.name}, "
                         f"but the video lies in the folder of {classes[label]!r}"
                     )
@@ -312,7 +312,7 @@ def parse_hmdb(splits_dir: str | os.PathLike, split: int, dataset: str = "hmdb51
     suffix = f"_test_split{split}.txt"
     files = sorted(p for p in d.glob(f"*{suffix}") if p.is_file()) if d.is_dir() else []
     if not files:
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"no '<class>{suffix}' files in '{d}' (--splits-dir is the folder of the official {dataset} split files, "
             "e.g. testTrainMulti_7030_splits/ for HMDB51 or splits/ for JHMDB)"
         )
@@ -323,7 +323,7 @@ def parse_hmdb(splits_dir: str | os.PathLike, split: int, dataset: str = "hmdb51
         for n, line in _read_lines(path):
             parts = line.split()
             if len(parts) != 2 or parts[1] not in ("0", "1", "2"):
-                raise ValueError(f"{path}:{n}: expected '<video> <0|1|2>' (0 unused, 1 train, 2 test), got {line!r}")
+                raise UsageError(f"{path}:{n}: expected '<video> <0|1|2>' (0 unused, 1 train, 2 test), got {line!r}")
             entry = ListEntry(_with_ext(f"{name}/{parts[0]}", ext), label)
             if parts[1] == "1":
                 train.append(entry)
@@ -354,16 +354,16 @@ def scan_ntu(
     Raw-frame folders with these names are taken too. `flag`: the command's option naming the folder (messages).
     """
     if benchmark not in NTU_BENCHMARKS:
-        raise ValueError(f"--benchmark {benchmark!r}: choose ntu60 or ntu120")
+        raise UsageError(f"--benchmark {benchmark!r}: choose ntu60 or ntu120")
     if protocol == "cv" and benchmark != "ntu60":
-        raise ValueError("--protocol cv (cross-view) is defined for ntu60; ntu120 uses cs (cross-subject) or cset")
+        raise UsageError("--protocol cv (cross-view) is defined for ntu60; ntu120 uses cs (cross-subject) or cset")
     if protocol == "cset" and benchmark != "ntu120":
-        raise ValueError("--protocol cset (cross-setup) is defined for ntu120; ntu60 uses cs or cv")
+        raise UsageError("--protocol cset (cross-setup) is defined for ntu120; ntu60 uses cs or cv")
     if protocol not in ("cs", "cv", "cset"):
-        raise ValueError(f"--protocol {protocol!r}: choose cs, cv or cset")
+        raise UsageError(f"--protocol {protocol!r}: choose cs, cv or cset")
     root = Path(videos)
     if not root.is_dir():
-        raise FileNotFoundError(f"{flag} '{root}' is not a folder (give the folder holding the NTU {suffix} files)")
+        raise InputNotFoundError(f"{flag} '{root}' is not a folder (give the folder holding the NTU {suffix} files)")
     num_actions, num_setups = NTU_BENCHMARKS[benchmark]
     subjects = NTU60_TRAIN_SUBJECTS if benchmark == "ntu60" else NTU120_TRAIN_SUBJECTS
 
@@ -397,7 +397,7 @@ def scan_ntu(
             is_train = setup % 2 == 0
         (train if is_train else test).append(ListEntry(rel, action - 1))
     if not train and not test:
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"no NTU files named SsssCcccPpppRrrrAaaa{suffix} for {benchmark} under '{root}' "
             "(check --videos; use --suffix .skeleton for skeleton files)"
         )
@@ -423,9 +423,9 @@ def _find_csv(d: Path, split: str, required: bool) -> Path | None:
     if len(candidates) == 1:
         return candidates[0]
     if len(candidates) > 1:
-        raise ValueError(f"several {split} CSVs in '{d}': {[p.name for p in candidates]} (keep one per folder)")
+        raise UsageError(f"several {split} CSVs in '{d}': {[p.name for p in candidates]} (keep one per folder)")
     if required:
-        raise FileNotFoundError(f"'{d / (split + '.csv')}' not found (--csv-dir holds the official Kinetics CSVs)")
+        raise InputNotFoundError(f"'{d / (split + '.csv')}' not found (--csv-dir holds the official Kinetics CSVs)")
     return None
 
 
@@ -436,7 +436,7 @@ def _read_kinetics_csv(path: Path, default_split: str) -> list[tuple[str, str, s
         header = [h.strip().lower() for h in reader.fieldnames or []]
         missing = [c for c in ("youtube_id", "time_start", "time_end") if c not in header]
         if missing:
-            raise ValueError(
+            raise UsageError(
                 f"{path}: header {header} lacks {missing} (expected label,youtube_id,time_start,time_end,split)"
             )
         reader.fieldnames = header
@@ -447,13 +447,13 @@ def _read_kinetics_csv(path: Path, default_split: str) -> list[tuple[str, str, s
                 if not (start.is_integer() and end.is_integer()):
                     raise ValueError
             except (TypeError, ValueError):
-                raise ValueError(
+                raise UsageError(
                     f"{path}:{n}: time_start/time_end {row.get('time_start')!r}/{row.get('time_end')!r} are not "
                     "whole seconds"
                 ) from None
             video_id = (row["youtube_id"] or "").strip()
             if not video_id:
-                raise ValueError(f"{path}:{n}: empty youtube_id")
+                raise UsageError(f"{path}:{n}: empty youtube_id")
             label = (row.get("label") or "").strip() or None
             split = (row.get("split") or "").strip() or default_split
             rows.append((split, f"{video_id}_{int(start):06d}_{int(end):06d}.mp4", label))
@@ -466,7 +466,7 @@ def parse_kinetics(csv_dir: str | os.PathLike, by_label: bool = False, ext: str 
     `by_label`; unlabeled rows get -1; classes are the labels found, sorted. The official validation set is val."""
     d = Path(csv_dir)
     if not d.is_dir():
-        raise FileNotFoundError(f"--csv-dir '{d}' is not a folder (the folder of train.csv, validate.csv, test.csv)")
+        raise InputNotFoundError(f"--csv-dir '{d}' is not a folder (the folder of train.csv, validate.csv, test.csv)")
     files = {s: _find_csv(d, s, required=s != "test") for s in ("train", "validate", "test")}
     rows = {s: _read_kinetics_csv(p, {"validate": "val"}.get(s, s)) if p else [] for s, p in files.items()}
     classes = sorted({label for part in rows.values() for _, _, label in part if label is not None})
@@ -488,7 +488,7 @@ def parse_kinetics(csv_dir: str | os.PathLike, by_label: bool = False, ext: str 
     elif all(e.label == -1 for e in test):
         notes.append("the test CSV has no labels: test videos are labelled -1")
     if len(classes) < 2:
-        raise ValueError(f"{files['train']}: found {len(classes)} class label(s); is the 'label' column filled?")
+        raise UsageError(f"{files['train']}: found {len(classes)} class label(s); is the 'label' column filled?")
     return Prepared(title="kinetics", classes=classes, train=train, val=val, test=test, notes=notes)
 
 
@@ -505,11 +505,11 @@ def scan_folder(
     video alone."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"--root '{root}' is not a folder (give the folder holding one sub-folder per class)")
+        raise InputNotFoundError(f"--root '{root}' is not a folder (give the folder holding one sub-folder per class)")
     try:
         pattern = re.compile(group_regex) if group_regex else None
     except re.error as err:
-        raise ValueError(f"--group-regex {group_regex!r} is not a valid regular expression ({err}); "
+        raise UsageError(f"--group-regex {group_regex!r} is not a valid regular expression ({err}); "
                          r"e.g. '_g(\d+)_' names UCF101-style groups") from None
     exts = tuple(e.lower() for e in extensions)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -525,7 +525,7 @@ def scan_folder(
             else:
                 ignored += 1
     if len(classes) < 2 or not entries:
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"'{root}' holds {len(classes)} class folder(s) and {len(entries)} video(s) with extensions "
             f"{' '.join(exts)}; need at least two class folders with videos (or raw-frame folders) in them"
         )
@@ -599,7 +599,7 @@ def finish(
     problems += repeated
     for name in ("train", "test"):
         if not lists[name]:
-            raise ValueError(f"the {p.title} split gives no {name} videos; check the split files (--split, and "
+            raise UsageError(f"the {p.title} split gives no {name} videos; check the split files (--split, and "
                              "that they list videos of this dataset)")
     ensure_writable_dir(out, "--out")
     for name, entries in lists.items():

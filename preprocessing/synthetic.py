@@ -21,6 +21,7 @@ import av
 import numpy as np
 
 from pipeline.data.lists import ListEntry, write_classes, write_list
+from pipeline.errors import UsageError
 
 Frames = np.ndarray  # uint8 (T, H, W, 3) RGB
 
@@ -174,7 +175,7 @@ def render_video(
     """
     _check_classes([name])
     if num_frames < MIN_FRAMES or size < MIN_SIZE:
-        raise ValueError(
+        raise UsageError(
             f"synthetic videos need num_frames >= {MIN_FRAMES} and size >= {MIN_SIZE}, got {num_frames} and {size}"
         )
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
@@ -200,7 +201,7 @@ def write_lossless_video(path: str | os.PathLike, frames: Frames, fps: int = 12)
     """
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
+        raise UsageError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # A hidden name in the same folder (same filesystem, so the rename is atomic), created with the usual
@@ -228,13 +229,13 @@ def write_lossless_video(path: str | os.PathLike, frames: Frames, fps: int = 12)
 def _check_classes(names: list[str]) -> None:
     unknown = [n for n in names if n not in CLASSES]
     if unknown:
-        raise ValueError(f"unknown synthetic class(es) {unknown}; choose from {', '.join(CLASSES)}")
+        raise UsageError(f"unknown synthetic class(es) {unknown}; choose from {', '.join(CLASSES)}")
 
 
 def split_counts(videos_per_class: int) -> tuple[int, int, int]:
     """(train, val, test) videos per class: 20% each to val and test (at least one), the rest to train."""
     if videos_per_class < MIN_VIDEOS_PER_CLASS:
-        raise ValueError(
+        raise UsageError(
             f"videos_per_class={videos_per_class}: need at least {MIN_VIDEOS_PER_CLASS} (one each for train, "
             "val and test)"
         )
@@ -265,13 +266,13 @@ def make_dataset(
     names = list(CLASSES if classes is None else classes)
     _check_classes(names)
     if len(set(names)) != len(names):
-        raise ValueError(f"classes listed twice in {names}")
+        raise UsageError(f"classes listed twice in {names}")
     if num_frames < MIN_FRAMES or size < MIN_SIZE:
-        raise ValueError(
+        raise UsageError(
             f"synthetic videos need num_frames >= {MIN_FRAMES} and size >= {MIN_SIZE}, got {num_frames} and {size}"
         )
     if fps < 1:
-        raise ValueError(f"fps={fps}: must be a positive integer")
+        raise UsageError(f"fps={fps}: must be a positive integer")
     n_train, n_val, n_test = split_counts(videos_per_class)
     out = Path(out)
     splits: dict[str, list[ListEntry]] = {"train": [], "val": [], "test": []}

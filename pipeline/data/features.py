@@ -31,7 +31,7 @@ import numpy as np
 
 from pipeline.data.sampling import Sampling
 from pipeline.data.transforms import VIEW_COUNTS
-from pipeline.errors import load_failure
+from pipeline.errors import InputNotFoundError, load_failure, UsageError
 from pipeline.paths import TMP_PREFIX, atomic_write, file_mode
 
 try:  # POSIX; elsewhere the lock is advisory only (see FeatureFolder.lock)
@@ -48,19 +48,19 @@ PRECISIONS = ("32", "bf16", "16")  # the backbone's arithmetic: float32, or bflo
 SETTINGS_FORMAT = 1  # settings.json's "format"; files without one were written before it (read as legacy)
 
 
-class FeatureFileError(ValueError):
+class FeatureFileError(UsageError):
     """A feature file that exists but cannot be used: truncated, garbage, wrong shape, zero frames, not finite."""
 
 
-class FolderLockedError(ValueError):
+class FolderLockedError(UsageError):
     """Another process is writing the feature folder."""
 
 
-class SettingsMismatchError(ValueError):
+class SettingsMismatchError(UsageError):
     """A feature folder was made with other settings than the ones asked for now."""
 
 
-class SettingsFormatError(ValueError):
+class SettingsFormatError(UsageError):
     """A settings.json (or a checkpoint's copy of it) that cannot be read: missing or unknown keys, bad values."""
 
 
@@ -232,7 +232,7 @@ def as_views(features: np.ndarray) -> np.ndarray:
         return features[None]
     if features.ndim == 3:
         return features
-    raise ValueError(f"features must be (T, D) or (V, T, D), got shape {tuple(features.shape)}")
+    raise UsageError(f"features must be (T, D) or (V, T, D), got shape {tuple(features.shape)}")
 
 
 def _canonical(value: Any) -> Any:
@@ -339,9 +339,9 @@ class FeatureFolder:
         """`<root>/<list path without extension><suffix>` (`.npy`) for a list path (relative, '/'-separated)."""
         rel = PurePosixPath(video.replace("\\", "/"))
         if rel.is_absolute() or ".." in rel.parts or not rel.parts:
-            raise ValueError(f"video path {video!r} must be relative to the root and stay under it (no '..')")
+            raise UsageError(f"video path {video!r} must be relative to the root and stay under it (no '..')")
         if rel.parts[0] in (TMP_DIR, LOCK):
-            raise ValueError(f"video path {video!r} starts with {rel.parts[0]!r}, the name of the feature folder's "
+            raise UsageError(f"video path {video!r} starts with {rel.parts[0]!r}, the name of the feature folder's "
                              "own temporary folder/lock; rename that folder of videos")
         stem, _ = os.path.splitext(rel.as_posix())
         return self.root / f"{stem}{self.suffix}"
@@ -354,7 +354,7 @@ class FeatureFolder:
         if not path.is_file():
             reason = self.failed().get(video)
             why = f" (it failed: {reason})" if reason else ""
-            raise FileNotFoundError(
+            raise InputNotFoundError(
                 f"no {self.what} for '{video}' in '{self.root}': '{path}' is missing{why}; run `{self.command}` "
                 "for this list into this folder (it resumes), or drop the video from the list"
             )
@@ -450,12 +450,12 @@ class FeatureFolder:
         with np.errstate(over="ignore"):
             stored = features.astype(dtype, copy=False)
         if not np.isfinite(stored).all():
-            raise ValueError(
+            raise UsageError(
                 f"features of '{video}' are not finite in {dtype} (max |x| = {np.abs(features).max():.3g}); "
                 "check the backbone's input normalisation, or store float32 (settings dtype)"
             )
         if views.shape[1] < 1:
-            raise ValueError(f"features of '{video}' have zero frames; nothing to store")
+            raise UsageError(f"features of '{video}' have zero frames; nothing to store")
         target = self.feature_path(video)
         target.parent.mkdir(parents=True, exist_ok=True)
         # The temporary file lives in our own folder (same file system, so the rename is atomic), never beside
@@ -562,7 +562,7 @@ def read_settings(root: str | os.PathLike) -> FeatureSettings:
     folder = FeatureFolder(root)
     settings = folder.settings
     if settings is None:
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"'{folder.settings_path}' not found: '{root}' is not a feature folder (make one with `eleatt extract`)"
         )
     return settings

@@ -14,6 +14,7 @@ from typing import Iterator
 import numpy as np
 
 from pipeline.data.flow_files import FlowOptions, quantize
+from pipeline.errors import InputNotFoundError, UsageError
 
 METHODS = ("dis", "farneback", "tvl1", "raft")
 PRESETS = ("fast", "medium")
@@ -64,14 +65,14 @@ class OpenCVFlow:
                 {"fast": cv2.DISOPTICAL_FLOW_PRESET_FAST, "medium": cv2.DISOPTICAL_FLOW_PRESET_MEDIUM}[preset])
         elif method == "tvl1":
             if not tvl1_available():
-                raise ValueError(f"--method tvl1 needs OpenCV's contrib module (cv2.optflow), which is not installed; "
+                raise UsageError(f"--method tvl1 needs OpenCV's contrib module (cv2.optflow), which is not installed; "
                                  f"replace opencv-python-headless by {CONTRIB} (pip uninstall opencv-python-headless "
                                  f"&& pip install {CONTRIB}; never both), or use --method dis")
             self.tvl1 = cv2.optflow.DualTVL1OpticalFlow_create()
         elif method == "farneback":
             self.params = _FARNEBACK[preset]
         else:
-            raise ValueError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
+            raise UsageError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
 
     def prepare(self, frames: np.ndarray, size: tuple[int, int]) -> list[np.ndarray]:
         """uint8 (t, H, W, 3) RGB -> t greyscale uint8 (h, w) images at ``size``."""
@@ -102,12 +103,12 @@ def build_raft(weights: str | os.PathLike | None, device: str = "cpu"):
     from torchvision.models.optical_flow import raft_large, raft_small
 
     if weights is None:
-        raise ValueError("--method raft needs --weights PATH: a torchvision RAFT state dict (raft_large or raft_small, "
+        raise UsageError("--method raft needs --weights PATH: a torchvision RAFT state dict (raft_large or raft_small, "
                          "e.g. Raft_Large_Weights.C_T_SKHT_V2 saved with torch.save(model.state_dict(), PATH)); "
                          "nothing is downloaded")
     path = Path(weights)
     if not path.is_file():
-        raise FileNotFoundError(f"RAFT weights '{path}' not found (--weights)")
+        raise InputNotFoundError(f"RAFT weights '{path}' not found (--weights)")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -116,7 +117,7 @@ def build_raft(weights: str | os.PathLike | None, device: str = "cpu"):
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(f"RAFT weights '{path}' cannot be read ({type(err).__name__}: {err}); save them with "
+        raise UsageError(f"RAFT weights '{path}' cannot be read ({type(err).__name__}: {err}); save them with "
                          "torch.save(model.state_dict(), PATH)") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
@@ -127,7 +128,7 @@ def build_raft(weights: str | os.PathLike | None, device: str = "cpu"):
         except (RuntimeError, TypeError, AttributeError):
             continue
         return name, model.eval().to(device)
-    raise ValueError(f"'{path}' is not a torchvision raft_large or raft_small state dict (keys do not match)")
+    raise UsageError(f"'{path}' is not a torchvision raft_large or raft_small state dict (keys do not match)")
 
 
 class RaftFlow:
@@ -188,7 +189,7 @@ def video_flow(path: str | os.PathLike, estimator, short_side: int | None, bound
     path = Path(path)
     info = probe(path)
     if info.num_frames < 2:
-        raise ValueError(f"'{path}' has {info.num_frames} frame(s): no frame pairs, so no optical flow "
+        raise UsageError(f"'{path}' has {info.num_frames} frame(s): no frame pairs, so no optical flow "
                          "(drop it from the list)")
     size = target_size(info.height, info.width, short_side)
     chunk = max(2, decode_bytes // (info.height * info.width * 3))
@@ -208,11 +209,11 @@ def estimator_for(options: FlowOptions, weights_path: str | os.PathLike | None =
     """A fresh estimator for the flow settings ``options`` (RAFT needs the local weights file ``weights_path``)."""
     if options.method == "raft":
         if weights_path is None:
-            raise ValueError(f"the flow was computed with RAFT ({options.raft}, weights file {options.weights!r}); "
+            raise UsageError(f"the flow was computed with RAFT ({options.raft}, weights file {options.weights!r}); "
                              "pass the path of that weights file (flow_weights=PATH) to compute it again")
         return RaftFlow(weights_path, options.preset)
     if options.method not in METHODS:
-        raise ValueError(f"flow method {options.method!r} cannot be computed here (flow imported from JPEG "
+        raise UsageError(f"flow method {options.method!r} cannot be computed here (flow imported from JPEG "
                          "folders has no recorded method); compute flow with `eleatt flow --method dis` instead")
     return OpenCVFlow(options.method, options.preset)
 
@@ -227,7 +228,7 @@ def compute_flow(frames: np.ndarray, method: str = "dis", preset: str = DEFAULT_
     """
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[0] < 2:
-        raise ValueError(f"compute_flow needs frames (T >= 2, H, W, 3), got {tuple(frames.shape)}: no frame pairs")
+        raise UsageError(f"compute_flow needs frames (T >= 2, H, W, 3), got {tuple(frames.shape)}: no frame pairs")
     if estimator is None:
         estimator = estimator_for(FlowOptions(method=method, preset=preset, short_side=short_side, bound=bound))
     size = target_size(frames.shape[1], frames.shape[2], short_side)

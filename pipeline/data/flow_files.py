@@ -34,6 +34,7 @@ import numpy as np
 
 from pipeline.data.features import TMP_DIR, FeatureFolder, FeatureSettings, SettingsFormatError
 from pipeline.paths import atomic_write
+from pipeline.errors import InputNotFoundError, UsageError
 
 __all__ = [
     "DEFAULT_BOUND",
@@ -170,7 +171,7 @@ def _png_params() -> list[int]:
 def _check_bound(bound: float) -> float:
     bound = float(bound)
     if not (np.isfinite(bound) and bound > 0):
-        raise ValueError(f"flow bound {bound}: must be a positive number of pixels (default {DEFAULT_BOUND})")
+        raise UsageError(f"flow bound {bound}: must be a positive number of pixels (default {DEFAULT_BOUND})")
     return bound
 
 
@@ -216,15 +217,15 @@ class FlowWriter:
     def add(self, q: np.ndarray) -> None:
         q = np.asarray(q)
         if q.dtype != np.uint8 or q.ndim != 3 or q.shape[0] != 2:
-            raise ValueError(f"a flow pair must be uint8 (2, H, W) (x, y), got {q.dtype} {tuple(q.shape)}")
+            raise UsageError(f"a flow pair must be uint8 (2, H, W) (x, y), got {q.dtype} {tuple(q.shape)}")
         if self.shape is None:
             self.shape = (int(q.shape[1]), int(q.shape[2]))
         elif q.shape[1:] != self.shape:
-            raise ValueError(f"flow pair {self.pairs} is {q.shape[1]}x{q.shape[2]}, the file's pairs are "
+            raise UsageError(f"flow pair {self.pairs} is {q.shape[1]}x{q.shape[2]}, the file's pairs are "
                              f"{self.shape[0]}x{self.shape[1]}")
         ok, png = _cv2().imencode(".png", q.reshape(2 * q.shape[1], q.shape[2]), _png_params())  # (2H, W)
         if not ok:
-            raise ValueError(f"PNG encoding of flow pair {self.pairs} failed")
+            raise UsageError(f"PNG encoding of flow pair {self.pairs} failed")
         self._zip.writestr(f"{self.pairs:06d}.png", png.tobytes())
         self.pairs += 1
 
@@ -256,16 +257,16 @@ def save_flow(path: str | os.PathLike, q: np.ndarray, bound: float = DEFAULT_BOU
 
 def _open(path: Path) -> tuple[zipfile.ZipFile, dict]:
     if not path.is_file():
-        raise FileNotFoundError(f"flow file '{path}' not found (compute it with `eleatt flow`)")
+        raise InputNotFoundError(f"flow file '{path}' not found (compute it with `eleatt flow`)")
     try:
         zf = zipfile.ZipFile(path)
         meta = json.loads(zf.read(META))
     except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, OSError) as err:
-        raise ValueError(f"'{path}' is not a flow file or is damaged ({err}); delete it and rerun `eleatt flow` "
+        raise UsageError(f"'{path}' is not a flow file or is damaged ({err}); delete it and rerun `eleatt flow` "
                          f"(it resumes)") from None
     if meta.get("format") != FORMAT or int(meta.get("version", 0)) > VERSION:
         zf.close()
-        raise ValueError(f"'{path}': unknown flow format {meta.get('format')!r} version {meta.get('version')!r}; "
+        raise UsageError(f"'{path}': unknown flow format {meta.get('format')!r} version {meta.get('version')!r}; "
                          f"expected {FORMAT!r} version <= {VERSION} (upgrade eleatt)")
     return zf, meta
 
@@ -283,10 +284,10 @@ def _indices(indices: Sequence[int] | np.ndarray | None, pairs: int, path: Path)
         return np.arange(pairs)
     idx = np.asarray(indices)
     if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
-        raise ValueError(f"{path}: flow pair indices must be 1-D integers, got {idx.dtype} {tuple(idx.shape)}")
+        raise UsageError(f"{path}: flow pair indices must be 1-D integers, got {idx.dtype} {tuple(idx.shape)}")
     if idx.size and (idx.min() < 0 or idx.max() >= pairs):
         bad = int(idx[(idx < 0) | (idx >= pairs)][0])
-        raise ValueError(f"{path}: flow pair index {bad} out of range: the file has {pairs} pairs (0..{pairs - 1})")
+        raise UsageError(f"{path}: flow pair index {bad} out of range: the file has {pairs} pairs (0..{pairs - 1})")
     return idx.astype(np.int64)
 
 
@@ -309,7 +310,7 @@ def load_quantized(path: str | os.PathLike, indices: Sequence[int] | np.ndarray 
             if i not in decoded:
                 img = cv2.imdecode(np.frombuffer(zf.read(f"{i:06d}.png"), dtype=np.uint8), cv2.IMREAD_UNCHANGED)
                 if img is None or img.shape != (2 * h, w):
-                    raise ValueError(f"'{path}': flow pair {i} is damaged; delete the file and rerun `eleatt flow`")
+                    raise UsageError(f"'{path}': flow pair {i} is damaged; delete the file and rerun `eleatt flow`")
                 decoded[i] = img.reshape(2, h, w)
             out[k] = decoded[i]
     return out, float(meta["bound"])
@@ -334,9 +335,9 @@ def stack_indices(positions: Sequence[int] | np.ndarray, num_pairs: int, length:
     the last pair, so a stack near the end repeats it.
     """
     if length < 1:
-        raise ValueError(f"flow stack length {length}: must be >= 1 (TSN uses 5)")
+        raise UsageError(f"flow stack length {length}: must be >= 1 (TSN uses 5)")
     if num_pairs < 1:
-        raise ValueError("the video has no flow pairs (it needs at least 2 frames)")
+        raise UsageError("the video has no flow pairs (it needs at least 2 frames)")
     pos = np.asarray(positions, dtype=np.int64).reshape(-1, 1)  # (P, 1)
     return np.clip(pos + np.arange(length)[None], 0, num_pairs - 1)  # (P, L)
 
@@ -382,7 +383,7 @@ class FlowArray:
     def __init__(self, q: np.ndarray, bound: float, fps: float | None = None, name: str = "<flow>") -> None:
         q = np.asarray(q)
         if q.dtype != np.uint8 or q.ndim != 4 or q.shape[1] != 2:
-            raise ValueError(f"flow levels must be uint8 (N, 2, H, W), got {q.dtype} {tuple(q.shape)}")
+            raise UsageError(f"flow levels must be uint8 (N, 2, H, W), got {q.dtype} {tuple(q.shape)}")
         self.q, self.bound, self.pairs, self.name = q, _check_bound(bound), int(q.shape[0]), name
         self.fps = float(fps) if fps else None
 
@@ -422,7 +423,7 @@ class FlowFolder(FeatureFolder):
             with FlowWriter(f, bound, fps=fps) as w:
                 yield w
             if w.pairs == 0:
-                raise ValueError(f"'{video}': no frame pairs to store")
+                raise UsageError(f"'{video}': no frame pairs to store")
 
     def record(self, video: str, **extra) -> dict:
         """Appends the manifest record of a committed video: ``video``, ``feature``, ``pairs``, ... (from the file)."""
@@ -483,15 +484,15 @@ def jpg_files(folder: str | os.PathLike) -> tuple[list[Path], list[Path]]:
             found.setdefault((m.group(1) or "", m.group(2).lower()), {})[int(m.group(3))] = p
     prefixes = {prefix for prefix, _ in found}
     if not found:
-        raise ValueError(f"'{folder}' holds no flow JPEGs (x_00001.jpg/y_00001.jpg or flow_x_00001.jpg/"
+        raise UsageError(f"'{folder}' holds no flow JPEGs (x_00001.jpg/y_00001.jpg or flow_x_00001.jpg/"
                          "flow_y_00001.jpg)")
     if len(prefixes) > 1:
-        raise ValueError(f"'{folder}' mixes x_*.jpg and flow_x_*.jpg names; keep one naming per folder")
+        raise UsageError(f"'{folder}' mixes x_*.jpg and flow_x_*.jpg names; keep one naming per folder")
     prefix = prefixes.pop()
     xs, ys = found.get((prefix, "x"), {}), found.get((prefix, "y"), {})
     if sorted(xs) != sorted(ys):
         only = sorted(set(xs) ^ set(ys))
-        raise ValueError(f"'{folder}': x and y flow JPEGs do not match (e.g. number {only[0]} has only one of them)")
+        raise UsageError(f"'{folder}': x and y flow JPEGs do not match (e.g. number {only[0]} has only one of them)")
     numbers = sorted(xs)
     return [xs[n] for n in numbers], [ys[n] for n in numbers]
 
@@ -505,9 +506,9 @@ def read_jpg_folder(folder: str | os.PathLike) -> Iterator[np.ndarray]:
         x = cv2.imread(str(px), cv2.IMREAD_GRAYSCALE)
         y = cv2.imread(str(py), cv2.IMREAD_GRAYSCALE)
         if x is None or y is None:
-            raise ValueError(f"'{px if x is None else py}' is not a readable JPEG")
+            raise UsageError(f"'{px if x is None else py}' is not a readable JPEG")
         if x.shape != y.shape or (shape is not None and x.shape != shape):
-            raise ValueError(f"'{px}' and '{py}' differ in size from the folder's first frame ({shape or x.shape})")
+            raise UsageError(f"'{px}' and '{py}' differ in size from the folder's first frame ({shape or x.shape})")
         shape = x.shape
         yield np.stack([x, y])  # (2, H, W)
 
@@ -519,7 +520,7 @@ def export_jpg(path: str | os.PathLike, dest: str | os.PathLike, prefix: str = "
     levels come back within ~2 at quality 95). Returns the number of pairs written.
     """
     if prefix not in ("", "flow_"):
-        raise ValueError(f"JPEG prefix {prefix!r}: use '' (x_00001.jpg) or 'flow_' (flow_x_00001.jpg)")
+        raise UsageError(f"JPEG prefix {prefix!r}: use '' (x_00001.jpg) or 'flow_' (flow_x_00001.jpg)")
     cv2 = _cv2()
     q, _ = load_quantized(path)  # (N, 2, H, W)
     dest = Path(dest)
@@ -529,7 +530,7 @@ def export_jpg(path: str | os.PathLike, dest: str | os.PathLike, prefix: str = "
         for c, name in enumerate("xy"):
             ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(pair[c]), params)
             if not ok:
-                raise ValueError(f"JPEG encoding failed for pair {i} of '{path}'")
+                raise UsageError(f"JPEG encoding failed for pair {i} of '{path}'")
             (dest / f"{prefix}{name}_{i:05d}.jpg").write_bytes(buf.tobytes())
     return len(q)
 

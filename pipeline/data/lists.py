@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterable
 
 from pipeline.paths import atomic_write
+from pipeline.errors import InputNotFoundError, UsageError
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ def read_text_lines(path: str | os.PathLike, what: str, expected: str) -> list[s
         except UnicodeDecodeError as err:
             line = data[: err.start].count(b"\n") + 1
             encoding, source = f"not UTF-8 (byte 0x{data[err.start]:02x} on line {line}; latin-1?)", "LATIN1"
-    raise ValueError(
+    raise UsageError(
         f"{what} '{path}' is {encoding} text; expected UTF-8 lines of {expected}: save it as UTF-8 "
         f"(e.g. `iconv -f {source} -t UTF-8 FILE > NEW`)"
     )
@@ -50,7 +51,7 @@ def read_list(path: str | os.PathLike) -> list[ListEntry]:
     """Reads a list file; raises ValueError naming `file:line` on a malformed line or a non-UTF-8 file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"list file '{path}' not found (write one with `eleatt prepare ...`)")
+        raise InputNotFoundError(f"list file '{path}' not found (write one with `eleatt prepare ...`)")
     entries = []
     for number, raw in enumerate(read_text_lines(path, "list file", "'<relative path> <label>'"), 1):
         line = raw.strip()
@@ -58,7 +59,7 @@ def read_list(path: str | os.PathLike) -> list[ListEntry]:
             continue
         parts = line.rsplit(maxsplit=1)
         if len(parts) != 2:
-            raise ValueError(
+            raise UsageError(
                 f"{path}:{number}: expected '<relative path> <label>', got {line!r} "
                 "(use -1 as the label of a video whose class is unknown)"
             )
@@ -66,12 +67,12 @@ def read_list(path: str | os.PathLike) -> list[ListEntry]:
         try:
             label = int(label_text)
         except ValueError:
-            raise ValueError(
+            raise UsageError(
                 f"{path}:{number}: label {label_text!r} is not an integer "
                 "(labels are 0-based class indices into classes.txt, -1 when unknown)"
             ) from None
         if label < -1:
-            raise ValueError(f"{path}:{number}: label {label} is negative (only -1, 'unknown', is allowed)")
+            raise UsageError(f"{path}:{number}: label {label} is negative (only -1, 'unknown', is allowed)")
         entries.append(ListEntry(video, label))
     return entries
 
@@ -87,7 +88,7 @@ def write_list(path: str | os.PathLike, entries: Iterable[ListEntry | tuple[str,
     for entry in entries:
         video, label = (entry.path, entry.label) if isinstance(entry, ListEntry) else entry
         if not video or "\n" in video or video != video.strip():
-            raise ValueError(f"cannot write video path {video!r} to a list: empty, or leading/trailing whitespace")
+            raise UsageError(f"cannot write video path {video!r} to a list: empty, or leading/trailing whitespace")
         lines.append(f"{video} {int(label)}\n")
     _atomic_write_text(Path(path), "".join(lines))
 
@@ -96,12 +97,12 @@ def read_classes(path: str | os.PathLike) -> list[str]:
     """Reads `classes.txt`: one class name a line, in label order."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"class file '{path}' not found (it is written beside the lists by `eleatt prepare`)")
+        raise InputNotFoundError(f"class file '{path}' not found (it is written beside the lists by `eleatt prepare`)")
     names = [line.strip() for line in read_text_lines(path, "class file", "one class name a line")]
     while names and not names[-1]:
         names.pop()
     if any(not name for name in names):
-        raise ValueError(f"{path}: blank line among the class names (one name a line, in label order)")
+        raise UsageError(f"{path}: blank line among the class names (one name a line, in label order)")
     return names
 
 
@@ -109,7 +110,7 @@ def write_classes(path: str | os.PathLike, names: Iterable[str]) -> None:
     """Writes `classes.txt` atomically."""
     names = list(names)
     if any(not n.strip() or "\n" in n for n in names):
-        raise ValueError(f"class names must be non-empty single lines, got {names!r}")
+        raise UsageError(f"class names must be non-empty single lines, got {names!r}")
     _atomic_write_text(Path(path), "".join(f"{n.strip()}\n" for n in names))
 
 

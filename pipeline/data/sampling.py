@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Mapping
 
 import numpy as np
+from pipeline.errors import UsageError
 
 __all__ = ["Pad", "PAD_POLICIES", "segment_indices", "clip_indices", "fps_indices", "sequence_indices", "Sampling"]
 
@@ -22,16 +23,16 @@ PAD_POLICIES: tuple[str, ...] = ("loop", "repeat_last")
 def _check_count(name: str, value: int, minimum: int = 1) -> int:
     """`value` as an int >= minimum, or a ValueError naming the argument."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+        raise UsageError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
     if value < minimum:
         what = "video/sequence is empty" if name in ("num_frames", "length") else "nothing to sample"
-        raise ValueError(f"{name} must be >= {minimum}, got {value} ({what}; check the input or the setting)")
+        raise UsageError(f"{name} must be >= {minimum}, got {value} ({what}; check the input or the setting)")
     return int(value)
 
 
 def _train_rng(rng: np.random.Generator | None, fn: str) -> np.random.Generator:
     if rng is None:
-        raise ValueError(
+        raise UsageError(
             f"{fn}(train=True) needs a random generator: pass rng=np.random.default_rng(seed) "
             "(or train=False for deterministic test-mode sampling)"
         )
@@ -91,7 +92,7 @@ def clip_indices(
     frame_interval = _check_count("frame_interval", frame_interval)
     num_clips = _check_count("num_clips", num_clips)
     if pad not in PAD_POLICIES:
-        raise ValueError(f"pad must be one of {PAD_POLICIES}, got {pad!r}")
+        raise UsageError(f"pad must be one of {PAD_POLICIES}, got {pad!r}")
     steps = np.arange(clip_len, dtype=np.int64) * frame_interval  # (clip_len,)
     span = int(steps[-1]) + 1
 
@@ -131,9 +132,9 @@ def fps_indices(num_frames: int, src_fps: float, target_fps: float | None = None
     if target_fps is None or target_fps == 0:
         return np.arange(num_frames, dtype=np.int64)
     if not (isinstance(target_fps, (int, float, np.number)) and math.isfinite(target_fps) and target_fps > 0):
-        raise ValueError(f"target_fps must be a positive number (or None/0 for all frames), got {target_fps!r}")
+        raise UsageError(f"target_fps must be a positive number (or None/0 for all frames), got {target_fps!r}")
     if not (isinstance(src_fps, (int, float, np.number)) and math.isfinite(src_fps) and src_fps > 0):
-        raise ValueError(
+        raise UsageError(
             f"src_fps must be a positive number, got {src_fps!r} (the video reports no usable frame rate; "
             "sample all frames with target_fps=None or re-encode the video with a frame rate)"
         )
@@ -174,12 +175,12 @@ class Sampling:
 
     def __post_init__(self) -> None:
         if self.fps is not None and self.num_segments is not None:
-            raise ValueError("--fps and --num-segments exclude each other; pass at most one")
+            raise UsageError("--fps and --num-segments exclude each other; pass at most one")
         if self.fps is not None and not (isinstance(self.fps, (int, float)) and math.isfinite(self.fps)
                                          and self.fps > 0):
-            raise ValueError(f"--fps {self.fps}: must be a positive number of frames per second")
+            raise UsageError(f"--fps {self.fps}: must be a positive number of frames per second")
         if self.num_segments is not None and not (isinstance(self.num_segments, int) and self.num_segments >= 1):
-            raise ValueError(f"--num-segments {self.num_segments}: must be an integer >= 1")
+            raise UsageError(f"--num-segments {self.num_segments}: must be an integer >= 1")
 
     @property
     def mode(self) -> str:
@@ -192,10 +193,10 @@ class Sampling:
     def from_json(cls, value: Mapping[str, Any]) -> "Sampling":
         """From `{"mode": "all" | "fps" | "segments", "fps": F, "num_segments": N}` (settings.json)."""
         if not isinstance(value, Mapping):
-            raise ValueError(f"sampling must be an object with mode/fps/num_segments, got {value!r}")
+            raise UsageError(f"sampling must be an object with mode/fps/num_segments, got {value!r}")
         unknown = set(value) - {"mode", "fps", "num_segments"}
         if unknown:
-            raise ValueError(f"sampling has unknown keys {sorted(unknown)} (known: mode, fps, num_segments)")
+            raise UsageError(f"sampling has unknown keys {sorted(unknown)} (known: mode, fps, num_segments)")
         mode = value.get("mode", "all")
         if mode == "fps":
             return cls(fps=float(value.get("fps")))
@@ -203,7 +204,7 @@ class Sampling:
             return cls(num_segments=int(value.get("num_segments")))
         if mode == "all":
             return cls()
-        raise ValueError(f"sampling mode {mode!r} is not one of 'all', 'fps', 'segments'")
+        raise UsageError(f"sampling mode {mode!r} is not one of 'all', 'fps', 'segments'")
 
     def indices(self, num_frames: int, src_fps: float) -> np.ndarray:
         """int64 `(T,)` indices in `[0, num_frames)` of a source with `num_frames` frames at `src_fps`."""

@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 from pipeline.data.features import FeatureFolder, as_views
 from pipeline.data.lists import ListEntry
 from pipeline.data.sampling import sequence_indices
+from pipeline.errors import UsageError
 
 NormalizeMode = Literal["none", "l2", "standard"]
 
@@ -24,7 +25,7 @@ class FeatureNormalizer:
 
     def __init__(self, mode: NormalizeMode = "none") -> None:
         if mode not in ("none", "l2", "standard"):
-            raise ValueError(f"normalize={mode!r} is not one of 'none', 'l2', 'standard'")
+            raise UsageError(f"normalize={mode!r} is not one of 'none', 'l2', 'standard'")
         self.mode = mode
         self.mean: torch.Tensor | None = None  # (D,) float32, "standard" only
         self.std: torch.Tensor | None = None
@@ -44,7 +45,7 @@ class FeatureNormalizer:
             sq = (x * x).sum(0) if sq is None else sq + (x * x).sum(0)
             count += x.shape[0]
         if not count:
-            raise ValueError("normalize='standard' needs training features to estimate mean/std; none were given")
+            raise UsageError("normalize='standard' needs training features to estimate mean/std; none were given")
         mean = total / count
         std = np.sqrt(np.maximum(sq / count - mean * mean, 0.0))
         self.mean = torch.from_numpy(mean.astype(np.float32))
@@ -56,7 +57,7 @@ class FeatureNormalizer:
             return torch.nn.functional.normalize(feats, dim=-1)
         if self.mode == "standard":
             if self.mean is None:
-                raise ValueError(
+                raise UsageError(
                     "normalize='standard' has no statistics: they are estimated when training (fit) and stored in "
                     "the checkpoint; pass --ckpt_path of a run trained with normalize='standard'"
                 )
@@ -68,7 +69,7 @@ class FeatureNormalizer:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("mode", self.mode) != self.mode:
-            raise ValueError(
+            raise UsageError(
                 f"the checkpoint was trained with normalize={state['mode']!r} but the data is configured with "
                 f"normalize={self.mode!r} (set --data.normalize {state['mode']})"
             )
@@ -115,7 +116,7 @@ class FeatureSequenceDataset(Dataset):
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if num_steps is not None and num_steps < 0:
-            raise ValueError(f"num_steps={num_steps} must be >= 0 (0 or None = all steps)")
+            raise UsageError(f"num_steps={num_steps} must be >= 0 (0 or None = all steps)")
         self.folder = folder
         self.entries = list(entries)
         self.num_steps = num_steps or None
@@ -148,7 +149,7 @@ def collate_sequences(samples: list[dict]) -> dict:
     feats = first.new_zeros((len(samples), *first.shape[:-2], int(lengths.max()), first.shape[-1]))
     for i, s in enumerate(samples):
         if s["feats"].shape[:-2] != first.shape[:-2]:
-            raise ValueError(
+            raise UsageError(
                 f"video {s['video']!r} has {tuple(s['feats'].shape[:-2])} views but {samples[0]['video']!r} has "
                 f"{tuple(first.shape[:-2])}; every video of a feature folder must be extracted with the same views"
             )

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from pipeline.errors import InputNotFoundError, UsageError
 
 if TYPE_CHECKING:  # torch is imported where rotations need it, so that `eleatt prepare` parses files without it
     import torch
@@ -36,7 +37,7 @@ BODY_INFO_VALUES = 10
 JOINT_VALUES = 12
 
 
-class SkeletonFormatError(ValueError):
+class SkeletonFormatError(UsageError):
     """A `.skeleton` file does not follow the NTU format; the message names the file and the line."""
 
 
@@ -88,7 +89,7 @@ def read_skeleton(path: str | os.PathLike, allow_truncated: bool = False) -> Ske
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"skeleton file '{path}' not found")
+        raise InputNotFoundError(f"skeleton file '{path}' not found")
     name = str(path)
     try:
         text = path.read_text(encoding="ascii")
@@ -252,7 +253,7 @@ def rotate_skeleton(feats: torch.Tensor | np.ndarray, angles) -> torch.Tensor | 
     as_numpy = isinstance(feats, np.ndarray)
     x = torch.from_numpy(feats) if as_numpy else feats
     if x.shape[-1] % 3:
-        raise ValueError(f"skeleton features need x, y, z per joint: last dimension {x.shape[-1]} is not a multiple "
+        raise UsageError(f"skeleton features need x, y, z per joint: last dimension {x.shape[-1]} is not a multiple "
                          "of 3 (is this a skeleton feature folder?)")
     r = rotation_matrix(torch.as_tensor(angles, dtype=torch.float64)).to(x.dtype if x.is_floating_point()
                                                                          else torch.float32)
@@ -277,7 +278,7 @@ class SkeletonRotation:
 
     def __init__(self, max_degrees: float = 35.0) -> None:
         if not (math.isfinite(max_degrees) and 0 <= max_degrees <= 180):
-            raise ValueError(f"rotation_degrees={max_degrees}: give an angle in [0, 180] degrees (the paper uses 35)")
+            raise UsageError(f"rotation_degrees={max_degrees}: give an angle in [0, 180] degrees (the paper uses 35)")
         self.max_degrees = float(max_degrees)
 
     def __call__(self, feats: torch.Tensor) -> torch.Tensor:
@@ -302,7 +303,7 @@ def write_skeleton(path: str | os.PathLike, frames: list[list[tuple[str, np.ndar
         for body_id, joints in bodies:
             joints = np.asarray(joints, dtype=np.float64)
             if joints.shape != (NUM_JOINTS, 3):
-                raise ValueError(f"joints of body {body_id} must be ({NUM_JOINTS}, 3), got {joints.shape}")
+                raise UsageError(f"joints of body {body_id} must be ({NUM_JOINTS}, 3), got {joints.shape}")
             lines.append(f"{body_id} 0 1 1 1 1 0 0.01 -0.02 2")
             lines.append(str(NUM_JOINTS))
             lines.extend(f"{x:.7g} {y:.7g} {z:.7g} 0 0 0 0 0 0 0 0 2" for x, y, z in joints)

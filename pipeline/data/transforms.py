@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
+from pipeline.errors import UsageError
 
 __all__ = [
     "DEFAULT_CROP_PCT",
@@ -80,7 +81,7 @@ def _interp(name: str | InterpolationMode) -> InterpolationMode:
         return name
     mode = _INTERPOLATIONS.get(str(name).lower())
     if mode is None:
-        raise ValueError(
+        raise UsageError(
             f"interpolation {name!r} is not supported on tensors; use one of {sorted(_INTERPOLATIONS)} "
             "(set data_config['interpolation'], e.g. to 'bicubic')"
         )
@@ -96,21 +97,21 @@ def _pair(size: Size, name: str = "size") -> tuple[int, int]:
     elif isinstance(size, Sequence) and len(size) == 2:
         h, w = int(size[0]), int(size[1])
     else:
-        raise ValueError(f"{name} must be an int or (height, width), got {size!r}")
+        raise UsageError(f"{name} must be an int or (height, width), got {size!r}")
     if h < 1 or w < 1:
-        raise ValueError(f"{name} must be positive, got {size!r}")
+        raise UsageError(f"{name} must be positive, got {size!r}")
     return h, w
 
 
 def _check_image(x: torch.Tensor, fn: str) -> None:
     if not isinstance(x, torch.Tensor) or x.ndim < 3:
         shape = tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
-        raise ValueError(f"{fn} expects a tensor (..., C, H, W) (e.g. a clip (T, C, H, W) from to_tchw), got {shape}")
+        raise UsageError(f"{fn} expects a tensor (..., C, H, W) (e.g. a clip (T, C, H, W) from to_tchw), got {shape}")
 
 
 def _need_rng(rng: np.random.Generator | None, fn: str) -> np.random.Generator:
     if rng is None:
-        raise ValueError(f"{fn} is random: pass rng=np.random.default_rng(seed)")
+        raise UsageError(f"{fn} is random: pass rng=np.random.default_rng(seed)")
     return rng
 
 
@@ -131,7 +132,7 @@ def to_tchw(frames: torch.Tensor | np.ndarray) -> torch.Tensor:
         frames = torch.from_numpy(np.ascontiguousarray(frames))
     if not isinstance(frames, torch.Tensor) or frames.ndim != 4:
         shape = tuple(frames.shape) if hasattr(frames, "shape") else type(frames).__name__
-        raise ValueError(f"to_tchw expects frames (T, H, W, C) as load_frames returns, got {shape}")
+        raise UsageError(f"to_tchw expects frames (T, H, W, C) as load_frames returns, got {shape}")
     return frames.permute(0, 3, 1, 2)
 
 
@@ -150,7 +151,7 @@ def resize_short(x: torch.Tensor, size: int, interpolation: str = "bilinear") ->
     (torchvision's ``Resize(int)`` rule, which timm's eval transform uses). Antialiased; dtype is kept."""
     _check_image(x, "resize_short")
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
-        raise ValueError(f"resize_short size must be a positive int (the short side), got {size!r}")
+        raise UsageError(f"resize_short size must be a positive int (the short side), got {size!r}")
     return TF.resize(x, [int(size)], interpolation=_interp(interpolation), antialias=True)
 
 
@@ -159,7 +160,7 @@ def crop(x: torch.Tensor, top: int, left: int, height: int, width: int) -> torch
     _check_image(x, "crop")
     H, W = x.shape[-2:]
     if top < 0 or left < 0 or height < 1 or width < 1 or top + height > H or left + width > W:
-        raise ValueError(
+        raise UsageError(
             f"crop box (top={top}, left={left}, height={height}, width={width}) does not fit an image of {H}x{W} "
             "(resize the short side to at least the crop size first)"
         )
@@ -196,7 +197,7 @@ def three_crop(x: torch.Tensor, size: Size) -> torch.Tensor:
     h, w = _pair(size)
     H, W = x.shape[-2:]
     if h > H or w > W:
-        raise ValueError(f"three_crop size {h}x{w} is larger than the {H}x{W} image (resize the short side first)")
+        raise UsageError(f"three_crop size {h}x{w} is larger than the {H}x{W} image (resize the short side first)")
     top, left = int(round((H - h) / 2.0)), int(round((W - w) / 2.0))
     if H > W:
         boxes = [(0, left), (top, left), (H - h, left)]
@@ -215,7 +216,7 @@ def ten_crop(x: torch.Tensor, size: Size, flow: bool = False) -> torch.Tensor:
     h, w = _pair(size)
     H, W = x.shape[-2:]
     if h > H or w > W:
-        raise ValueError(f"ten_crop size {h}x{w} is larger than the {H}x{W} image (resize the short side first)")
+        raise UsageError(f"ten_crop size {h}x{w} is larger than the {H}x{W} image (resize the short side first)")
     five = torch.stack([
         crop(x, 0, 0, h, w),
         crop(x, 0, W - w, h, w),
@@ -237,14 +238,14 @@ def hflip(x: torch.Tensor, flow: bool = False) -> torch.Tensor:
     out = x.flip(-1)
     if flow:
         if x.shape[-3] % 2:
-            raise ValueError(f"hflip(flow=True) needs an even channel count (x1, y1, x2, y2, ...), got C={x.shape[-3]}")
+            raise UsageError(f"hflip(flow=True) needs an even channel count (x1, y1, x2, y2, ...), got C={x.shape[-3]}")
         xs = out[..., 0::2, :, :]
         if out.dtype == torch.uint8:
             xs.bitwise_not_()  # 255 - q for uint8
         elif out.dtype.is_floating_point or out.dtype.is_signed:
             xs.neg_()
         else:
-            raise ValueError(f"hflip(flow=True) supports float (pixels) or uint8 (quantised) flow, got {out.dtype}")
+            raise UsageError(f"hflip(flow=True) supports float (pixels) or uint8 (quantised) flow, got {out.dtype}")
     return out
 
 
@@ -293,7 +294,7 @@ def random_resized_crop(
     ``ratio``) for every frame, resized to ``size``. Returns ``(..., C, h, w)``, dtype kept."""
     _check_image(x, "random_resized_crop")
     if not (0 < scale[0] <= scale[1] <= 1.0) or not (0 < ratio[0] <= ratio[1]):
-        raise ValueError(f"random_resized_crop needs 0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1], "
+        raise UsageError(f"random_resized_crop needs 0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1], "
                          f"got scale={scale}, ratio={ratio}")
     top, left, h, w = random_resized_crop_params(*x.shape[-2:], scale, ratio, _need_rng(rng, "random_resized_crop"))
     return resize(crop(x, top, left, h, w), size, interpolation)
@@ -349,7 +350,7 @@ def multi_scale_crop(
     :func:`train_clip_transform`). Returns ``(..., C, h, w)``, dtype kept."""
     _check_image(x, "multi_scale_crop")
     if not scales or any(not 0 < s <= 1 for s in scales):
-        raise ValueError(f"multi_scale_crop scales must be fractions in (0, 1], got {tuple(scales)}")
+        raise UsageError(f"multi_scale_crop scales must be fractions in (0, 1], got {tuple(scales)}")
     rng = _need_rng(rng, "multi_scale_crop")
     top, left, h, w = multi_scale_crop_params(*x.shape[-2:], size, rng, scales, max_distort, fix_crop, more_fix_crop)
     return resize(crop(x, top, left, h, w), size, interpolation)
@@ -365,12 +366,12 @@ def _norm_stats(
     std_t = torch.as_tensor(std, dtype=torch.float32, device=device).reshape(-1)
     for name, t in (("mean", mean_t), ("std", std_t)):
         if t.numel() not in (1, channels):
-            raise ValueError(
+            raise UsageError(
                 f"normalize {name} has {t.numel()} values for {channels} channels; give one value or one per "
                 "channel (flow stacks with an RGB data config: use e.g. mean=(0.5,), std=(mean of the RGB std,))"
             )
     if bool((std_t <= 0).any()):
-        raise ValueError(f"normalize std must be positive, got {std_t.tolist()}")
+        raise UsageError(f"normalize std must be positive, got {std_t.tolist()}")
     return mean_t.reshape(-1, 1, 1), std_t.reshape(-1, 1, 1)
 
 
@@ -386,7 +387,7 @@ def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> t
         return torch.addcmul(-mean_t / std_t, x.to(torch.float32, memory_format=torch.contiguous_format),
                              1.0 / (255.0 * std_t))
     if not x.dtype.is_floating_point:
-        raise ValueError(f"normalize expects float in [0, 1] or uint8, got {x.dtype}")
+        raise UsageError(f"normalize expects float in [0, 1] or uint8, got {x.dtype}")
     return ((x - mean_t.to(x.dtype)) / std_t.to(x.dtype)).contiguous()
 
 
@@ -396,20 +397,20 @@ def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> t
 def _config(data_config: Mapping) -> dict:
     """Validated fields of a timm data config (missing crop_pct / crop_mode take timm's defaults)."""
     if not isinstance(data_config, Mapping):
-        raise ValueError(f"data_config must be a dict like timm.data.resolve_data_config's, got {type(data_config)}")
+        raise UsageError(f"data_config must be a dict like timm.data.resolve_data_config's, got {type(data_config)}")
     missing = [k for k in ("input_size", "mean", "std") if k not in data_config]
     if missing:
-        raise ValueError(f"data_config lacks {missing}; pass the backbone's data config "
+        raise UsageError(f"data_config lacks {missing}; pass the backbone's data config "
                          "(FrameEncoder.data_config or timm.data.resolve_data_config(model=...))")
     input_size = tuple(int(v) for v in data_config["input_size"])
     if len(input_size) != 3:
-        raise ValueError(f"data_config['input_size'] must be (C, H, W), got {data_config['input_size']!r}")
+        raise UsageError(f"data_config['input_size'] must be (C, H, W), got {data_config['input_size']!r}")
     crop_pct = data_config.get("crop_pct") or DEFAULT_CROP_PCT
     if not 0 < crop_pct:
-        raise ValueError(f"data_config['crop_pct'] must be positive, got {crop_pct!r}")
+        raise UsageError(f"data_config['crop_pct'] must be positive, got {crop_pct!r}")
     crop_mode = data_config.get("crop_mode") or "center"
     if crop_mode not in ("center", "squash", "border"):
-        raise ValueError(f"data_config['crop_mode'] must be 'center', 'squash' or 'border', got {crop_mode!r}")
+        raise UsageError(f"data_config['crop_mode'] must be 'center', 'squash' or 'border', got {crop_mode!r}")
     interpolation = data_config.get("interpolation") or "bilinear"
     _interp(interpolation)  # fail early on unsupported names
     return {
@@ -426,10 +427,10 @@ def _config(data_config: Mapping) -> dict:
 def _frames_tchw(frames: torch.Tensor | np.ndarray, channels: int, fn: str) -> torch.Tensor:
     x = to_tchw(frames)
     if x.shape[1] != channels:
-        raise ValueError(f"{fn} expects frames (T, H, W, {channels}) as load_frames returns (data config "
+        raise UsageError(f"{fn} expects frames (T, H, W, {channels}) as load_frames returns (data config "
                          f"input_size has {channels} channels), got {tuple(frames.shape)}")
     if x.dtype != torch.uint8 and not x.dtype.is_floating_point:
-        raise ValueError(f"{fn} expects uint8 frames (or float in [0, 1]), got {x.dtype}")
+        raise UsageError(f"{fn} expects uint8 frames (or float in [0, 1]), got {x.dtype}")
     return x
 
 
@@ -471,10 +472,10 @@ def eval_views(
     """
     cfg = _config(data_config)
     if views not in VIEW_COUNTS:
-        raise ValueError(f"views must be one of {tuple(VIEW_COUNTS)}, got {views!r}")
+        raise UsageError(f"views must be one of {tuple(VIEW_COUNTS)}, got {views!r}")
     x = eval_resize(_frames_tchw(frames, cfg["channels"], "eval_views"), data_config)  # (T, C, h', w')
     if views != "center" and (x.shape[-2] < cfg["size"][0] or x.shape[-1] < cfg["size"][1]):
-        raise ValueError(
+        raise UsageError(
             f"views={views!r} needs the resized frames ({x.shape[-2]}x{x.shape[-1]}) to cover the input size "
             f"{cfg['size'][0]}x{cfg['size'][1]}, but crop_mode={cfg['crop_mode']!r} with crop_pct={cfg['crop_pct']} "
             "shrinks them below it (use views='center', or crop_mode 'center' with crop_pct <= 1)"
@@ -525,7 +526,7 @@ def train_clip_transform(
     elif augment == "random_resized":
         top, left, h, w = random_resized_crop_params(H, W, area, ratio, rng)
     else:
-        raise ValueError(f"augment must be 'multi_scale' or 'random_resized', got {augment!r}")
+        raise UsageError(f"augment must be 'multi_scale' or 'random_resized', got {augment!r}")
     x = resize(crop(x, top, left, h, w), cfg["size"], cfg["interpolation"])
     if flip and rng.random() < 0.5:
         x = hflip(x)
@@ -599,7 +600,7 @@ class EvalViews(nn.Module):
         super().__init__()
         _config(data_config)
         if views not in VIEW_COUNTS:
-            raise ValueError(f"views must be one of {tuple(VIEW_COUNTS)}, got {views!r}")
+            raise UsageError(f"views must be one of {tuple(VIEW_COUNTS)}, got {views!r}")
         self.data_config, self.views = dict(data_config), views
 
     def forward(self, frames: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -621,7 +622,7 @@ class TrainClipTransform(nn.Module):
         super().__init__()
         _config(data_config)
         if augment not in ("multi_scale", "random_resized"):
-            raise ValueError(f"augment must be 'multi_scale' or 'random_resized', got {augment!r}")
+            raise UsageError(f"augment must be 'multi_scale' or 'random_resized', got {augment!r}")
         self.data_config = dict(data_config)
         self.kwargs = dict(augment=augment, scales=tuple(scales), max_distort=max_distort, area=tuple(area),
                            ratio=tuple(ratio), flip=flip)

@@ -62,6 +62,7 @@ from typing import Any, Literal, Sequence
 import av
 import numpy as np
 import torch
+from pipeline.errors import UsageError
 
 __all__ = [
     "BACKENDS",
@@ -103,7 +104,7 @@ _RAWFRAME_RE = re.compile(r"^img_(\d+)\.(jpg|jpeg|png)$", re.IGNORECASE)
 _CACHE_SIZE = 1024  # files; an index holds 8 bytes per frame
 
 
-class VideoReadError(ValueError):
+class VideoReadError(UsageError):
     """A video file or raw-frame folder that cannot be read as asked; the message names it, the reason and the fix."""
 
 
@@ -230,7 +231,7 @@ def load_frames(
     ``VideoReadError`` naming it, the frame count and the file; nothing is clamped.
     """
     if backend not in BACKENDS:
-        raise ValueError(f"unknown video backend {backend!r}; use one of {', '.join(BACKENDS)}")
+        raise UsageError(f"unknown video backend {backend!r}; use one of {', '.join(BACKENDS)}")
     path = Path(path)
     idx = _as_indices(indices, path)
     is_dir = path.is_dir()
@@ -271,9 +272,9 @@ def _as_indices(indices: Sequence[int] | np.ndarray | torch.Tensor, path: Path) 
         indices = indices.detach().cpu().numpy()
     arr = np.asarray(indices)
     if arr.ndim != 1:
-        raise ValueError(f"{path}: frame indices must be 1-D, got shape {tuple(arr.shape)}")
+        raise UsageError(f"{path}: frame indices must be 1-D, got shape {tuple(arr.shape)}")
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"{path}: frame indices must be integers, got dtype {arr.dtype}")
+        raise UsageError(f"{path}: frame indices must be integers, got dtype {arr.dtype}")
     return arr.astype(np.int64, copy=False)
 
 

@@ -18,6 +18,7 @@ from pipeline.data.features import FeatureSettings
 from pipeline.data.flow_files import FlowArray, FlowFile, stack_levels
 from pipeline.data.transforms import eval_views
 from pipeline.data.video import load_frames, probe
+from pipeline.errors import UsageError
 
 __all__ = ["DECODE_CHUNK", "ViewChunk", "SourceInfo", "open_source", "video_views"]
 
@@ -63,16 +64,16 @@ def open_source(path: str | os.PathLike | FlowFile | FlowArray, settings: Featur
     if settings.modality == "flow":
         source = path if isinstance(path, (FlowFile, FlowArray)) else FlowFile(path)
         if source.pairs < 1:
-            raise ValueError(f"'{source}' has no flow fields (its video has fewer than 2 frames)")
+            raise UsageError(f"'{source}' has no flow fields (its video has fewer than 2 frames)")
         if settings.sampling.mode == "fps" and not source.fps:
-            raise ValueError(f"'{source}' records no frame rate, which fps sampling needs; compute the flow again "
+            raise UsageError(f"'{source}' records no frame rate, which fps sampling needs; compute the flow again "
                              "with `eleatt flow`, or extract with --num-segments or every field")
         if settings.in_chans != 2 * settings.stack:
-            raise ValueError(f"flow settings with stack {settings.stack} need in_chans {2 * settings.stack}, "
+            raise UsageError(f"flow settings with stack {settings.stack} need in_chans {2 * settings.stack}, "
                              f"not {settings.in_chans}")
         return (SourceInfo(source.pairs, float(source.fps or 0.0)),
                 lambda idx: torch.from_numpy(stack_levels(source, idx, settings.stack)))
-    raise ValueError(f"modality {settings.modality!r} has no input path to a backbone (supported: 'rgb', 'flow')")
+    raise UsageError(f"modality {settings.modality!r} has no input path to a backbone (supported: 'rgb', 'flow')")
 
 
 def video_views(path: str | os.PathLike | FlowFile | FlowArray, settings: FeatureSettings, backend: str = "auto",
@@ -84,9 +85,9 @@ def video_views(path: str | os.PathLike | FlowFile | FlowArray, settings: Featur
     for an unreadable source.
     """
     if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
+        raise UsageError(f"chunk must be >= 1, got {chunk}")
     if settings.data_config is None:
-        raise ValueError("settings without a data_config cannot make backbone views (no backbone recorded)")
+        raise UsageError("settings without a data_config cannot make backbone views (no backbone recorded)")
     info, read = open_source(path, settings, backend)
     indices = settings.sampling.indices(info.num_frames, info.fps)  # (T,)
     total = int(len(indices))

@@ -12,6 +12,7 @@ import numpy as np
 from pipeline.data.features import FeatureFolder, as_views
 from pipeline.data.lists import classes_path_for, read_classes, read_list
 from pipeline.evaluation.scores import accuracy_summary
+from pipeline.errors import UsageError
 
 
 def mean_features(features_dir: str | os.PathLike, list_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -20,7 +21,7 @@ def mean_features(features_dir: str | os.PathLike, list_path: str | os.PathLike)
     folder = FeatureFolder(features_dir)
     entries = read_list(list_path)
     if not entries:
-        raise ValueError(f"list '{list_path}' has no videos")
+        raise UsageError(f"list '{list_path}' has no videos")
     means = [as_views(folder.load(e.path)).astype(np.float64).mean(axis=(0, 1)) for e in entries]  # (D,) each
     return (np.stack(means).astype(np.float32), np.array([e.label for e in entries], dtype=np.int64),
             [e.path for e in entries])
@@ -35,7 +36,7 @@ def fit_linear(x: np.ndarray, y: np.ndarray, num_classes: int, steps: int = 300,
     slower on a busy 2-core machine."""
     keep = y >= 0
     if not keep.any():
-        raise ValueError("the training list has no labelled video; the baseline needs labels")
+        raise UsageError("the training list has no labelled video; the baseline needs labels")
     x = np.asarray(x, dtype=np.float64)[keep]  # (N, D)
     y = np.asarray(y, dtype=np.int64)[keep]  # (N,)
     mean, std = x.mean(0), np.maximum(x.std(0), 1e-6)  # statistics of the training set only
@@ -74,7 +75,7 @@ def order_blind_baseline(features_dir: str | os.PathLike, train_list: str | os.P
     x_train, y_train, _ = mean_features(features_dir, train_list)
     x_test, y_test, videos = mean_features(features_dir, test_list)
     if x_train.shape[1] != x_test.shape[1]:
-        raise ValueError(f"train features have {x_train.shape[1]} dimensions, test features {x_test.shape[1]}")
+        raise UsageError(f"train features have {x_train.shape[1]} dimensions, test features {x_test.shape[1]}")
     if num_classes is None:
         classes = classes_path_for(train_list)
         known = read_classes(classes) if classes.is_file() else []
@@ -83,6 +84,6 @@ def order_blind_baseline(features_dir: str | os.PathLike, train_list: str | os.P
     scores = predict(x_test)
     summary = accuracy_summary(scores, y_test)
     if summary is None:
-        raise ValueError(f"test list '{test_list}' has no labelled video; the baseline needs labels to score")
+        raise UsageError(f"test list '{test_list}' has no labelled video; the baseline needs labels to score")
     return {**summary, "chance": 1.0 / num_classes, "scores": scores, "labels": y_test, "videos": videos,
             "num_classes": num_classes}

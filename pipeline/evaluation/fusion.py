@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.errors import EXIT_OK, EXIT_SOME_FAILED
+from pipeline.errors import EXIT_OK, EXIT_SOME_FAILED, UsageError
 from pipeline.paths import ensure_writable_dir
 from pipeline.evaluation.scores import accuracy_summary, read_scores, write_scores
 
@@ -36,10 +36,10 @@ def check_weights(weights: Sequence[float], count: int) -> list[float]:
     """One finite, non-negative weight per stream, not all zero; raises ValueError naming the fix."""
     weights = [float(w) for w in weights]
     if len(weights) != count:
-        raise ValueError(f"{len(weights)} weights given for {count} streams: give one weight per scores file "
+        raise UsageError(f"{len(weights)} weights given for {count} streams: give one weight per scores file "
                          "or checkpoint, in the same order")
     if not all(np.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"weights {weights}: each must be a finite number >= 0, and at least one > 0")
+        raise UsageError(f"weights {weights}: each must be a finite number >= 0, and at least one > 0")
     return weights
 
 
@@ -50,7 +50,7 @@ def fuse_probs(probs: Sequence[np.ndarray], weights: Sequence[float], mode: str 
     logit: softmax(sum_k w_k log p_k / sum_k w_k) (a weighted geometric mean, renormalised).
     """
     if mode not in MODES:
-        raise ValueError(f"fusion mode {mode!r}: expected one of {', '.join(MODES)}")
+        raise UsageError(f"fusion mode {mode!r}: expected one of {', '.join(MODES)}")
     weights = np.asarray(check_weights(weights, len(probs)), dtype=np.float64)
     stack = np.stack([np.asarray(p, dtype=np.float64) for p in probs])  # (K, N, C)
     w = (weights / weights.sum()).reshape(-1, *([1] * (stack.ndim - 1)))
@@ -69,11 +69,11 @@ def _names(score_dicts: Sequence[dict], names: Sequence[str] | None) -> list[str
 def _check_file(data: dict, name: str) -> None:
     for key in ("videos", "scores", "labels"):
         if key not in data:
-            raise ValueError(f"{name}: not a scores file (no {key!r} array); fuse the scores_<stage>.npz files "
+            raise UsageError(f"{name}: not a scores file (no {key!r} array); fuse the scores_<stage>.npz files "
                              "written by `eleatt validate|test|predict`")
     n = len(data["videos"])
     if data["scores"].ndim != 2 or data["scores"].shape[0] != n or len(data["labels"]) != n:
-        raise ValueError(f"{name}: inconsistent scores file ({n} videos, scores {data['scores'].shape}, "
+        raise UsageError(f"{name}: inconsistent scores file ({n} videos, scores {data['scores'].shape}, "
                          f"{len(data['labels'])} labels)")
 
 
@@ -89,7 +89,7 @@ def check_classes(score_dicts: Sequence[dict], names: Sequence[str] | None = Non
     for data, name in zip(score_dicts, names):
         num, first = data["scores"].shape[1], score_dicts[0]["scores"].shape[1]
         if ref is None and num != first:
-            raise ValueError(f"{name} scores {num} classes but {names[0]} scores {first}: fuse files of models "
+            raise UsageError(f"{name} scores {num} classes but {names[0]} scores {first}: fuse files of models "
                              "trained on the same class list")
         if ref is None:
             continue
@@ -97,7 +97,7 @@ def check_classes(score_dicts: Sequence[dict], names: Sequence[str] | None = Non
         theirs, ref_name = ref
         if mine is None:
             if num != len(theirs):
-                raise ValueError(f"{name} scores {num} classes but {ref_name} has {len(theirs)}: fuse files of "
+                raise UsageError(f"{name} scores {num} classes but {ref_name} has {len(theirs)}: fuse files of "
                                  "models trained on the same class list")
             continue
         check_same_classes(theirs, mine, ref_name, name)
@@ -113,7 +113,7 @@ def check_same_classes(first: Sequence[str], second: Sequence[str], first_name: 
     i = next((i for i, (a, b) in enumerate(zip(first, second)) if a != b), min(len(first), len(second)))
     a = repr(first[i]) if i < len(first) else "(end of list)"
     b = repr(second[i]) if i < len(second) else "(end of list)"
-    raise ValueError(f"class lists differ: class {i} is {a} in {first_name} but {b} in {second_name} "
+    raise UsageError(f"class lists differ: class {i} is {a} in {first_name} but {b} in {second_name} "
                      f"({len(first)} vs {len(second)} classes); fuse {what} of models trained on the same "
                      "classes.txt")
 
@@ -145,7 +145,7 @@ def align_scores(score_dicts: Sequence[dict], names: Sequence[str] | None = None
     missing = {name: videos for name, videos in missing.items() if videos}
     common = [k for k in keys[0] if all(k in idx for idx in index[1:])]
     if not common:
-        raise ValueError(f"no video is in every file ({', '.join(names)}): fuse scores of the same list "
+        raise UsageError(f"no video is in every file ({', '.join(names)}): fuse scores of the same list "
                          "(e.g. each stream's scores_test.npz)")
     rows = [np.array([idx[k] for k in common]) for idx in index]
     probs = [np.asarray(d["scores"], dtype=np.float32)[r] for d, r in zip(score_dicts, rows)]
@@ -155,7 +155,7 @@ def align_scores(score_dicts: Sequence[dict], names: Sequence[str] | None = None
     if clash.any():
         j = int(np.flatnonzero(clash)[0])
         said = ", ".join(f"{n}: {int(per_file[i, j])}" for i, n in enumerate(names))
-        raise ValueError(f"video {common[j][0]!r} has different labels in the files ({said}); fuse scores of the "
+        raise UsageError(f"video {common[j][0]!r} has different labels in the files ({said}); fuse scores of the "
                          "same list")
     return [v for v, _ in common], probs, labels, missing
 
@@ -170,7 +170,7 @@ def fuse_scores(score_dicts: Sequence[dict], weights: Sequence[float] | None = N
     accuracies). Raises ValueError for differing class lists.
     """
     if len(score_dicts) < 1:
-        raise ValueError("nothing to fuse: give at least one scores file")
+        raise UsageError("nothing to fuse: give at least one scores file")
     names = _names(score_dicts, names)
     classes = check_classes(score_dicts, names)
     weights = check_weights(default_weights(len(score_dicts)) if weights is None else weights, len(score_dicts))
@@ -202,15 +202,15 @@ def search_weights(val_dicts: Sequence[dict], mode: str = "prob", grid: Sequence
     """
     names = _names(val_dicts, names)
     if len(val_dicts) < 2:
-        raise ValueError("a weight search needs the validation scores of two or more streams")
+        raise UsageError("a weight search needs the validation scores of two or more streams")
     tried = len(grid) ** (len(val_dicts) - 1)
     if tried > MAX_SEARCH:
-        raise ValueError(f"a grid search over {len(val_dicts)} streams would try {tried} weightings; give --weights")
+        raise UsageError(f"a grid search over {len(val_dicts)} streams would try {tried} weightings; give --weights")
     check_classes(val_dicts, names)
     _, probs, labels, missing = align_scores(val_dicts, names)
     keep = labels >= 0
     if not keep.any():
-        raise ValueError(f"the validation scores ({', '.join(names)}) have no labelled video; the weight search "
+        raise UsageError(f"the validation scores ({', '.join(names)}) have no labelled video; the weight search "
                          "needs the scores of `eleatt validate` (labelled val list)")
     probs, labels = [p[keep] for p in probs], labels[keep]
     best, best_rank = None, None
@@ -286,9 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     names = list(args.scores)
     out = Path(args.out)
     if any(Path(p).resolve() == out.resolve() for p in names + list(args.search_weights or [])):
-        raise ValueError(f"--out '{out}' is one of the input files; choose another name for the fused scores")
+        raise UsageError(f"--out '{out}' is one of the input files; choose another name for the fused scores")
     if args.weights is not None and args.search_weights is not None:
-        raise ValueError("give either --weights or --search-weights, not both")
+        raise UsageError("give either --weights or --search-weights, not both")
     ensure_writable_dir(out.parent, "folder of --out")  # before the (possibly long) weight search
     if args.plot and not args.no_plot:
         ensure_writable_dir(Path(args.plot).parent, "folder of --plot")
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     weights = args.weights
     if args.search_weights is not None:
         if len(args.search_weights) != len(names):
-            raise ValueError(f"--search-weights has {len(args.search_weights)} validation files for "
+            raise UsageError(f"--search-weights has {len(args.search_weights)} validation files for "
                              f"{len(names)} --scores files; give each stream's validation scores, in the same order")
         val_dicts = [read_scores(p) for p in args.search_weights]
         check_classes([*score_dicts, *val_dicts], [*names, *args.search_weights])

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.paths import atomic_write
+from pipeline.errors import InputNotFoundError, UsageError
 
 
 def confusion_matrix(scores: np.ndarray, labels: np.ndarray, num_classes: int | None = None) -> np.ndarray:
@@ -73,7 +74,7 @@ def read_metrics(path: str | os.PathLike) -> dict[str, dict[int, float]]:
     if path.is_dir():
         path = path / "metrics.csv"
     if not path.is_file():
-        raise FileNotFoundError(f"metrics file '{path}' not found: a run folder of `eleatt fit` holds metrics.csv "
+        raise InputNotFoundError(f"metrics file '{path}' not found: a run folder of `eleatt fit` holds metrics.csv "
                                 "(written by its CSV logger)")
     values: dict[str, dict[int, float]] = {}
     with open(path, newline="") as f:
@@ -106,7 +107,7 @@ def plot_curves(
     """
     plt = pyplot()
     if not runs:
-        raise ValueError("plot_curves needs at least one run")
+        raise UsageError("plot_curves needs at least one run")
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, source) in enumerate(runs.items()):
@@ -168,10 +169,10 @@ def plot_attention(
     """
     plt = pyplot()
     if not gates:
-        raise ValueError("plot_attention needs the gates of at least one video")
+        raise UsageError("plot_attention needs the gates of at least one video")
     dims = {g.shape[1] for g in gates}
     if len(dims) != 1:
-        raise ValueError(f"the videos' gates have different element counts {sorted(dims)}; pass one layer's gates")
+        raise UsageError(f"the videos' gates have different element counts {sorted(dims)}; pass one layer's gates")
     rows = select_elements(gates, max_elements)
     frames = frames or [None] * len(gates)
     num_frames = max((0 if f is None else len(f)) for f in frames)

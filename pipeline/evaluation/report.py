@@ -20,6 +20,7 @@ import numpy as np
 from pipeline.paths import atomic_write
 from pipeline.evaluation.scores import accuracy_summary, read_scores
 from pipeline.evaluation.plots import confusion_matrix, plot_confusion, plot_curves
+from pipeline.errors import InputNotFoundError, UsageError
 
 
 @dataclass
@@ -60,12 +61,12 @@ def stream_metrics(stream: Stream) -> tuple[StreamMetrics, dict]:
     """The accuracy summary of a stream's scores file, and the scores themselves."""
     path = Path(stream.scores)
     if not path.is_file():
-        raise FileNotFoundError(f"scores file '{path}' of stream {stream.name!r} not found (`eleatt test` writes "
+        raise InputNotFoundError(f"scores file '{path}' of stream {stream.name!r} not found (`eleatt test` writes "
                                 "scores_test.npz into the run folder; `eleatt fuse` the fused one)")
     scores = read_scores(path)
     summary = accuracy_summary(scores["scores"], scores["labels"])
     if summary is None:
-        raise ValueError(f"scores file '{path}' of stream {stream.name!r} has no labelled video to measure")
+        raise UsageError(f"scores file '{path}' of stream {stream.name!r} has no labelled video to measure")
     classes = [str(c) for c in scores["classes"]] if "classes" in scores else []
     metrics = StreamMetrics(stream.name, summary["top1"], summary[_topk_key(summary)], summary["mca"],
                             int((scores["labels"] >= 0).sum()), stream.note, classes)
@@ -92,12 +93,12 @@ def write_report(
     images: more (caption, PNG) pairs shown at the end.
     """
     if not streams:
-        raise ValueError("write_report needs at least one stream")
+        raise UsageError("write_report needs at least one stream")
     seen: dict[str, str] = {}
     for stream in streams:  # each stream's picture has a file of its own, and a line of its own in the curves
         other = seen.setdefault(_slug(stream.name), stream.name)
         if other != stream.name or sum(s.name == stream.name for s in streams) > 1:
-            raise ValueError(f"streams {other!r} and {stream.name!r} would share confusion_{_slug(stream.name)}.png; "
+            raise UsageError(f"streams {other!r} and {stream.name!r} would share confusion_{_slug(stream.name)}.png; "
                              "give the streams names that differ in more than case and punctuation")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -109,7 +110,7 @@ def write_report(
         rows.append(metrics)
         c = scores["scores"].shape[1]
         if num_classes is not None and c != num_classes:
-            raise ValueError(f"stream {stream.name!r} has {c} classes, the first stream {num_classes}; a report "
+            raise UsageError(f"stream {stream.name!r} has {c} classes, the first stream {num_classes}; a report "
                              "compares streams of one label space")
         num_classes, k = c, min(5, c)
         cm = confusion_matrix(scores["scores"], scores["labels"], c)
@@ -126,7 +127,7 @@ def write_report(
     if attention is not None:
         attention = Path(attention)
         if not attention.is_file():
-            raise FileNotFoundError(f"attention picture '{attention}' not found")
+            raise InputNotFoundError(f"attention picture '{attention}' not found")
         if attention.resolve().parent != out.resolve():
             shutil.copyfile(attention, out / attention.name)
         figures.append(("Attention", "the first gated layer's gate values (elements x steps) for a few test videos, "

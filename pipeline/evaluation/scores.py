@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import load_failure
+from pipeline.errors import InputNotFoundError, load_failure, UsageError
 from pipeline.paths import atomic_write
 
 
@@ -37,10 +37,10 @@ def write_scores(
         arrays["classes"] = np.array(classes, dtype=np.str_)
     for key, value in (extra or {}).items():
         if key in arrays:
-            raise ValueError(f"extra array {key!r} would overwrite the scores file's own {key!r}")
+            raise UsageError(f"extra array {key!r} would overwrite the scores file's own {key!r}")
         value = np.asarray(value)
         if value.dtype == object:
-            raise ValueError(f"extra array {key!r} has dtype object; a scores file is read without unpickling")
+            raise UsageError(f"extra array {key!r} has dtype object; a scores file is read without unpickling")
         arrays[key] = value
     with atomic_write(path, "wb") as f:  # whole or not at all, with the umask's permissions; makes the folder
         np.savez(f, **arrays)
@@ -52,17 +52,17 @@ def read_scores(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
     A file that is not a scores file (truncated, another format, keys missing) raises ValueError naming it."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"scores file '{path}' not found (`eleatt validate|test|predict` write "
+        raise InputNotFoundError(f"scores file '{path}' not found (`eleatt validate|test|predict` write "
                                 "scores_<stage>.npz into the checkpoint's run folder)")
     try:
         with np.load(path, allow_pickle=False) as data:
             scores = {key: data[key] for key in data.files}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
-        raise ValueError(f"'{path}' is not a readable scores file ({load_failure(err)}); pass a "
+        raise UsageError(f"'{path}' is not a readable scores file ({load_failure(err)}); pass a "
                          "scores_<stage>.npz written by `eleatt test`/`validate`/`predict` or `eleatt fuse`") from None
     missing = [key for key in ("videos", "scores", "labels") if key not in scores]
     if missing:
-        raise ValueError(f"'{path}' is not a scores file: it lacks {', '.join(missing)} (a scores file holds videos, "
+        raise UsageError(f"'{path}' is not a scores file: it lacks {', '.join(missing)} (a scores file holds videos, "
                          "scores, labels and classes)")
     return scores
 

@@ -18,6 +18,7 @@ import torch
 from timm.data import resolve_data_config
 from timm.models import get_pretrained_cfg, load_state_dict
 from torch import nn
+from pipeline.errors import InputNotFoundError, UsageError
 
 __all__ = ["FrameEncoder", "cross_modality_conv", "MissingWeightsError", "resolve_weights", "WEIGHT_FILE_SUFFIXES", "STORED_DTYPES",
            "AUTOCAST_DTYPES"]
@@ -31,7 +32,7 @@ AUTOCAST_DTYPES = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
 STORED_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
-class MissingWeightsError(FileNotFoundError):
+class MissingWeightsError(InputNotFoundError):
     """timm's pretrained weights are neither cached nor downloadable (offline); the message says what to pass."""
 
 
@@ -48,12 +49,12 @@ def resolve_weights(weights: str | os.PathLike | None) -> str:
         return text.lower()
     path = Path(text).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"weights file '{path}' not found; pass --weights PATH to an existing {'/'.join(WEIGHT_FILE_SUFFIXES)} "
             "file, --weights imagenet for timm's pretrained weights or --weights none for random initialisation"
         )
     if path.suffix.lower() not in WEIGHT_FILE_SUFFIXES:
-        raise ValueError(
+        raise UsageError(
             f"weights file '{path}' has suffix {path.suffix!r}; expected one of {', '.join(WEIGHT_FILE_SUFFIXES)} "
             "(a state dict saved with safetensors or torch.save)"
         )
@@ -106,7 +107,7 @@ def _pretrained_cfg(name: str) -> Any:
     except RuntimeError:
         cfg = None
     if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
-        raise ValueError(
+        raise UsageError(
             f"timm has no pretrained weights for backbone {name!r}; pass --weights PATH to a state dict file "
             "or --weights none for random initialisation"
         )
@@ -203,12 +204,12 @@ def load_weights_file(model: nn.Module, path: str | os.PathLike, in_chans: int =
     try:
         state = load_state_dict(str(path), weights_only=True)
     except Exception as err:  # safetensors / pickle errors carry no file name
-        raise ValueError(
+        raise UsageError(
             f"cannot read weights file '{path}' ({type(err).__name__}: {err}); expected a state dict saved with "
             "safetensors.torch.save_file or torch.save(model.state_dict())"
         ) from err
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"weights file '{path}' does not hold a state dict of tensors")
+        raise UsageError(f"weights file '{path}' does not hold a state dict of tensors")
 
     own = model.state_dict()
     if not any(k in own for k in state) and all(k.startswith("model.") for k in state):
@@ -224,7 +225,7 @@ def load_weights_file(model: nn.Module, path: str | os.PathLike, in_chans: int =
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
         arch = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
-        raise ValueError(
+        raise UsageError(
             f"weights file '{path}' does not match backbone {arch!r}: {len(missing)} missing keys "
             f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}; pass the --backbone it was "
             "saved from"
@@ -232,7 +233,7 @@ def load_weights_file(model: nn.Module, path: str | os.PathLike, in_chans: int =
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise ValueError(f"weights file '{path}' does not fit backbone shapes: {err}") from err
+        raise UsageError(f"weights file '{path}' does not fit backbone shapes: {err}") from err
 
 
 class FrameEncoder(nn.Module):
@@ -259,10 +260,10 @@ class FrameEncoder(nn.Module):
     def __init__(self, name: str, weights: str | os.PathLike | None = "imagenet", in_chans: int = 3) -> None:
         super().__init__()
         if in_chans < 1:
-            raise ValueError(f"in_chans must be >= 1, got {in_chans}")
+            raise UsageError(f"in_chans must be >= 1, got {in_chans}")
         if not timm.is_model(name.split(".")[0]):
             close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:8]
-            raise ValueError(f"unknown timm backbone {name!r}; similar names: {close or 'none'} (see timm.list_models())")
+            raise UsageError(f"unknown timm backbone {name!r}; similar names: {close or 'none'} (see timm.list_models())")
         self.name = name
         self.in_chans = in_chans
         self.weights = resolve_weights(weights)
@@ -287,7 +288,7 @@ class FrameEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x float (N, C, H, W), normalised with data_config's mean/std -> features (N, num_features)."""
         if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"FrameEncoder({self.name!r}) expects (N, {self.in_chans}, H, W) input, got {tuple(x.shape)}")
+            raise UsageError(f"FrameEncoder({self.name!r}) expects (N, {self.in_chans}, H, W) input, got {tuple(x.shape)}")
         return self.model(x.contiguous(memory_format=torch.channels_last))
 
     @torch.inference_mode()
@@ -307,9 +308,9 @@ class FrameEncoder(nn.Module):
         features made for a new video (classify, streaming) equal the stored ones of the same frames.
         """
         if precision not in AUTOCAST_DTYPES:
-            raise ValueError(f"precision {precision!r} is not one of {tuple(AUTOCAST_DTYPES)}")
+            raise UsageError(f"precision {precision!r} is not one of {tuple(AUTOCAST_DTYPES)}")
         if dtype not in STORED_DTYPES:
-            raise ValueError(f"stored dtype {dtype!r} is not one of {tuple(STORED_DTYPES)}")
+            raise UsageError(f"stored dtype {dtype!r} is not one of {tuple(STORED_DTYPES)}")
         autocast = AUTOCAST_DTYPES[precision]
         with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
             feats = self.encode(x, batch_size)  # (N, D)

@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from pipeline.nn.eleatt import EleAttGRU, EleAttLSTM, EleAttRNN
+from pipeline.errors import UsageError
 
 CELLS = {"lstm": EleAttLSTM, "gru": EleAttGRU, "rnn": EleAttRNN}
 POOLINGS = ("last", "mean")
@@ -46,11 +47,11 @@ class SequenceClassifier(nn.Module):
     ) -> None:
         super().__init__()
         if cell not in CELLS:
-            raise ValueError(f"cell {cell!r} is not one of {sorted(CELLS)} (set model.cell)")
+            raise UsageError(f"cell {cell!r} is not one of {sorted(CELLS)} (set model.cell)")
         if pooling not in POOLINGS:
-            raise ValueError(f"pooling {pooling!r} is not one of {list(POOLINGS)} (set model.pooling)")
+            raise UsageError(f"pooling {pooling!r} is not one of {list(POOLINGS)} (set model.pooling)")
         if input_size < 1 or num_classes < 1 or hidden_size < 1 or num_layers < 1 or proj_size < 0:
-            raise ValueError(
+            raise UsageError(
                 f"sizes must be positive: input_size={input_size}, num_classes={num_classes}, "
                 f"hidden_size={hidden_size}, num_layers={num_layers}, proj_size={proj_size} (>= 0)"
             )
@@ -75,7 +76,7 @@ class SequenceClassifier(nn.Module):
         ragged = lengths is not None and bool((lengths < T).any())
         if ragged:
             if bool((lengths < 1).any()):
-                raise ValueError(f"every sequence needs at least one step, got lengths {lengths.tolist()}")
+                raise UsageError(f"every sequence needs at least one step, got lengths {lengths.tolist()}")
             # Packing keeps padding out of the recurrence (and out of the compute).
             packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
             out, _ = pad_packed_sequence(self.rnn(packed)[0], batch_first=True, total_length=T)  # (B, T, H)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+from pipeline.errors import UsageError
 
 __all__ = [
     "EleAttRNNCell",
@@ -140,7 +141,7 @@ def _capturing() -> bool:
 
 def _check_gate(gate: str) -> None:
     if gate not in _GATES:
-        raise ValueError(f"gate={gate!r} is not supported; use 'sigmoid' (the paper) or 'softmax' (its ablation)")
+        raise UsageError(f"gate={gate!r} is not supported; use 'sigmoid' (the paper) or 'softmax' (its ablation)")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -192,10 +193,10 @@ class _EleAttCellBase(nn.Module):
 
     def _prepare(self, input: Tensor, hx, n_state: int) -> tuple[State, bool]:
         if input.dim() not in (1, 2):
-            raise ValueError(f"{type(self).__name__}: expected input (B, {self.input_size}) or ({self.input_size},), "
+            raise UsageError(f"{type(self).__name__}: expected input (B, {self.input_size}) or ({self.input_size},), "
                              f"got shape {tuple(input.shape)}")
         if input.size(-1) != self.input_size:
-            raise ValueError(f"{type(self).__name__}: input has {input.size(-1)} features, the cell was built for "
+            raise UsageError(f"{type(self).__name__}: input has {input.size(-1)} features, the cell was built for "
                              f"input_size={self.input_size}")
         batched = input.dim() == 2
         b = input.size(0) if batched else 1
@@ -203,12 +204,12 @@ class _EleAttCellBase(nn.Module):
             zeros = input.new_zeros(b, self.hidden_size)
             return (zeros,) * n_state, batched
         if n_state == 2 and not (isinstance(hx, (tuple, list)) and len(hx) == 2):
-            raise ValueError(f"{type(self).__name__}: hx must be a tuple (h, c), got {type(hx).__name__}")
+            raise UsageError(f"{type(self).__name__}: hx must be a tuple (h, c), got {type(hx).__name__}")
         state = tuple(hx) if n_state == 2 else (hx,)
         want = (b, self.hidden_size) if batched else (self.hidden_size,)
         for st in state:
             if tuple(st.shape) != want:
-                raise ValueError(f"{type(self).__name__}: expected hidden state of shape {want}, "
+                raise UsageError(f"{type(self).__name__}: expected hidden state of shape {want}, "
                                  f"got {tuple(st.shape)}")
         if not batched:
             state = tuple(s.unsqueeze(0) for s in state)
@@ -229,7 +230,7 @@ class EleAttRNNCell(_EleAttCellBase):
         attention: bool = True, gate: GateKind = "sigmoid", device=None, dtype=None,
     ) -> None:
         if nonlinearity not in ("tanh", "relu"):
-            raise ValueError(f"nonlinearity={nonlinearity!r} is not supported; use 'tanh' or 'relu'")
+            raise UsageError(f"nonlinearity={nonlinearity!r} is not supported; use 'tanh' or 'relu'")
         self.nonlinearity = nonlinearity
         self.mode = "RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU"
         super().__init__(input_size, hidden_size, bias, attention, gate, device, dtype)
@@ -328,21 +329,21 @@ class _EleAttRNNBase(nn.Module):
         super().__init__()
         name = type(self).__name__
         if input_size <= 0 or hidden_size <= 0:
-            raise ValueError(f"{name}: input_size and hidden_size must be positive, got {input_size}, {hidden_size}")
+            raise UsageError(f"{name}: input_size and hidden_size must be positive, got {input_size}, {hidden_size}")
         if num_layers < 1:
-            raise ValueError(f"{name}: num_layers must be >= 1, got {num_layers}")
+            raise UsageError(f"{name}: num_layers must be >= 1, got {num_layers}")
         if not 0.0 <= dropout <= 1.0:
-            raise ValueError(f"{name}: dropout must be in [0, 1], got {dropout}")
+            raise UsageError(f"{name}: dropout must be in [0, 1], got {dropout}")
         if bidirectional:
-            raise ValueError(f"{name}: bidirectional=True is not supported (the gate reads h_(t-1) of one direction); "
+            raise UsageError(f"{name}: bidirectional=True is not supported (the gate reads h_(t-1) of one direction); "
                              "run two stacks, one on the reversed sequence, and concatenate their outputs")
         if proj_size:
-            raise ValueError(f"{name}: proj_size={proj_size} is not supported (the gate and the next step read the "
+            raise UsageError(f"{name}: proj_size={proj_size} is not supported (the gate and the next step read the "
                              "full hidden state h_(t-1)); use a smaller hidden_size, or an nn.Linear on the outputs")
         if attention_layers is None:
             attention_layers = num_layers
         if not 0 <= attention_layers <= num_layers:
-            raise ValueError(f"{name}: attention_layers must be in [0, num_layers={num_layers}] (how many bottom "
+            raise UsageError(f"{name}: attention_layers must be in [0, num_layers={num_layers}] (how many bottom "
                              f"layers get a gate; None = all), got {attention_layers}")
         _check_gate(gate)
         if dropout > 0 and num_layers == 1:
@@ -399,7 +400,7 @@ class _EleAttRNNBase(nn.Module):
     @impl.setter
     def impl(self, value: str) -> None:
         if value not in ("fast", "reference"):
-            raise ValueError(f"impl={value!r} is not supported; use 'fast' or 'reference' (for tests)")
+            raise UsageError(f"impl={value!r} is not supported; use 'fast' or 'reference' (for tests)")
         self._impl = value
 
     def extra_repr(self) -> str:
@@ -426,16 +427,16 @@ class _EleAttRNNBase(nn.Module):
             return (zeros,) * n_state
         if n_state == 2:
             if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
-                raise ValueError(f"{name}: hx must be a tuple (h_0, c_0), got {type(hx).__name__}")
+                raise UsageError(f"{name}: hx must be a tuple (h_0, c_0), got {type(hx).__name__}")
             state = tuple(hx)
         else:
             if not isinstance(hx, Tensor):
-                raise ValueError(f"{name}: hx must be a tensor h_0, got {type(hx).__name__}")
+                raise UsageError(f"{name}: hx must be a tensor h_0, got {type(hx).__name__}")
             state = (hx,)
         want = (self.num_layers, batch, self.hidden_size) if batched else (self.num_layers, self.hidden_size)
         for s in state:
             if tuple(s.shape) != want:
-                raise ValueError(f"{name}: expected hidden state of shape {want}, got {tuple(s.shape)}")
+                raise UsageError(f"{name}: expected hidden state of shape {want}, got {tuple(s.shape)}")
         if not batched:
             state = tuple(s.unsqueeze(1) for s in state)
         if sorted_indices is not None:
@@ -460,7 +461,7 @@ class _EleAttRNNBase(nn.Module):
             steps = len(batch_sizes)
         else:
             if input.dim() not in (2, 3):
-                raise ValueError(f"{name}: expected input of 2 or 3 dimensions ((T, D) or (T, B, D)), "
+                raise UsageError(f"{name}: expected input of 2 or 3 dimensions ((T, D) or (T, B, D)), "
                                  f"got shape {tuple(input.shape)}")
             batched = input.dim() == 3
             seq = input if not batched else (input.transpose(0, 1) if self.batch_first else input)
@@ -472,11 +473,11 @@ class _EleAttRNNBase(nn.Module):
             batch_sizes = None if _exporting() else [batch] * steps
             sorted_indices, unsorted_indices = None, None
         if data.size(-1) != self.input_size:
-            raise ValueError(f"{name}: input has {data.size(-1)} features, the module was built for "
+            raise UsageError(f"{name}: input has {data.size(-1)} features, the module was built for "
                              f"input_size={self.input_size}")
         weight = self.weight_ih_l0
         if data.dtype != weight.dtype and not _autocast_enabled(data.device.type):
-            raise ValueError(f"{name}: input is {data.dtype} but the weights are {weight.dtype}; convert one of "
+            raise UsageError(f"{name}: input is {data.dtype} but the weights are {weight.dtype}; convert one of "
                              f"them (e.g. module.to({data.dtype}) or input.to({weight.dtype}))")
         state = self._state_from_hx(hx, batch, data, batched, sorted_indices)
 
@@ -564,7 +565,7 @@ class EleAttRNN(_EleAttRNNBase):
         proj_size: int = 0,
     ) -> None:
         if nonlinearity not in ("tanh", "relu"):
-            raise ValueError(f"EleAttRNN: nonlinearity={nonlinearity!r} is not supported; use 'tanh' or 'relu'")
+            raise UsageError(f"EleAttRNN: nonlinearity={nonlinearity!r} is not supported; use 'tanh' or 'relu'")
         self.nonlinearity = nonlinearity
         self.mode = "RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU"
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,

@@ -28,7 +28,7 @@ from pipeline.data.flow_files import FlowArray, FlowOptions
 from pipeline.data.views import DECODE_CHUNK, video_views
 from pipeline.data.transforms import eval_views
 from pipeline.devices import resolve_device
-from pipeline.errors import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
+from pipeline.errors import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, UsageError
 from pipeline.evaluation.fusion import MODES, check_same_classes, check_weights, default_weights, fuse_probs
 from pipeline.training.module import classifier_from_checkpoint, read_checkpoint
 from pipeline.nn.backbone import FrameEncoder
@@ -92,10 +92,10 @@ class VideoClassifier:
         hparams = self.model.hparams
         settings = FeatureSettings.from_checkpoint(hparams, ckpt)
         if settings is not None and settings.modality not in ("rgb", "flow"):
-            raise ValueError(f"checkpoint '{ckpt}' was trained on {settings.modality!r} features; classify handles "
+            raise UsageError(f"checkpoint '{ckpt}' was trained on {settings.modality!r} features; classify handles "
                              "RGB and flow checkpoints")
         if settings is None or settings.backbone is None or settings.data_config is None:
-            raise ValueError(
+            raise UsageError(
                 f"checkpoint '{ckpt}' does not record the feature extraction settings it was trained on "
                 "(backbone, weights, data_config, sampling, views), so new videos cannot be encoded the same way; "
                 "retrain on a feature folder made by `eleatt extract` (its settings.json is recorded in the checkpoint)"
@@ -106,14 +106,14 @@ class VideoClassifier:
             try:
                 self.flow = FlowOptions.of(settings, ckpt)
             except SettingsFormatError as err:
-                raise ValueError(f"checkpoint {err}; a flow-stream checkpoint must be trained on a feature folder "
+                raise UsageError(f"checkpoint {err}; a flow-stream checkpoint must be trained on a feature folder "
                                  "made by `eleatt extract --modality flow`") from None
             if self.flow.method == "raft":
                 from pipeline.data.flow_estimation import estimator_for
 
                 self._raft = estimator_for(self.flow, flow_weights)  # loaded once; raises naming what to pass
             elif self.flow.method == "jpg":
-                raise ValueError(f"checkpoint '{ckpt}' was trained on flow imported from JPEG folders, whose "
+                raise UsageError(f"checkpoint '{ckpt}' was trained on flow imported from JPEG folders, whose "
                                  "computation is unknown, so a new video's flow cannot be made the same way; train "
                                  "on flow computed by `eleatt flow` to classify videos")
         self.settings = settings
@@ -173,7 +173,7 @@ class VideoClassifier:
         """Frames uint8 (t, H, W, 3) RGB, already sampled -> their features as `features` makes them: float32
         (V, t, D) on the CPU (the same views and `encode_stored`). For streaming, which samples frames as they come."""
         if self.flow is not None:
-            raise ValueError("a flow-stream checkpoint encodes flow stacks, not RGB frames: it classifies video files "
+            raise UsageError("a flow-stream checkpoint encodes flow stacks, not RGB frames: it classifies video files "
                              "(eleatt classify VIDEO --ckpt FLOW.ckpt), whose flow it computes first; stream with the "
                              "RGB stream's checkpoint")
         views = eval_views(frames, self.data_config, self.views)  # (V, t, C, H, W)
@@ -209,7 +209,7 @@ class FusedClassifier:
     def __init__(self, classifiers: Sequence, weights: Sequence[float] | None = None, mode: str = "prob",
                  names: Sequence[str] | None = None) -> None:
         if mode not in MODES:
-            raise ValueError(f"fusion mode {mode!r}: expected one of {', '.join(MODES)}")
+            raise UsageError(f"fusion mode {mode!r}: expected one of {', '.join(MODES)}")
         names = list(names) if names is not None else [f"checkpoint {i + 1}" for i in range(len(classifiers))]
         for model, name in zip(classifiers[1:], names[1:]):
             check_same_classes(classifiers[0].class_names, model.class_names, names[0], name, what="checkpoints")
@@ -235,7 +235,7 @@ class FusedClassifier:
 def _as_list(value, count: int, what: str) -> list:
     values = list(value) if isinstance(value, (list, tuple)) else [value] * count
     if len(values) != count:
-        raise ValueError(f"{len(values)} {what} given for {count} checkpoints: give one, or one per checkpoint")
+        raise UsageError(f"{len(values)} {what} given for {count} checkpoints: give one, or one per checkpoint")
     return values
 
 
@@ -244,9 +244,9 @@ def open_classifiers(ckpts: str | os.PathLike | Sequence[str | os.PathLike], wei
     """One checkpoint: its classifier; several (e.g. RGB and flow): a FusedClassifier of theirs."""
     ckpts = [ckpts] if isinstance(ckpts, (str, os.PathLike)) else list(ckpts)
     if not ckpts:
-        raise ValueError("no checkpoint given")
+        raise UsageError("no checkpoint given")
     if len(ckpts) == 1 and stream_weights is not None:
-        raise ValueError("stream fusion weights need two or more checkpoints (e.g. --ckpt RGB.ckpt FLOW.ckpt "
+        raise UsageError("stream fusion weights need two or more checkpoints (e.g. --ckpt RGB.ckpt FLOW.ckpt "
                          "--weights 1 1.5)")
     backbones = _as_list(weights, len(ckpts), "backbone weights")
     models = [VideoClassifier(c, weights=w, **kwargs) for c, w in zip(ckpts, backbones)]
@@ -282,7 +282,7 @@ def _split_weights(values: list[str] | None) -> tuple[str | None, list[float] | 
     except ValueError:
         pass
     if len(values) != 1:
-        raise ValueError(f"--weights {' '.join(values)}: give numbers (one fusion weight per checkpoint, e.g. "
+        raise UsageError(f"--weights {' '.join(values)}: give numbers (one fusion weight per checkpoint, e.g. "
                          "--weights 1 1.5) or one backbone weights file, imagenet or none")
     return values[0], None
 

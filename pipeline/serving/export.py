@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.errors import EXIT_OK, EXIT_USAGE
+from pipeline.errors import EXIT_OK, EXIT_USAGE, UsageError
 from pipeline.paths import atomic_write, ensure_writable_dir
 
 FORMATS = ("onnx", "exported", "torchscript")
@@ -41,7 +41,7 @@ _NORMALIZE = {"none": 0, "l2": 1, "standard": 2}
 ONNX_OPSET = 17
 
 
-class ExportError(ValueError):
+class ExportError(UsageError):
     """A checkpoint or request the exporter cannot handle (message says why and what to do)."""
 
 
@@ -369,7 +369,7 @@ def _scripted(module: nn.Module, example: tuple[Tensor, ...]) -> torch.jit.Scrip
 def export_module(module: nn.Module, info: dict, fmt: str, out: str | Path) -> Path:
     """Writes the module in `fmt` to `out` (and the description to `out` + '.json'); returns the path."""
     if fmt not in FORMATS:
-        raise ValueError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+        raise UsageError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     step = isinstance(module, (StepModel, BackboneStepModel))
@@ -380,7 +380,7 @@ def export_module(module: nn.Module, info: dict, fmt: str, out: str | Path) -> P
         _scripted(module, example).save(str(out))
     elif fmt == "exported":
         if out.suffix != ".pt2":
-            raise ValueError(f"--out {out}: torch.export programs are saved as .pt2 files; name it {out.stem}.pt2")
+            raise UsageError(f"--out {out}: torch.export programs are saved as .pt2 files; name it {out.stem}.pt2")
         batch, time = torch.export.Dim("batch"), torch.export.Dim("time")
         if step:
             shapes = ({0: batch}, {1: batch}, {1: batch})

@@ -30,7 +30,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from pipeline.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
+from pipeline.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, UsageError
 from pipeline.serving.classify import Prediction, VideoClassifier
 from pipeline.paths import ensure_writable_dir
 
@@ -83,11 +83,11 @@ class StreamingClassifier:
         sampling = self.video.settings.sampling  # pipeline.data.sampling.Sampling
         mode = sampling.mode
         if sample_fps is not None and not (math.isfinite(sample_fps) and sample_fps > 0):
-            raise ValueError(f"sample_fps={sample_fps!r} must be a positive number of steps per second")
+            raise UsageError(f"sample_fps={sample_fps!r} must be a positive number of steps per second")
         if mode == "fps":
             recorded = float(sampling.fps)
             if sample_fps is not None and abs(sample_fps - recorded) > 1e-9:
-                raise ValueError(f"checkpoint '{ckpt}' was trained on features sampled at {recorded:g} frames/s; "
+                raise UsageError(f"checkpoint '{ckpt}' was trained on features sampled at {recorded:g} frames/s; "
                                  f"sample_fps={sample_fps:g} would change the step length the model learnt (leave "
                                  "sample_fps unset)")
             self.sample_fps: float | None = recorded
@@ -101,7 +101,7 @@ class StreamingClassifier:
                 "early in a stream are less reliable (train on features extracted with `eleatt extract --fps F` for "
                 "online use)", stacklevel=2)
         else:
-            raise ValueError(f"checkpoint '{ckpt}' records sampling mode {mode!r}; expected fps, all or segments")
+            raise UsageError(f"checkpoint '{ckpt}' records sampling mode {mode!r}; expected fps, all or segments")
         if self.video.num_steps:
             warnings.warn(
                 f"checkpoint '{ckpt}' was trained on {self.video.num_steps} steps per video spread evenly "
@@ -130,7 +130,7 @@ class StreamingClassifier:
         first = self._seen
         if timestamps is None:
             if self.sample_fps is not None and self.src_fps is None:
-                raise ValueError("push(frames) needs the source's frame rate once (fps=...) or per-frame timestamps "
+                raise UsageError("push(frames) needs the source's frame rate once (fps=...) or per-frame timestamps "
                                  f"to sample {self.sample_fps:g} frames/s as the checkpoint was trained")
             numbers = np.arange(first, first + count, dtype=np.int64)
             times = numbers / self.src_fps if self.src_fps else np.full(count, np.nan)
@@ -181,24 +181,24 @@ class StreamingClassifier:
         if isinstance(frames, np.ndarray):
             frames = torch.from_numpy(frames)
         if frames.dim() != 4 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
-            raise ValueError(f"frames must be uint8 (t, H, W, 3) RGB, got {frames.dtype} {tuple(frames.shape)}")
+            raise UsageError(f"frames must be uint8 (t, H, W, 3) RGB, got {frames.dtype} {tuple(frames.shape)}")
         count = frames.shape[0]
         if fps is not None:
             if not (math.isfinite(fps) and fps > 0):
-                raise ValueError(f"fps={fps!r}: the source's frame rate must be a positive number")
+                raise UsageError(f"fps={fps!r}: the source's frame rate must be a positive number")
             if self.src_fps is not None and abs(fps - self.src_fps) > 1e-6 * self.src_fps:
-                raise ValueError(f"fps={fps:g} differs from the rate given earlier ({self.src_fps:g}); call "
+                raise UsageError(f"fps={fps:g} differs from the rate given earlier ({self.src_fps:g}); call "
                                  "reset() and set the rate again for a new source")
             self.src_fps = float(fps)
         stamps = None
         if timestamps is not None:
             stamps = np.asarray(timestamps, dtype=np.float64).reshape(-1)
             if len(stamps) != count:
-                raise ValueError(f"{len(stamps)} timestamps for {count} frames; give one per frame")
+                raise UsageError(f"{len(stamps)} timestamps for {count} frames; give one per frame")
             # NaN compares false with every step time: the stream would sample nothing and say nothing
             previous = np.concatenate([[self._last_stamp], stamps]) if self._last_stamp is not None else stamps
             if not np.isfinite(stamps).all() or (np.diff(previous) < 0).any():
-                raise ValueError(f"timestamps must be finite seconds that never go back, got {stamps.tolist()[:8]}; "
+                raise UsageError(f"timestamps must be finite seconds that never go back, got {stamps.tolist()[:8]}; "
                                  "for a source without frame times pass its rate (fps=...) instead")
             if count:
                 self._last_stamp = float(stamps[-1])
@@ -218,7 +218,7 @@ class StreamingClassifier:
 # Sources and the command line
 # ----------------------------------------------------------------------------------------------------------------
 
-class SourceError(ValueError):
+class SourceError(UsageError):
     """A stream source that cannot be opened or read; the message names it, the reason and the fix."""
 
 

@@ -19,7 +19,7 @@ import torch
 from pipeline.training.feature_data import FeatureDataModule
 from pipeline.data.sequences import FeatureNormalizer, sample_sequence
 from pipeline.data.features import as_views
-from pipeline.errors import EXIT_OK, EXIT_SOME_FAILED, load_failure
+from pipeline.errors import EXIT_OK, EXIT_SOME_FAILED, InputNotFoundError, load_failure, UsageError
 from pipeline.training.module import EleAttClassifier, classifier_from_checkpoint, read_checkpoint
 from pipeline.paths import atomic_write, ensure_writable_dir
 
@@ -38,10 +38,10 @@ class SequenceModel:
         views = as_views(np.asarray(features))
         expected = int(self.model.hparams["input_size"])
         if views.shape[-1] != expected:
-            raise ValueError(f"the features have {views.shape[-1]} dimensions but the checkpoint was trained on "
+            raise UsageError(f"the features have {views.shape[-1]} dimensions but the checkpoint was trained on "
                              f"{expected}; pass features extracted the way its training features were")
         if views.shape[1] < 1:
-            raise ValueError("the features have no steps (T = 0)")
+            raise UsageError("the features have no steps (T = 0)")
         return sample_sequence(views, self.num_steps, self.normalizer)
 
 
@@ -68,16 +68,16 @@ def gates_and_probabilities(model: torch.nn.Module, seq: torch.Tensor, layer: in
     """
     net = getattr(model, "net", model)
     if net.training:
-        raise ValueError("put the model in eval mode (model.eval()) first: dropout would change the values")
+        raise UsageError("put the model in eval mode (model.eval()) first: dropout would change the values")
     if seq.dim() == 2:
         seq = seq[None]
     seq = seq.to(net.head.weight.device)
     logits, _, gates = net.stream(seq, return_attention=True)  # (V, T, C): step t's as for a (t + 1)-step input
     if not gates:
-        raise ValueError("this model has no element-wise attention gate (attention_layers=0: the plain RNN "
+        raise UsageError("this model has no element-wise attention gate (attention_layers=0: the plain RNN "
                          "baseline); visualize a model trained with attention_layers >= 1")
     if not 1 <= layer <= len(gates):
-        raise ValueError(f"--layer {layer}: the model has {len(gates)} gated layer(s); use 1..{len(gates)}")
+        raise UsageError(f"--layer {layer}: the model has {len(gates)} gated layer(s); use 1..{len(gates)}")
     probs = logits.float().softmax(-1).mean(0)  # (T, C)
     return gates[layer - 1][0].float().cpu().numpy(), probs.cpu().numpy()
 
@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.layer < 1:
-        raise ValueError(f"--layer {args.layer}: layers count from 1")
+        raise UsageError(f"--layer {args.layer}: layers count from 1")
     ckpt = Path(args.ckpt)
     out = Path(args.out) if args.out else ckpt.resolve().parent / "visualize"
     ensure_writable_dir(out, "--out folder")  # before loading and encoding anything
@@ -145,18 +145,18 @@ def main(argv: list[str] | None = None) -> int:
         sequence_model = load_sequence_model(ckpt)
         source = Path(args.features)
         if not source.is_file():
-            raise FileNotFoundError(f"feature file '{source}' not found (feature folders hold one .npy per video)")
+            raise InputNotFoundError(f"feature file '{source}' not found (feature folders hold one .npy per video)")
         try:
             features = np.load(source, allow_pickle=False)
         except (ValueError, OSError) as err:
-            raise ValueError(f"'{source}' is not a readable .npy feature file ({load_failure(err)})") from None
+            raise UsageError(f"'{source}' is not a readable .npy feature file ({load_failure(err)})") from None
     else:
         from pipeline.data.video import VideoReadError
         from pipeline.serving.classify import VideoClassifier
 
         source = Path(args.video)
         if not source.exists():
-            raise FileNotFoundError(f"video '{source}' not found")
+            raise InputNotFoundError(f"video '{source}' not found")
         classifier = VideoClassifier(ckpt, weights=args.weights, device=args.device)
         # the classifier already holds the model and its test-time state: no second read of the checkpoint
         sequence_model = SequenceModel(classifier.model, classifier.normalizer, classifier.num_steps,
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = source.stem if source.is_file() or source.suffix else source.name
     names = sequence_model.class_names
     if args.label is not None and not 0 <= args.label < len(names):
-        raise ValueError(f"--label {args.label}: the checkpoint has {len(names)} classes (0..{len(names) - 1})")
+        raise UsageError(f"--label {args.label}: the checkpoint has {len(names)} classes (0..{len(names) - 1})")
     predicted = names[int(probs[-1].argmax())]
     truth = f", true {names[args.label]}" if args.label is not None else ""
     gates_png = plot_attention([gates], out / f"{stem}_gates_layer{args.layer}.png", layer=args.layer,

@@ -33,7 +33,8 @@ from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
 from pipeline.training.feature_data import FeatureDataModule
 from pipeline.errors import (
-    EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, InterruptWatch, is_user_error, usage_error, watch_interrupts,
+    EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, InputNotFoundError, InterruptWatch, is_user_error, usage_error,
+    UsageError, watch_interrupts,
 )
 from pipeline.training.module import EleAttClassifier, read_checkpoint
 from pipeline.paths import atomic_write, ensure_writable_dir
@@ -242,14 +243,14 @@ class EleAttCLI(LightningCLI):
         if ckpt in ("last", "best", "hpc", "registry"):
             cfg["ckpt_path"] = ckpt = str(self._named_checkpoint(cfg, ckpt))
         if ckpt is None and subcommand in EVALUATIONS:
-            raise ValueError(
+            raise UsageError(
                 f"`{subcommand}` needs --ckpt_path: the checkpoint to score (e.g. checkpoints/<run>/best.ckpt); "
                 "without one it would score an untrained, randomly initialised model"
             )
         if ckpt and Path(ckpt).is_file():
             checkpoint = read_checkpoint(ckpt, mmap=True)  # one clear line for a truncated or foreign file
             if "pytorch-lightning_version" not in checkpoint:
-                raise ValueError(f"'{ckpt}' is not a Lightning checkpoint (no pytorch-lightning_version); pass a "
+                raise UsageError(f"'{ckpt}' is not a Lightning checkpoint (no pytorch-lightning_version); pass a "
                                  "best.ckpt or last.ckpt written by `eleatt fit`")
             self._ckpt_epoch = checkpoint.get("epoch")  # a resume drops the metrics rows logged after it
             del checkpoint
@@ -259,7 +260,7 @@ class EleAttCLI(LightningCLI):
         """`--ckpt_path last` (Lightning's shorthand) or `best`: that file of the run named by --run_name, or of
         the run whose config.yaml is given as --config."""
         if name not in ("last", "best"):
-            raise ValueError(f"--ckpt_path {name}: give a checkpoint file, or last / best of a run")
+            raise UsageError(f"--ckpt_path {name}: give a checkpoint file, or last / best of a run")
         folders = []
         if cfg.get("run_name"):
             folders.append(Path(cfg.trainer.get("default_root_dir") or DEFAULT_ROOT) / cfg["run_name"])
@@ -268,7 +269,7 @@ class EleAttCLI(LightningCLI):
             if (folder / f"{name}.ckpt").is_file():
                 return folder / f"{name}.ckpt"
         where = f" (looked in {', '.join(str(f) for f in folders)})" if folders else ""
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"--ckpt_path {name}: no {name}.ckpt found{where}; name the run with --run_name RUN (under "
             f"--trainer.default_root_dir, default {DEFAULT_ROOT}/), pass --config checkpoints/<run>/config.yaml, or "
             f"give the file: --ckpt_path checkpoints/<run>/{name}.ckpt"
@@ -281,7 +282,7 @@ class EleAttCLI(LightningCLI):
         cfg = self.config[self.subcommand]
         ckpt = cfg.get("ckpt_path")
         if ckpt is not None and not Path(ckpt).is_file():
-            raise FileNotFoundError(
+            raise InputNotFoundError(
                 f"checkpoint '{ckpt}' not found (--ckpt_path takes a file such as checkpoints/<run>/best.ckpt)"
             )
         if cfg.get("weights_only") is None:
@@ -310,7 +311,7 @@ class EleAttCLI(LightningCLI):
         if self.subcommand == "fit" and ckpt is None and not cfg.trainer.get("fast_dev_run"):
             taken = [name for name in CHECKPOINT_FILES if (self.run_dir / name).exists()]
             if taken:
-                raise ValueError(
+                raise UsageError(
                     f"run folder '{self.run_dir}' already holds {', '.join(taken)}; choose another --run_name, or "
                     f"resume that run with --ckpt_path {self.run_dir / 'last.ckpt'}"
                 )
@@ -318,7 +319,7 @@ class EleAttCLI(LightningCLI):
         if self.subcommand == "fit" and not cfg.data.get("val_list") and scheduler is not None:
             monitor = (scheduler.get("init_args") or {}).get("monitor", "")
             if str(monitor).startswith("val/"):
-                raise ValueError(
+                raise UsageError(
                     f"the lr_scheduler watches {monitor!r} but there is no validation list: pass --data.val_list, "
                     "or train without validation with a config that has no lr_scheduler section"
                 )

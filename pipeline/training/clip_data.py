@@ -36,6 +36,7 @@ from pipeline.data.sampling import Sampling, segment_indices
 from pipeline.data.views import video_views
 from pipeline.data.transforms import VIEW_COUNTS, eval_views, hflip, train_clip_transform
 from pipeline.data.video import VideoReadError, load_frames, probe
+from pipeline.errors import InputNotFoundError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +54,11 @@ def backbone_data_config(backbone: str, frame_size: int | None = None, in_chans:
 
     name = backbone.split(".")[0]
     if not timm.is_model(name):
-        raise ValueError(f"unknown timm backbone {backbone!r} (see timm.list_models())")
+        raise UsageError(f"unknown timm backbone {backbone!r} (see timm.list_models())")
     config = resolve_data_config(pretrained_cfg=timm.get_pretrained_cfg(backbone).to_dict())
     size = tuple(config["input_size"])[1:] if frame_size is None else (int(frame_size), int(frame_size))
     if min(size) < 8:
-        raise ValueError(f"frame_size={frame_size} is too small; use at least 8 pixels (112 or 224 are usual)")
+        raise UsageError(f"frame_size={frame_size} is too small; use at least 8 pixels (112 or 224 are usual)")
     config["input_size"] = (in_chans, *size)
     return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in config.items()}
 
@@ -84,11 +85,11 @@ class VideoClipDataset(Dataset):
                  train: bool = False, views: str = "center", augment: str = "multi_scale", modality: Modality = "rgb",
                  flow_length: int = 5, backend: str = "auto") -> None:
         if num_segments < 1:
-            raise ValueError(f"num_segments={num_segments} must be >= 1")
+            raise UsageError(f"num_segments={num_segments} must be >= 1")
         if views not in VIEW_COUNTS:
-            raise ValueError(f"views={views!r} is not one of {tuple(VIEW_COUNTS)}")
+            raise UsageError(f"views={views!r} is not one of {tuple(VIEW_COUNTS)}")
         if modality not in ("rgb", "flow"):
-            raise ValueError(f"modality={modality!r} is not 'rgb' or 'flow'")
+            raise UsageError(f"modality={modality!r} is not 'rgb' or 'flow'")
         self.root = Path(root)
         self.entries = list(entries)
         self.data_config = dict(data_config)
@@ -100,7 +101,7 @@ class VideoClipDataset(Dataset):
         self.flow_length = flow_length
         self.backend = backend
         if modality == "flow" and views == "ten":
-            raise ValueError("views='ten' mirrors crops, which flow stacks need with their x channels negated; use "
+            raise UsageError("views='ten' mirrors crops, which flow stacks need with their x channels negated; use "
                              "views 'center' or 'three' for flow")
         self.settings = FeatureSettings(modality=modality, data_config=self.data_config,
                                         in_chans=int(self.data_config["input_size"][0]),
@@ -126,7 +127,7 @@ class VideoClipDataset(Dataset):
 
         file = FlowFolder(self.root).feature_path(str(path.relative_to(self.root)))
         if not file.is_file():
-            raise FileNotFoundError(f"{file}: no flow file for this video; run `eleatt flow` for the list into "
+            raise InputNotFoundError(f"{file}: no flow file for this video; run `eleatt flow` for the list into "
                                     f"'{self.root}' (it resumes), or drop the video from the list")
         pairs = int(flow_info(file)["pairs"])
         idx = segment_indices(pairs, self.num_segments, train=self.train, rng=rng)  # (T,) first pair of each stack
@@ -237,13 +238,13 @@ class VideoDataModule(ListDataModule):
         super().__init__()
         self.save_hyperparameters()
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
-            raise ValueError(f"batch sizes must be >= 1, got batch_size={batch_size}, eval_batch_size={eval_batch_size}")
+            raise UsageError(f"batch sizes must be >= 1, got batch_size={batch_size}, eval_batch_size={eval_batch_size}")
         if modality == "flow" and flow_length < 1:
-            raise ValueError(f"flow_length={flow_length} must be >= 1")
+            raise UsageError(f"flow_length={flow_length} must be >= 1")
         self.video_root = Path(video_root)
         if not self.video_root.is_dir():
             what = "flow folder (eleatt flow ... --out DIR)" if modality == "flow" else "folder of the videos"
-            raise FileNotFoundError(f"video_root '{self.video_root}' not found; pass --data.video_root, the {what} "
+            raise InputNotFoundError(f"video_root '{self.video_root}' not found; pass --data.video_root, the {what} "
                                     "the list paths are relative to")
         self._init_lists(train_list, val_list, test_list, predict_list)
         self.modality = modality
@@ -271,7 +272,7 @@ class VideoDataModule(ListDataModule):
 
     def _dataset(self, name: str, stage: str, train: bool) -> VideoClipDataset:
         if name not in self.list_paths:
-            raise ValueError(f"`{stage}` needs --data.{name} (a list file of the videos to {stage} on)")
+            raise UsageError(f"`{stage}` needs --data.{name} (a list file of the videos to {stage} on)")
         hp = self.hparams
         return VideoClipDataset(self.video_root, self.entries(name), self.data_config, hp.num_segments, train=train,
                                 views=hp.views, augment=hp.augment, modality=hp.modality,
@@ -282,7 +283,7 @@ class VideoDataModule(ListDataModule):
             train = self._dataset("train_list", stage, True)
             unlabelled = [e.path for e in train.entries if e.label < 0]
             if unlabelled:
-                raise ValueError(f"train_list '{self.list_paths['train_list']}' has {len(unlabelled)} videos without "
+                raise UsageError(f"train_list '{self.list_paths['train_list']}' has {len(unlabelled)} videos without "
                                  f"a label (-1), e.g. {unlabelled[0]!r}; training needs labels")
             self.datasets["train"] = train
             if "val_list" in self.list_paths:

@@ -26,6 +26,7 @@ from torch import nn
 from pipeline.data.features import FeatureSettings
 from pipeline.training.module import EleAttClassifier, read_checkpoint
 from pipeline.nn.backbone import FrameEncoder
+from pipeline.errors import UsageError
 
 Freeze = Literal["none", "all"] | int
 
@@ -87,7 +88,7 @@ class VideoEleAttClassifier(EleAttClassifier):
         extraction_settings: dict | None = None,
     ) -> None:
         if not (freeze in ("none", "all") or (isinstance(freeze, int) and not isinstance(freeze, bool) and freeze >= 0)):
-            raise ValueError(f"freeze={freeze!r}: use none, all, or k >= 0 (the stem and the first k stages)")
+            raise UsageError(f"freeze={freeze!r}: use none, all, or k >= 0 (the stem and the first k stages)")
         encoder = FrameEncoder(backbone, weights=weights, in_chans=in_chans)
         # The stream's settings (from the data module): the backbone that made the features, and their size.
         base = FeatureSettings.from_json(extraction_settings) if extraction_settings else FeatureSettings(
@@ -106,7 +107,7 @@ class VideoEleAttClassifier(EleAttClassifier):
         self._skipped: dict[str, int] = {}  # unreadable videos met this epoch, per stage
         groups = _backbone_groups(encoder.model)
         if isinstance(freeze, int) and freeze >= len(groups):
-            raise ValueError(f"freeze={freeze}: {backbone} has a stem and {len(groups) - 1} stages; use at most "
+            raise UsageError(f"freeze={freeze}: {backbone} has a stem and {len(groups) - 1} stages; use at most "
                              f"{len(groups) - 2}, or freeze=all")
         if freeze == "all":
             frozen_names = {n for n, _ in encoder.model.named_parameters()}
@@ -221,7 +222,7 @@ class VideoEleAttClassifier(EleAttClassifier):
         for key in ("backbone", "in_chans"):
             stored = hparams.get(key)
             if stored is not None and stored != self.hparams[key]:
-                raise ValueError(f"the checkpoint was trained with {key}={stored!r} but this run builds "
+                raise UsageError(f"the checkpoint was trained with {key}={stored!r} but this run builds "
                                  f"{key}={self.hparams[key]!r}; pass --model.{key} {stored}")
         super().on_load_checkpoint(checkpoint)
 
@@ -237,7 +238,7 @@ def video_classifier_from_checkpoint(checkpoint: dict, path: str | os.PathLike =
     checkpoint (the network is built with random weights first: nothing is downloaded)."""
     hparams = dict(checkpoint.get("hyper_parameters") or {})
     if not is_video_checkpoint(checkpoint):
-        raise ValueError(f"'{path}' is not an end-to-end checkpoint (no backbone hyperparameters)")
+        raise UsageError(f"'{path}' is not an end-to-end checkpoint (no backbone hyperparameters)")
     accepted = inspect.signature(VideoEleAttClassifier).parameters
     kwargs = {k: v for k, v in hparams.items() if k in accepted}
     kwargs["weights"] = "none"

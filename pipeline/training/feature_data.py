@@ -16,8 +16,9 @@ from torch.utils.data import DataLoader
 from pipeline.data.sequences import FeatureNormalizer, FeatureSequenceDataset, NormalizeMode, collate_sequences
 from pipeline.data.features import FeatureFolder, FeatureSettings
 from pipeline.data.lists import ListEntry, classes_path_for, read_classes, read_list
+from pipeline.errors import InputNotFoundError, UsageError
 
-class MissingFeaturesError(FileNotFoundError):
+class MissingFeaturesError(InputNotFoundError):
     """Videos of a list have no feature file in the feature folder."""
 
 
@@ -36,7 +37,7 @@ class ListDataModule(pl.LightningDataModule):
             if path
         }
         if not self.list_paths:
-            raise ValueError("no list given: pass at least one of --data.train_list/val_list/test_list/predict_list")
+            raise UsageError("no list given: pass at least one of --data.train_list/val_list/test_list/predict_list")
         self._lists: dict[str, list[ListEntry]] = {}  # read when a stage (or the class count) needs them
 
     def _read_class_names(self, classes: str | None) -> list[str] | None:
@@ -56,11 +57,11 @@ class ListDataModule(pl.LightningDataModule):
         if name not in self._lists:
             entries = read_list(self.list_paths[name])
             if not entries:
-                raise ValueError(f"{name} '{self.list_paths[name]}' lists no videos")
+                raise UsageError(f"{name} '{self.list_paths[name]}' lists no videos")
             if self.class_names is not None:
                 bad = [e for e in entries if e.label >= len(self.class_names)]
                 if bad:
-                    raise ValueError(
+                    raise UsageError(
                         f"{name} '{self.list_paths[name]}': video {bad[0].path!r} has label {bad[0].label} but "
                         f"classes.txt names {len(self.class_names)} classes ({len(bad)} such videos; is it the "
                         "right classes.txt?)"
@@ -73,7 +74,7 @@ class ListDataModule(pl.LightningDataModule):
             return len(self.class_names)
         labels = [e.label for name in self._existing_lists() for e in self.entries(name)]
         if not labels or max(labels) < 0:
-            raise ValueError(
+            raise UsageError(
                 f"cannot tell the number of classes: no classes.txt beside {[str(p) for p in self.list_paths.values()]} "
                 "and no labels (pass --data.classes PATH/classes.txt, or the training list with --data.train_list)"
             )
@@ -81,7 +82,7 @@ class ListDataModule(pl.LightningDataModule):
 
     def _loader(self, key: str, train: bool = False) -> DataLoader:
         if key not in self.datasets:
-            raise ValueError(f"no {key} data: pass --data.{key}_list (setup found none)")
+            raise UsageError(f"no {key} data: pass --data.{key}_list (setup found none)")
         dataset = self.datasets[key]
         return DataLoader(
             dataset,
@@ -158,10 +159,10 @@ class FeatureDataModule(ListDataModule):
         super().__init__()
         self.save_hyperparameters(ignore=["train_transform", "eval_transform"])
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
-            raise ValueError(f"batch sizes must be >= 1, got batch_size={batch_size}, eval_batch_size={eval_batch_size}")
+            raise UsageError(f"batch sizes must be >= 1, got batch_size={batch_size}, eval_batch_size={eval_batch_size}")
         self.features_dir = Path(features_dir)
         if not self.features_dir.is_dir():
-            raise FileNotFoundError(
+            raise InputNotFoundError(
                 f"feature folder '{self.features_dir}' not found (extract features with `eleatt extract ... --out DIR` "
                 "and pass --data.features_dir DIR)"
             )
@@ -189,12 +190,12 @@ class FeatureDataModule(ListDataModule):
 
     def _augmentation(self, augment: str, rotation_degrees: float, normalize: str) -> Callable:
         if augment != "skeleton_rotation":
-            raise ValueError(f"augment={augment!r} is not one of 'none', 'skeleton_rotation'")
+            raise UsageError(f"augment={augment!r} is not one of 'none', 'skeleton_rotation'")
         if self.train_transform is not None:
-            raise ValueError("give either augment or train_transform, not both")
+            raise UsageError("give either augment or train_transform, not both")
         modality = self.settings.modality if self.settings is not None else "skeleton"
         if modality != "skeleton" or self.feature_dim % 3 or normalize != "none":
-            raise ValueError(
+            raise UsageError(
                 f"augment=skeleton_rotation rotates x, y, z joint coordinates, but '{self.features_dir}' holds "
                 f"{modality} features of dimension {self.feature_dim} with normalize={normalize!r}; use it on a "
                 "skeleton feature folder (`eleatt prepare ntu-skeleton`) with --data.normalize none"
@@ -231,7 +232,7 @@ class FeatureDataModule(ListDataModule):
 
     def _entries(self, name: str, stage: str) -> list[ListEntry]:
         if name not in self.list_paths:
-            raise ValueError(f"`{stage}` needs --data.{name} (a list file of the videos to {stage} on)")
+            raise UsageError(f"`{stage}` needs --data.{name} (a list file of the videos to {stage} on)")
         return self.entries(name)
 
     def setup(self, stage: str) -> None:
@@ -239,7 +240,7 @@ class FeatureDataModule(ListDataModule):
             train = self._entries("train_list", stage)
             unlabelled = [e.path for e in train if e.label < 0]
             if unlabelled:
-                raise ValueError(
+                raise UsageError(
                     f"train_list '{self.list_paths['train_list']}' has {len(unlabelled)} videos without a label "
                     f"(-1), e.g. {unlabelled[0]!r}; training needs labels"
                 )

@@ -21,11 +21,12 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from pipeline.nn.classifier import SequenceClassifier
 from pipeline.evaluation.scores import write_scores
+from pipeline.errors import InputNotFoundError, UsageError
 
 SCORE_STAGES = {"validate": "val", "test": "test", "predict": "predict"}  # trainer.fn -> scores_<name>.npz
 
 
-class NonFiniteError(ValueError):
+class NonFiniteError(UsageError):
     """Training produced a NaN/inf loss or gradient, or a checkpoint would hold non-finite weights."""
 
 
@@ -72,11 +73,11 @@ class EleAttClassifier(pl.LightningModule):
     ) -> None:
         super().__init__()
         if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"{len(class_names)} class names for num_classes={num_classes}; they must agree")
+            raise UsageError(f"{len(class_names)} class names for num_classes={num_classes}; they must agree")
         self.topk = min(5, num_classes)
         metrics = ["val/top1", f"val/top{self.topk}", "val/mca", "val/loss"]
         if monitor not in metrics:
-            raise ValueError(f"monitor={monitor!r} is not a logged validation metric; use one of {metrics}")
+            raise UsageError(f"monitor={monitor!r} is not a logged validation metric; use one of {metrics}")
         self.save_hyperparameters()
         self.net = SequenceClassifier(
             input_size, num_classes, cell=cell, hidden_size=hidden_size, num_layers=num_layers,
@@ -267,7 +268,7 @@ class EleAttClassifier(pl.LightningModule):
         stored = checkpoint.get("hyper_parameters", {}).get("class_names")
         mine = self.hparams.class_names
         if stored is not None and mine is not None and list(stored) != list(mine):
-            raise ValueError(
+            raise UsageError(
                 f"the checkpoint was trained on classes {list(stored)[:10]}{'...' if len(stored) > 10 else ''} but "
                 f"the data's classes.txt lists {list(mine)[:10]}{'...' if len(mine) > 10 else ''}; evaluate with the "
                 "lists (and classes.txt) of the training data's label space"
@@ -277,7 +278,7 @@ class EleAttClassifier(pl.LightningModule):
                          ("num_classes", "lists (and classes.txt) of the training data's label space")):
             stored = hparams.get(key)
             if stored is not None and stored != self.hparams[key]:
-                raise ValueError(
+                raise UsageError(
                     f"the checkpoint was trained with {key}={stored} but the data gives {key}={self.hparams[key]}; "
                     f"evaluate on {fix}"
                 )
@@ -293,18 +294,18 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     are mapped, not read (for a look at a few keys of a checkpoint that Lightning loads again anyway)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint '{path}' not found (runs keep best.ckpt and last.ckpt in checkpoints/<run>/)")
+        raise InputNotFoundError(f"checkpoint '{path}' not found (runs keep best.ckpt and last.ckpt in checkpoints/<run>/)")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # not a checkpoint, truncated, damaged: pickle, zip and torch errors alike
         reason = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
         if "Weights only load failed" in reason:  # torch's advice to unpickle anything is not ours to give
             reason = "not a PyTorch checkpoint, or one holding arbitrary Python objects"
-        raise ValueError(f"checkpoint '{path}' cannot be loaded ({reason}); pass a "
+        raise UsageError(f"checkpoint '{path}' cannot be loaded ({reason}); pass a "
                          "best.ckpt / last.ckpt written by `eleatt fit` (it may be truncated or damaged)") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         what = type(checkpoint).__name__ if not isinstance(checkpoint, dict) else "dict without a state_dict"
-        raise ValueError(f"'{path}' holds a {what}, not a training checkpoint; pass a best.ckpt / last.ckpt "
+        raise UsageError(f"'{path}' holds a {what}, not a training checkpoint; pass a best.ckpt / last.ckpt "
                          "written by `eleatt fit`")
     return checkpoint
 
@@ -313,7 +314,7 @@ def classifier_from_checkpoint(checkpoint: dict, path: str | os.PathLike = "<che
     """The EleAttClassifier a checkpoint dict (from `read_checkpoint`) holds, in eval mode."""
     hparams = dict(checkpoint.get("hyper_parameters") or {})
     if "input_size" not in hparams or "num_classes" not in hparams:
-        raise ValueError(f"'{path}' is not an EleAttClassifier checkpoint (no input_size/num_classes hyperparameters)")
+        raise UsageError(f"'{path}' is not an EleAttClassifier checkpoint (no input_size/num_classes hyperparameters)")
     accepted = inspect.signature(EleAttClassifier).parameters  # drops the CLI's bookkeeping keys (_instantiator)
     model = EleAttClassifier(**{k: v for k, v in hparams.items() if k in accepted})
     model.load_state_dict(checkpoint["state_dict"])

@@ -92,6 +92,15 @@ class SequenceClassifier(nn.Module):
             pooled = (out * valid[..., None]).sum(1) / lengths[:, None].to(out.dtype)  # (B, H)
         return self.head(self.dropout(pooled))  # (B, C)
 
+    def video_probs(self, feats: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """feats (B, V, T, D) (or (B, T, D)), lengths (B,) -> class probabilities (B, C) averaged over the V views
+        (what `test` scores a video with: the mean of its views' softmax, not of their logits)."""
+        if feats.dim() == 3:
+            feats = feats[:, None]
+        B, V, T, D = feats.shape
+        logits = self(feats.reshape(B * V, T, D), lengths.repeat_interleave(V))  # (B*V, C)
+        return logits.float().softmax(-1).view(B, V, -1).mean(1)  # (B, C)
+
     @torch.no_grad()
     def stream(self, feats: torch.Tensor, state: StreamState | None = None, return_attention: bool = False
                ) -> tuple[torch.Tensor, StreamState] | tuple[torch.Tensor, StreamState, list[torch.Tensor]]:

@@ -36,7 +36,8 @@ from pipeline.errors import (
     EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, InputNotFoundError, InterruptWatch, is_user_error, usage_error,
     UsageError, watch_interrupts,
 )
-from pipeline.training.module import EleAttClassifier, read_checkpoint
+from pipeline.trained.record import read_checkpoint
+from pipeline.training.module import EleAttClassifier
 from pipeline.paths import atomic_write, ensure_writable_dir
 from pipeline.evaluation.scores import accuracy_summary, read_scores
 

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from pipeline.data.features import FeatureSettings
-from pipeline.training.module import EleAttClassifier, read_checkpoint
+from pipeline.trained.record import read_checkpoint
+from pipeline.training.module import EleAttClassifier
 from pipeline.nn.backbone import FrameEncoder
 from pipeline.errors import UsageError
 

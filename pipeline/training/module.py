@@ -20,6 +20,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from pipeline.nn.classifier import SequenceClassifier
+from pipeline.trained.record import read_checkpoint
 from pipeline.evaluation.scores import write_scores
 from pipeline.errors import InputNotFoundError, UsageError
 
@@ -106,11 +107,7 @@ class EleAttClassifier(pl.LightningModule):
 
     def video_probs(self, feats: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """feats (B, V, T, D) (or (B, T, D)), lengths (B,) -> class probabilities (B, C) averaged over the V views."""
-        if feats.dim() == 3:
-            feats = feats[:, None]
-        B, V, T, D = feats.shape
-        logits = self(feats.reshape(B * V, T, D), lengths.repeat_interleave(V))  # (B*V, C)
-        return logits.float().softmax(-1).view(B, V, -1).mean(1)  # (B, C)
+        return self.net.video_probs(feats, lengths)
 
     # -- training ---------------------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -286,28 +283,6 @@ class EleAttClassifier(pl.LightningModule):
             torch.set_rng_state(checkpoint["rng_states"]["torch"])
             if "cuda" in checkpoint["rng_states"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(checkpoint["rng_states"]["cuda"])
-
-
-def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
-    """A training checkpoint as a dict, loaded with weights-only semantics (nothing unpickled but plain types and
-    tensors); a missing, truncated or foreign file raises FileNotFoundError / ValueError naming it. `mmap`: tensors
-    are mapped, not read (for a look at a few keys of a checkpoint that Lightning loads again anyway)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputNotFoundError(f"checkpoint '{path}' not found (runs keep best.ckpt and last.ckpt in checkpoints/<run>/)")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except Exception as err:  # not a checkpoint, truncated, damaged: pickle, zip and torch errors alike
-        reason = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
-        if "Weights only load failed" in reason:  # torch's advice to unpickle anything is not ours to give
-            reason = "not a PyTorch checkpoint, or one holding arbitrary Python objects"
-        raise UsageError(f"checkpoint '{path}' cannot be loaded ({reason}); pass a "
-                         "best.ckpt / last.ckpt written by `eleatt fit` (it may be truncated or damaged)") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        what = type(checkpoint).__name__ if not isinstance(checkpoint, dict) else "dict without a state_dict"
-        raise UsageError(f"'{path}' holds a {what}, not a training checkpoint; pass a best.ckpt / last.ckpt "
-                         "written by `eleatt fit`")
-    return checkpoint
 
 
 def classifier_from_checkpoint(checkpoint: dict, path: str | os.PathLike = "<checkpoint>") -> EleAttClassifier:

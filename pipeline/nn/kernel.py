@@ -157,9 +157,15 @@ class _Rows:
 
 
 # Inference (streaming above all: one step per call) would otherwise rebuild the step weights on every call,
-# which costs more than the step itself at small sizes. Entries hold weak references to the weights and their
-# version counters, so a freed, replaced or modified weight is never served from the cache.
-_STEP_WEIGHTS: dict[tuple[int, ...], tuple[tuple, tuple[int, ...], tuple[_Rows, _Rows, _Rows]]] = {}
+# which costs more than the step itself at small sizes. An entry is served only to the same weights, unchanged:
+# - weak references to the weight objects (a freed or replaced Parameter misses; a freed one drops its entry);
+# - their version counters (an in-place change under no_grad, as optimisers and load_state_dict make);
+# - their data (address, shape, strides, dtype, device), against detached aliases the entry keeps, so that the
+#   old storage cannot be freed and its address reused: `.data = ...` (vector_to_parameters, module.to(),
+#   .double()) swaps a Parameter's tensor without touching its object or its version counter.
+# Not seen: an in-place change through `.data` (`p.data.add_(...)`), which bypasses the version counter by design;
+# change weights in place under `torch.no_grad()` instead.
+_STEP_WEIGHTS: dict[tuple[int, ...], tuple[tuple, tuple[int, ...], tuple, tuple[_Rows, _Rows, _Rows]]] = {}
 _STEP_WEIGHTS_MAX = 32
 
 
@@ -176,18 +182,26 @@ def _step_weights(w_ih: Tensor, w_hh: Tensor, w_ha: Tensor, w_xa: Tensor, cache:
         key = tuple(id(w) for w in weights)
         versions = tuple(w._version for w in weights)
         hit = _STEP_WEIGHTS.get(key)
-        if hit is not None and hit[1] == versions and all(r() is w for r, w in zip(hit[0], weights)):
-            return hit[2]
+        if (hit is not None and hit[1] == versions and all(r() is w for r, w in zip(hit[0], weights))
+                and all(_same_data(a, w) for a, w in zip(hit[2], weights))):
+            return hit[3]
     w_cat = torch.cat([w_ha, w_hh])  # (D + G, H): the one product on h_{t-1} per step
     prepared = (_Rows(w_cat), _Rows(w_ih), _Rows(w_xa, pack=pack_xa or cache))
     if cache:
-        if len(_STEP_WEIGHTS) >= _STEP_WEIGHTS_MAX:
+        if key not in _STEP_WEIGHTS and len(_STEP_WEIGHTS) >= _STEP_WEIGHTS_MAX:
             _STEP_WEIGHTS.pop(next(iter(_STEP_WEIGHTS)))
         # When a weight is freed (its model deleted), its entry goes with it: the prepared copies are not kept
         # for the remaining entries' sake (a sweep over models in one process would otherwise hold 32 of them).
         refs = tuple(weakref.ref(w, functools.partial(_forget_step_weights, key)) for w in weights)
-        _STEP_WEIGHTS[key] = (refs, versions, prepared)
+        aliases = tuple(w.detach() for w in weights)  # the data as prepared (shares storage: no copy)
+        _STEP_WEIGHTS[key] = (refs, versions, aliases, prepared)
     return prepared
+
+
+def _same_data(alias: Tensor, w: Tensor) -> bool:
+    """Whether `w` still holds the data `alias` was taken from (not swapped by `w.data = ...`)."""
+    return (alias.data_ptr() == w.data_ptr() and alias.stride() == w.stride() and alias.shape == w.shape
+            and alias.dtype == w.dtype and alias.device == w.device)
 
 
 def _forget_step_weights(key: tuple[int, ...], dead_ref) -> None:

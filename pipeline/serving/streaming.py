@@ -173,7 +173,8 @@ class StreamingClassifier:
         """Feeds the next frames of the stream; returns the probabilities after each frame that was sampled.
 
         frames: uint8 (t, H, W, 3) RGB, t >= 0, consecutive frames of the source.
-        fps: the source's frame rate (needed once, unless `timestamps` are given; later values must agree).
+        fps: the source's frame rate (needed once, unless `timestamps` are given; later values must agree until
+            `reset()`, after which a new source may give another).
             Frames are numbered from the first one pushed after `reset()` and sampled as `classify` samples a file.
         timestamps: (t,) presentation times in seconds, for sources without a steady rate (a camera dropping
             frames); the steps then fall at times k / sample_fps from the first timestamp.
@@ -186,7 +187,8 @@ class StreamingClassifier:
         if fps is not None:
             if not (math.isfinite(fps) and fps > 0):
                 raise UsageError(f"fps={fps!r}: the source's frame rate must be a positive number")
-            if self.src_fps is not None and abs(fps - self.src_fps) > 1e-6 * self.src_fps:
+            # within a stream the rate is fixed; after reset() (nothing pushed yet) a new source may set another
+            if self._seen and self.src_fps is not None and abs(fps - self.src_fps) > 1e-6 * self.src_fps:
                 raise UsageError(f"fps={fps:g} differs from the rate given earlier ({self.src_fps:g}); call "
                                  "reset() and set the rate again for a new source")
             self.src_fps = float(fps)

@@ -84,6 +84,38 @@ def test_flow_folder_writes_atomically_and_records(tmp_path):
     assert not list((tmp_path / "flows").rglob("*.tmp*"))
 
 
+@pytest.mark.parametrize("damage", ["missing", "truncated", "garbage", "fewer_pairs", "no_last_png", "no_first_png"])
+def test_finished_counts_a_flow_file_only_when_it_is_whole(tmp_path, damage):
+    """`finished()` (what a rerun of `eleatt flow` skips) checks each recorded file: it exists, its zip directory
+    reads, its meta counts the record's pairs, and the directory holds each pair's PNG."""
+    folder = FlowFolder(tmp_path / "flows")
+    folder.check_settings(flow_folder_settings(FlowOptions(bound=20.0)))
+    q = _levels(n=5)
+    for video in ("a.avi", "b.avi"):
+        folder.write_quantized(video, q, 20.0)
+    assert set(folder.finished()) == {"a.avi", "b.avi"}
+    path = tmp_path / "flows" / "a.flow.zip"
+    data = path.read_bytes()
+    if damage == "missing":
+        path.unlink()
+    elif damage == "truncated":
+        path.write_bytes(data[:-30])  # the end of the zip directory is lost
+    elif damage == "garbage":
+        path.write_bytes(bytes(len(data)))
+    elif damage == "fewer_pairs":
+        save_flow(path, q[:3], 20.0)  # a whole flow file, but not the recorded one (3 pairs, not 5)
+    else:  # the meta says 5 pairs, but one pair's PNG is not in the zip
+        left_out = "000004.png" if damage == "no_last_png" else "000000.png"
+        with zipfile.ZipFile(path) as src:
+            members = [(i.filename, src.read(i)) for i in src.infolist() if i.filename != left_out]
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as dst:
+            for name, content in members:
+                dst.writestr(name, content)
+        assert flow_info(path)["pairs"] == 5
+    assert set(folder.finished()) == {"b.avi"}
+    assert set(folder.finished(verify=False)) == {"a.avi", "b.avi"}
+
+
 def test_stack_indices_repeat_the_last_pair():
     idx = stack_indices([0, 3, 5, 9], num_pairs=6, length=3)
     assert idx.tolist() == [[0, 1, 2], [3, 4, 5], [5, 5, 5], [5, 5, 5]]

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.data.sampling import clip_indices, fps_indices, segment_indices, sequence_indices
+from pipeline.data.sampling import Sampling, clip_indices, fps_indices, segment_indices, sequence_indices
 
 
 def rng(seed: int = 0) -> np.random.Generator:
@@ -187,3 +187,13 @@ def test_sequence_indices_segment_style():
         sequence_indices(0, 10, train=False)
     with pytest.raises(ValueError, match="rng"):
         sequence_indices(10, 4, train=True)
+
+
+def test_fps_non_integer_ratios_by_hand():
+    # the frame on screen at time k / target: floor(k * src / target), worked out by hand
+    # 30 -> 8: k * 3.75; 25 -> 8: k * 3.125; 29.97 (30000/1001) -> 6: k * 4.995..., just under 5k: 5k - 1
+    np.testing.assert_array_equal(fps_indices(48, 30, 8), [0, 3, 7, 11, 15, 18, 22, 26, 30, 33, 37, 41, 45])
+    np.testing.assert_array_equal(fps_indices(40, 25, 8), [0, 3, 6, 9, 12, 15, 18, 21, 25, 28, 31, 34, 37])
+    np.testing.assert_array_equal(fps_indices(60, 30000 / 1001, 6), [0, 4, 9, 14, 19, 24, 29, 34, 39, 44, 49, 54, 59])
+    np.testing.assert_array_equal(Sampling(fps=8).indices(46, 30.0), [0, 3, 7, 11, 15, 18, 22, 26, 30, 33, 37, 41, 45])
+    np.testing.assert_array_equal(fps_indices(45, 30, 8), [0, 3, 7, 11, 15, 18, 22, 26, 30, 33, 37, 41])  # 45 absent

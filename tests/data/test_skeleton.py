@@ -11,10 +11,13 @@ from pipeline.training.feature_data import FeatureDataModule
 from pipeline.data.features import FeatureFolder
 from pipeline.data.lists import ListEntry, write_classes, write_list
 from pipeline.data.skeleton import (
-    CENTRE_JOINT, NTU_BONES, NUM_JOINTS, SkeletonFormatError, SkeletonRotation, load_skeleton, random_rotation,
-    read_skeleton, rotate_skeleton, rotation_matrix, select_bodies, write_skeleton,
+    NTU_BONES, NUM_JOINTS, SkeletonFormatError, SkeletonRotation, centre_and_flatten, load_skeleton,
+    random_rotation, read_skeleton, rotate_skeleton, rotation_matrix, select_bodies, write_skeleton,
 )
 from pipeline.nn.eleatt import EleAttGRU
+
+# NTU's own numbering: joint 2 (1-based), "middle of the spine", is the origin; written here, not read from the module.
+SPINE = 1  # 0-based index of NTU joint 2
 
 
 def pose(rng: np.random.Generator, at=(0.0, 0.0, 3.0)) -> np.ndarray:
@@ -40,9 +43,9 @@ def test_one_body_is_centred_on_the_spine_of_the_first_frame_and_the_second_body
     feats = load_skeleton(path)
     assert feats.shape == (6, 150) and feats.dtype == np.float32
     body0 = feats.reshape(6, 2, NUM_JOINTS, 3)[:, 0]
-    expected = np.stack(seq) - seq[0][CENTRE_JOINT]
+    expected = np.stack(seq) - seq[0][SPINE]
     np.testing.assert_allclose(body0, expected, atol=1e-5)
-    assert np.abs(body0[0, CENTRE_JOINT]).max() < 1e-6  # the origin
+    assert np.abs(body0[0, SPINE]).max() < 1e-6  # the origin
     assert not feats[:, 75:].any()  # the missing second body is exactly zero
 
 
@@ -51,7 +54,7 @@ def test_the_more_active_of_two_bodies_takes_the_first_slot(tmp_path):
     still, active = pose(rng, (-0.5, 0, 3)), pose(rng, (0.5, 0, 3))
     frames = [[("still", s), ("active", a)] for s, a in zip(moving(still, 8, (0, 0, 0)), moving(active, 8, (0.05, 0, 0)))]
     feats = load_skeleton(write_skeleton(tmp_path / "two.skeleton", frames)).reshape(8, 2, NUM_JOINTS, 3)
-    origin = active[CENTRE_JOINT]
+    origin = active[SPINE]
     np.testing.assert_allclose(feats[:, 0], np.stack(moving(active, 8, (0.05, 0, 0))) - origin, atol=1e-5)
     np.testing.assert_allclose(feats[:, 1], np.broadcast_to(still - origin, (8, NUM_JOINTS, 3)), atol=1e-5)
 
@@ -65,8 +68,76 @@ def test_frames_without_bodies_are_dropped(tmp_path):
     assert raw.num_frames == 8 and len(raw.bodies) == 1 and raw.bodies[0].frames.tolist() == [2, 3, 5, 6]
     feats = load_skeleton(path)
     assert feats.shape == (4, 150)
-    np.testing.assert_allclose(feats.reshape(4, 2, NUM_JOINTS, 3)[:, 0], np.stack(seq) - seq[0][CENTRE_JOINT],
+    np.testing.assert_allclose(feats.reshape(4, 2, NUM_JOINTS, 3)[:, 0], np.stack(seq) - seq[0][SPINE],
                                atol=1e-5)
+
+
+def ladder(shift=(0.0, 0.0, 0.0)) -> np.ndarray:
+    """(25, 3) joints with distinct, known coordinates: joint index j at (0.1 j, 0.01 j^2, 2 - 0.05 j) + shift."""
+    j = np.arange(NUM_JOINTS, dtype=np.float64)
+    return np.stack([0.1 * j, 0.01 * j * j, 2.0 - 0.05 * j], axis=1) + np.asarray(shift)
+
+
+def test_centring_is_on_ntu_joint_2_the_middle_of_the_spine_of_the_first_frame(tmp_path):
+    # Frame 1 is frame 0 moved by (0.2, -0.3, 0.4): the origin stays frame 0's joint 2, it is not re-taken per frame.
+    frames = [[("a", ladder())], [("a", ladder((0.2, -0.3, 0.4)))]]
+    feats = load_skeleton(write_skeleton(tmp_path / "ladder.skeleton", frames))
+    assert feats.shape == (2, 150)
+    body = feats.reshape(2, 2, NUM_JOINTS, 3)[:, 0].astype(np.float64)
+    # NTU joint 2 (index 1) of frame 0 sits at (0.1, 0.01, 1.95): every coordinate is relative to it.
+    np.testing.assert_allclose(body[0], ladder() - [0.1, 0.01, 1.95], atol=1e-6)
+    np.testing.assert_allclose(body[1], ladder() - [0.1, 0.01, 1.95] + [0.2, -0.3, 0.4], atol=1e-6)
+    np.testing.assert_allclose(feats[0, 0:3], [-0.1, -0.01, 0.05], atol=1e-6)  # joint 1 (base of the spine)
+    np.testing.assert_allclose(feats[0, 3:6], [0.0, 0.0, 0.0], atol=1e-6)  # joint 2: the origin
+    np.testing.assert_allclose(feats[0, 6:9], [0.1, 0.03, -0.05], atol=1e-6)  # joint 3 (neck)
+    np.testing.assert_allclose(feats[0, 72:75], [2.3, 5.75, -1.15], atol=1e-5)  # joint 25 (index 24)
+    np.testing.assert_allclose(feats[1, 3:6], [0.2, -0.3, 0.4], atol=1e-6)  # frame 1's spine: the motion
+    assert not feats[:, 75:].any()  # no second body: exactly zero
+
+
+def test_a_body_that_appears_only_in_a_later_frame_is_centred_on_its_own_spine(tmp_path):
+    # Two frames without any body, then the body: the origin is its joint 2 where it first appears, not zeros.
+    frames = [[], [], [("a", ladder((1.0, 2.0, 3.0)))], [("a", ladder((1.5, 2.0, 3.0)))]]
+    feats = load_skeleton(write_skeleton(tmp_path / "late.skeleton", frames))
+    assert feats.shape == (2, 150)
+    np.testing.assert_allclose(feats[0, 3:6], [0.0, 0.0, 0.0], atol=1e-6)
+    np.testing.assert_allclose(feats[1, 3:6], [0.5, 0.0, 0.0], atol=1e-6)
+    np.testing.assert_allclose(feats[0, 0:3], [-0.1, -0.01, 0.05], atol=1e-6)
+    # The shift (1, 2, 3) is gone entirely: centred on zeros it would remain in every joint.
+    np.testing.assert_allclose(feats[0, :75].reshape(NUM_JOINTS, 3), ladder() - [0.1, 0.01, 1.95], atol=1e-6)
+
+
+def test_when_the_first_frame_has_only_the_second_body_the_origin_is_that_body(tmp_path):
+    # "mover" (the more active body, slot 0) enters at frame 1; "idle" (slot 1) is there from frame 0. The rule:
+    # the origin is joint 2 of the first frame that has a body, of its first present slot -- here idle's at frame 0.
+    idle = ladder((-1.0, 0.5, 1.0))  # joint 2 at (-0.9, 0.51, 2.95)
+    mover = {t: ladder((1.0 + 0.3 * (t - 1), 0.0, 0.0)) for t in (1, 2, 3)}  # 0.3 m a frame along x
+    frames = [[("idle", idle)]] + [[("mover", mover[t]), ("idle", idle)] for t in range(1, 4)]
+    feats = load_skeleton(write_skeleton(tmp_path / "second.skeleton", frames))
+    assert feats.shape == (4, 150)
+    bodies = feats.reshape(4, 2, NUM_JOINTS, 3).astype(np.float64)
+    origin = np.array([-0.9, 0.51, 2.95])
+    assert not bodies[0, 0].any()  # slot 0 is empty in frame 0 and stays exactly zero
+    np.testing.assert_allclose(bodies[:, 1], np.broadcast_to(idle - origin, (4, NUM_JOINTS, 3)), atol=1e-6)
+    np.testing.assert_allclose(feats[0, 78:81], [0.0, 0.0, 0.0], atol=1e-6)  # idle's joint 2: the origin
+    np.testing.assert_allclose(feats[1, 3:6], [2.0, -0.5, -1.0], atol=1e-6)  # mover's joint 2: (1.1, .01, 1.95)
+    np.testing.assert_allclose(feats[3, 3:6], [2.6, -0.5, -1.0], atol=1e-6)
+
+
+def test_centre_and_flatten_never_takes_its_origin_from_an_empty_slot():
+    # The array form: frame 0 empty, frame 1 slot 1 only (slot 0 holds junk that must be ignored), frame 2 both.
+    joints = np.zeros((3, 2, NUM_JOINTS, 3), np.float32)
+    present = np.array([[False, False], [False, True], [True, True]])
+    joints[1, 0] = 7.0  # not present: neither the origin nor kept
+    joints[1, 1] = ladder((0.0, 0.0, 1.0))  # joint 2 at (0.1, 0.01, 2.95)
+    joints[2, 0] = ladder((0.5, 0.0, 0.0))
+    joints[2, 1] = ladder((0.0, 0.0, 1.0))
+    feats = centre_and_flatten(joints, present)
+    assert feats.shape == (2, 150) and feats.dtype == np.float32
+    assert not feats[0, :75].any()  # the absent slot is exactly zero
+    np.testing.assert_allclose(feats[0, 78:81], [0.0, 0.0, 0.0], atol=1e-6)
+    np.testing.assert_allclose(feats[1, 3:6], [0.5, 0.0, -1.0], atol=1e-6)
+    np.testing.assert_allclose(feats[1, 75:78], [-0.1, -0.01, 0.05], atol=1e-6)
 
 
 def test_a_third_body_is_dropped_and_a_changed_tracking_id_keeps_its_slot(tmp_path):
@@ -182,6 +253,23 @@ def test_rotation_angles_and_their_range():
         SkeletonRotation(400)
     with pytest.raises(ValueError, match="multiple of 3"):
         rotate_skeleton(torch.zeros(2, 10), [0, 0, 0])
+
+
+def test_rotations_follow_the_right_hand_rule_about_each_axis_and_compose_x_then_y_then_z():
+    q = math.pi / 2
+
+    def turn(point, angles):
+        return rotate_skeleton(torch.tensor([point], dtype=torch.float64), angles).numpy()[0]
+
+    np.testing.assert_allclose(turn([0, 1, 0], [q, 0, 0]), [0, 0, 1], atol=1e-12)  # about x: y -> z
+    np.testing.assert_allclose(turn([0, 0, 1], [q, 0, 0]), [0, -1, 0], atol=1e-12)  # ... and z -> -y
+    np.testing.assert_allclose(turn([0, 0, 1], [0, q, 0]), [1, 0, 0], atol=1e-12)  # about y: z -> x
+    np.testing.assert_allclose(turn([1, 0, 0], [0, 0, q]), [0, 1, 0], atol=1e-12)  # about z: x -> y
+    # R = Rz Ry Rx: x first. y -(x)-> z -(y)-> x; in the other order y would stay y, then go to z.
+    np.testing.assert_allclose(turn([0, 1, 0], [q, q, 0]), [1, 0, 0], atol=1e-12)
+    np.testing.assert_allclose(turn([0, 0, 1], [0, q, q]), [0, 1, 0], atol=1e-12)  # z -(y)-> x -(z)-> y
+    # a general angle, by hand: about x by 30 degrees, (0, 1, 0) -> (0, cos 30, sin 30)
+    np.testing.assert_allclose(turn([0, 1, 0], [math.radians(30), 0, 0]), [0, 0.8660254037844386, 0.5], atol=1e-12)
 
 
 def test_the_papers_gate_parameter_count_for_3_x_100_on_150_d():

@@ -277,3 +277,55 @@ def test_random_hflip_module_flow():
     flip = T.RandomHFlip(p=1.0, flow=True)
     assert torch.equal(flip(stack, rng(0)), T.hflip(stack, flow=True))
     assert torch.equal(T.RandomHFlip(p=0.0)(stack), stack)
+
+
+# ------------------------------------------------------------------------------------------- flow flips, by value
+
+def test_hflip_flow_stack_literal_values():
+    # one stack of L = 2 fields on a 1 x 3 image: channels x1, y1, x2, y2 (x: the even channels)
+    stack = torch.tensor([[[[1.0, 2.0, 3.0]], [[4.0, 5.0, 6.0]], [[7.0, 8.0, 9.0]], [[10.0, 11.0, 12.0]]]])
+    expected = [[[[-3.0, -2.0, -1.0]], [[6.0, 5.0, 4.0]], [[-9.0, -8.0, -7.0]], [[12.0, 11.0, 10.0]]]]
+    assert T.hflip(stack, flow=True).tolist() == expected  # mirrored; x negated, y kept
+    assert T.hflip(stack).tolist() == [[[[3.0, 2.0, 1.0]], [[6.0, 5.0, 4.0]], [[9.0, 8.0, 7.0]], [[12.0, 11.0, 10.0]]]]
+    assert T.RandomHFlip(p=1.0, flow=True)(stack, rng(0)).tolist() == expected
+    assert T.RandomHFlip(p=0.0, flow=True)(stack, rng(0)).tolist() == stack.tolist()
+    assert stack[0, 0, 0].tolist() == [1.0, 2.0, 3.0]  # the input is left alone
+
+
+FLOW_EVAL = {"input_size": (2, 3, 3), "mean": (0.0,), "std": (1.0,), "crop_pct": 0.6, "interpolation": "bilinear",
+             "crop_mode": "center"}  # resize to floor(3 / 0.6) = 5: a 5 x 5 frame is left as it is
+
+
+def test_eval_views_ten_flow_mirror_crops_and_negate_x():
+    # one flow field (x, y) on a 5 x 5 frame: x = 1 + col + 5 * row (moving right), y = x + 100
+    x = torch.arange(1.0, 26.0).reshape(5, 5)
+    frames = torch.stack([x, x + 100], -1)[None]  # (T=1, H, W, 2) float
+    views = T.eval_views(frames, FLOW_EVAL, "ten", flow=True)  # (10, 1, 2, 3, 3)
+    assert views.shape == (10, 1, 2, 3, 3)
+    assert views[0, 0].tolist() == [[[1, 2, 3], [6, 7, 8], [11, 12, 13]],
+                                    [[101, 102, 103], [106, 107, 108], [111, 112, 113]]]  # top-left, as is
+    assert views[5, 0].tolist() == [[[-3, -2, -1], [-8, -7, -6], [-13, -12, -11]],
+                                    [[103, 102, 101], [108, 107, 106], [113, 112, 111]]]  # its mirror
+    assert views[1, 0, 0].tolist() == [[3, 4, 5], [8, 9, 10], [13, 14, 15]]  # top-right
+    assert views[6, 0, 0].tolist() == [[-5, -4, -3], [-10, -9, -8], [-15, -14, -13]]
+    assert views[4, 0, 0].tolist() == [[7, 8, 9], [12, 13, 14], [17, 18, 19]]  # centre
+    assert views[9, 0].tolist() == [[[-9, -8, -7], [-14, -13, -12], [-19, -18, -17]],
+                                    [[109, 108, 107], [114, 113, 112], [119, 118, 117]]]
+    # RGB-style ten views (flow=False) only mirror
+    assert T.eval_views(frames, FLOW_EVAL, "ten")[9, 0, 0].tolist() == [[9, 8, 7], [14, 13, 12], [19, 18, 17]]
+    # three views and the centre view never mirror
+    assert T.eval_views(frames, FLOW_EVAL, "three", flow=True)[1, 0, 0].tolist() == [[7, 8, 9], [12, 13, 14],
+                                                                                     [17, 18, 19]]
+
+
+def test_eval_views_ten_flow_on_uint8_levels():
+    # quantised levels with mean 0.5, std 0.5 (flow_data_config): q -> 2 q / 255 - 1; x = 51 * col, y = 204
+    q = torch.zeros(1, 5, 5, 2, dtype=torch.uint8)
+    q[..., 0] = torch.tensor([0, 51, 102, 153, 204], dtype=torch.uint8)
+    q[..., 1] = 204
+    views = T.eval_views(q, {**FLOW_EVAL, "mean": (0.5,), "std": (0.5,)}, "ten", flow=True)
+    np.testing.assert_allclose(views[0, 0, 0], [[-1.0, -0.6, -0.2]] * 3, atol=1e-6)  # top-left x
+    np.testing.assert_allclose(views[5, 0, 0], [[0.2, 0.6, 1.0]] * 3, atol=1e-6)  # mirrored: 255 - q = -x
+    np.testing.assert_allclose(views[5, 0, 1], [[0.6, 0.6, 0.6]] * 3, atol=1e-6)  # y kept
+    # centre: columns 1-3 are -0.6, -0.2, 0.2; mirrored and negated
+    np.testing.assert_allclose(views[9, 0, 0], [[-0.2, 0.2, 0.6]] * 3, atol=1e-6)

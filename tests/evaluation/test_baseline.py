@@ -64,3 +64,61 @@ def test_fit_linear_separates_a_linear_problem():
     y = (x[:, 0] + x[:, 1] > 0).astype(np.int64)
     predict = fit_linear(x, y, 2)
     assert (predict(x).argmax(1) == y).mean() >= 0.95
+
+
+# -- test features are standardised with the TRAINING statistics --------------------------------------------------
+# One feature dimension. Train: class 0 at 0, 1, 2, 3 and class 1 at 10, 11, 12, 13 (mean 6.5, std 5.12), so the
+# boundary lies between 3 and 10 in raw units. Standardising test features with their own statistics instead would
+# move it to the middle of whatever is tested: 11 and 12 together would split into one class each, and a video
+# scored alone would become all zeros (the same prediction for every video).
+TRAIN_X = np.array([[0.0], [1.0], [2.0], [3.0], [10.0], [11.0], [12.0], [13.0]])
+TRAIN_Y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+
+
+def test_fit_linear_scores_new_features_with_the_training_statistics():
+    predict = fit_linear(TRAIN_X, TRAIN_Y, 2)
+    assert predict(np.array([[11.0], [12.0]])).argmax(1).tolist() == [1, 1]  # both right of the boundary
+    assert predict(np.array([[1.0], [2.0]])).argmax(1).tolist() == [0, 0]
+    assert predict(np.array([[1.0]])).argmax(1).tolist() == [0]  # one video at a time
+    assert predict(np.array([[12.0]])).argmax(1).tolist() == [1]
+    assert predict(np.array([[-20.0], [1.0], [12.0], [40.0]])).argmax(1).tolist() == [0, 0, 1, 1]
+    # a video's scores do not depend on the other videos scored with it
+    together = predict(np.array([[1.0], [12.0], [40.0]]))
+    np.testing.assert_allclose(together[1], predict(np.array([[12.0]]))[0], rtol=1e-6)
+    # shifting every test feature by +9 moves 1, 2 (class 0) across the boundary to 10, 11 (class 1)
+    assert predict(np.array([[1.0], [2.0]]) + 9.0).argmax(1).tolist() == [1, 1]
+
+
+def _one_dim_features(root, test_values: dict[str, list[float]]):
+    """A feature folder of 1-D features (each video 3 steps v - 1, v, v + 1: mean v) for the train videos above and
+    the given test lists {name: [value, ...]} (labels: 0 below 6.5, else 1). Returns (features, lists)."""
+    from pipeline.data.features import FeatureFolder
+    from pipeline.data.lists import ListEntry, write_classes, write_list
+
+    folder = FeatureFolder(root / "features")
+
+    def entries(split, values):
+        out = []
+        for k, v in enumerate(values):
+            video = f"{split}/v{k}.mp4"
+            folder.write(video, np.array([[v - 1.0], [v], [v + 1.0]], np.float32))
+            out.append(ListEntry(video, int(v > 6.5)))
+        write_list(root / "lists" / f"{split}.txt", out)
+
+    entries("train", TRAIN_X[:, 0].tolist())
+    for name, values in test_values.items():
+        entries(name, values)
+    write_classes(root / "lists" / "classes.txt", ["low", "high"])
+    return root / "features", root / "lists"
+
+
+def test_order_blind_baseline_standardises_the_test_list_with_train_statistics(tmp_path):
+    features, lists = _one_dim_features(tmp_path, {"pair": [11.0, 12.0], "low": [1.0], "high": [12.0]})
+    x, y, _ = mean_features(features, lists / "pair.txt")
+    assert x.tolist() == [[11.0], [12.0]] and y.tolist() == [1, 1]
+    result = order_blind_baseline(features, lists / "train.txt", lists / "pair.txt")
+    assert result["scores"].argmax(1).tolist() == [1, 1] and result["top1"] == 1.0 and result["mca"] == 1.0
+    # single-video test lists: both right (with a one-video statistic, both would get the same class)
+    for name, label in (("low", 0), ("high", 1)):
+        result = order_blind_baseline(features, lists / "train.txt", lists / f"{name}.txt")
+        assert result["scores"].argmax(1).tolist() == [label] and result["top1"] == 1.0, name

@@ -80,6 +80,28 @@ def test_streams_whose_pictures_would_share_a_file_are_refused(tmp_path):
         write_report(tmp_path / "r", [Stream("RGB", a), Stream("rgb", b)])
     assert not (tmp_path / "r" / "report.html").exists()
 
+def test_test_videos_counts_labelled_videos_only(tmp_path):
+    # 6 videos, 2 of them unlabelled (-1): the table counts 4 test videos and measures on those 4 alone
+    labels = np.array([0, -1, 1, 1, -1, 2])
+    pred = np.array([0, 2, 1, 2, 2, 2])  # labelled: right, right, wrong (1 -> 2), right; unlabelled: "2"
+    scores = np.full((6, 3), 0.1, dtype=np.float32)
+    scores[np.arange(6), pred] = 0.8
+    path = write_scores(tmp_path / "scores_test.npz", [f"v{i}.mp4" for i in range(6)], scores, labels, ["a", "b", "c"])
+    baseline = {"top1": 0.5, "top3": 1.0, "mca": 0.5, "labels": np.array([0, -1, 1, -1, 2])}
+    write_report(tmp_path / "r", [Stream("RGB", path)], baselines={"order-blind baseline": baseline})
+    markdown = (tmp_path / "r" / "report.md").read_text()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in markdown.splitlines() if line.startswith("| ") and "---" not in line}
+    assert rows["RGB"][:4] == ["75.0%", "100.0%", "83.3%", "4"]  # top-1 3/4; mca (1 + 1/2 + 1) / 3
+    assert rows["order-blind baseline"][3] == "3"
+    assert rows["chance level"][3] == ""
+    html_text = (tmp_path / "r" / "report.html").read_text()
+    assert "<tr><td>RGB</td><td>75.0%</td><td>100.0%</td><td>83.3%</td><td>4</td>" in html_text
+    from pipeline.report import stream_metrics
+
+    assert stream_metrics(Stream("RGB", path))[0].videos == 4
+
+
 # -- on the quick demo's run ----------------------------------------------------------------------------------------
 def test_demo_prints_the_report_path_last_and_the_report_holds_the_run(quick_demo):
     session, stdout = quick_demo["session"], quick_demo["stdout"]

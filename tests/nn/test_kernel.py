@@ -268,8 +268,8 @@ def test_inference_reuses_step_weights_but_never_stale_ones():
         first = m(x)[0]
         key = (id(m.weight_ih_l0), id(m.weight_hh_l0), id(m.weight_ha_l0), id(m.weight_xa_l0))
         assert key in eleatt_fast._STEP_WEIGHTS  # prepared once, kept for the next step
-        cached = eleatt_fast._STEP_WEIGHTS[key][2]
-        assert m(x)[0].equal(first) and eleatt_fast._STEP_WEIGHTS[key][2] is cached
+        cached = eleatt_fast._STEP_WEIGHTS[key][-1]
+        assert m(x)[0].equal(first) and eleatt_fast._STEP_WEIGHTS[key][-1] is cached
         m.weight_hh_l0.add_(0.05)  # an in-place update (an optimiser step) bumps the version
         m.weight_ha_l0.mul_(1.5)
         changed = m(x)[0]
@@ -375,3 +375,125 @@ def test_prepared_step_weights_are_dropped_with_their_model():
     del m
     gc.collect()
     assert not any(k in eleatt_fast._STEP_WEIGHTS for k in keys)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The no-grad cache of prepared step weights: never stale, tensor by tensor
+# --------------------------------------------------------------------------------------------------------------
+CACHED_STACKS = [pytest.param(EleAttLSTM, id="lstm"), pytest.param(EleAttGRU, id="gru")]
+TENSORS = ["weight_xa", "weight_ih", "weight_hh", "weight_ha", "bias_ih", "bias_hh", "bias_a"]
+
+
+def _cached_model(ours):
+    """A 2-layer all-gated float32 stack (float32 on CPU: the oneDNN-reordered weights are the cached ones) and
+    an input long enough (T=5) for h_{t-1}, hence W_hh and W_ha, to matter."""
+    torch.manual_seed(0)
+    return ours(6, 5, num_layers=2).eval(), torch.randn(5, 3, 6)
+
+
+def _no_grad_and_reference(m, x):
+    """(out, h_n) of the fast path without grad, and of the reference path, on the module's current weights."""
+    with torch.no_grad():
+        fast = m(x)
+        m.impl = "reference"
+        ref = m(x)
+        m.impl = "fast"
+    flat = lambda r: torch.cat([r[0].flatten(), *(s.flatten() for s in (r[1] if isinstance(r[1], tuple)  # noqa
+                                                                          else (r[1],)))])
+    return flat(fast), flat(ref)
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+@pytest.mark.parametrize("name", TENSORS)
+@pytest.mark.parametrize("ours", CACHED_STACKS)
+def test_no_grad_cache_sees_an_in_place_change_of_each_tensor(ours, name, layer, monkeypatch):
+    from pipeline.nn import eleatt_fast
+
+    prepared = []  # every weight prepared for the step products (3 per gated layer and cache miss)
+
+    class Counted(eleatt_fast._Rows):
+        def __init__(self, *args, **kwargs):
+            prepared.append(args[0].shape)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(eleatt_fast, "_Rows", Counted)
+    m, x = _cached_model(ours)
+    before, ref = _no_grad_and_reference(m, x)
+    torch.testing.assert_close(before, ref, atol=1e-5, rtol=1e-5)
+    assert len(prepared) == 6
+    assert _no_grad_and_reference(m, x)[0].equal(before) and len(prepared) == 6  # a second call: all from the cache
+    p = getattr(m, f"{name}_l{layer}")
+    with torch.no_grad():
+        p.add_(0.5)  # as an optimiser step or load_state_dict would: in place, under no_grad
+    after, ref = _no_grad_and_reference(m, x)
+    torch.testing.assert_close(after, ref, atol=1e-5, rtol=1e-5)
+    assert (after - before).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+@pytest.mark.parametrize("name", ["weight_xa", "weight_ih", "weight_hh", "weight_ha"])
+@pytest.mark.parametrize("ours", CACHED_STACKS)
+@pytest.mark.parametrize("how", ["parameter", "data"])
+def test_no_grad_cache_sees_a_replaced_weight(ours, name, layer, how):
+    """A new Parameter (module.weight_ih_l0 = nn.Parameter(...)), or new contents through `.data = ...` (what
+    `vector_to_parameters` and `module.to()` do: same Parameter object, same version counter)."""
+    m, x = _cached_model(ours)
+    before, _ = _no_grad_and_reference(m, x)
+    attr = f"{name}_l{layer}"
+    old = getattr(m, attr)  # still referenced (as an optimiser would): its cache entry is not freed with it
+    new = old.detach() + torch.randn_like(old) * 0.5
+    if how == "parameter":
+        setattr(m, attr, torch.nn.Parameter(new))
+    else:
+        old.data = new
+    after, ref = _no_grad_and_reference(m, x)
+    torch.testing.assert_close(after, ref, atol=1e-5, rtol=1e-5)
+    assert (after - before).abs().max() > 1e-3
+    del old
+
+
+def test_no_grad_cache_sees_whole_model_changes():
+    """vector_to_parameters (every weight's `.data` replaced), a transposed view of the same storage (same
+    address, other strides), and a dtype change (`.double()`) after float32 calls: each is seen at once."""
+    from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+    m, x = _cached_model(EleAttLSTM)
+    before, _ = _no_grad_and_reference(m, x)
+    vector_to_parameters(parameters_to_vector(m.parameters()).detach() * 1.5, m.parameters())
+    scaled, ref = _no_grad_and_reference(m, x)
+    torch.testing.assert_close(scaled, ref, atol=1e-5, rtol=1e-5)
+    assert (scaled - before).abs().max() > 1e-3
+    w = m.weight_xa_l0  # (6, 6): its transpose is a view of the same storage
+    w.data = w.data.t()
+    assert w.data_ptr() == m.weight_xa_l0.data_ptr()
+    transposed, ref = _no_grad_and_reference(m, x)
+    torch.testing.assert_close(transposed, ref, atol=1e-5, rtol=1e-5)
+    assert (transposed - scaled).abs().max() > 1e-3
+    m.double()
+    double, ref = _no_grad_and_reference(m, x.double())
+    assert double.dtype == torch.float64
+    torch.testing.assert_close(double, ref)
+    torch.testing.assert_close(double, transposed.double(), atol=1e-5, rtol=1e-5)
+
+
+def test_no_grad_cache_holds_at_most_32_entries_and_a_refresh_evicts_no_other(monkeypatch):
+    """The cache is bounded (32 gated layers; the oldest go first), and refreshing a stale entry replaces it
+    without pushing out another model's."""
+    from pipeline.nn import eleatt_fast
+
+    cache: dict = {}
+    monkeypatch.setattr(eleatt_fast, "_STEP_WEIGHTS", cache)
+    torch.manual_seed(0)
+    models = [EleAttGRU(4, 3).eval() for _ in range(40)]  # all kept alive: nothing is freed
+    x = torch.randn(2, 1, 4)
+    key = lambda m: (id(m.weight_ih_l0), id(m.weight_hh_l0), id(m.weight_ha_l0), id(m.weight_xa_l0))  # noqa
+    with torch.no_grad():
+        for m in models:
+            m(x)
+    assert len(cache) == 32 and set(cache) == {key(m) for m in models[8:]}  # the first 8 went
+    with torch.no_grad():
+        models[20].weight_hh_l0.add_(0.5)
+        refreshed = models[20](x)[0]
+        models[20].impl = "reference"
+        torch.testing.assert_close(refreshed, models[20](x)[0], atol=1e-5, rtol=1e-5)
+    assert len(cache) == 32 and set(cache) == {key(m) for m in models[8:]}

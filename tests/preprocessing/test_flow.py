@@ -189,6 +189,64 @@ def test_resume_after_crash_states(videos, tmp_path):
         assert flow_info(folder.feature_path(f"move/{name}.mp4"))["pairs"] == T - 1
 
 
+def test_a_rerun_redoes_flow_files_damaged_or_deleted_after_their_record(videos, tmp_path, capsys):
+    """Resume trusts a manifest record only with its file whole: a truncated file, one overwritten with garbage,
+    one replaced by another whole flow file of other pairs, and a deleted one are redone; the untouched is skipped."""
+    from pipeline.data.flow import save_flow
+
+    root = tmp_path / "videos"
+    root.mkdir()
+    names = ["trunc.mp4", "garbage.mp4", "other.mp4", "deleted.mp4", "kept.mp4"]
+    for i, name in enumerate(names):
+        (root / name).write_bytes((videos / "move" / f"{MOTIONS[i % 2][0]}.mp4").read_bytes())
+    (root / "list.txt").write_text("".join(f"{n} 0\n" for n in names))
+    out = tmp_path / "flow"
+    argv = ["flow", "--list", str(root / "list.txt"), "--root", str(root), "--out", str(out), "--short-side", "0",
+            "--workers", "1", "--no-progress"]
+    assert cli_main(argv) == 0
+    assert "flow: 5 done, 0 skipped, 0 failed of 5 videos" in capsys.readouterr().out
+    path = {n: out / n.replace(".mp4", ".flow.zip") for n in names}
+    first = {n: load_quantized(path[n])[0] for n in names}
+    assert all(q.shape == (T - 1, 2, H, W) for q in first.values())
+
+    data = path["trunc.mp4"].read_bytes()
+    path["trunc.mp4"].write_bytes(data[: len(data) // 2])  # cut: the zip directory at the end is gone
+    path["garbage.mp4"].write_bytes(bytes(range(256)) * (path["garbage.mp4"].stat().st_size // 256 + 1))
+    save_flow(path["other.mp4"], first["other.mp4"][:2], 20.0)  # a whole flow file, but of 2 pairs, not 5
+    path["deleted.mp4"].unlink()
+    kept = path["kept.mp4"].stat()
+    assert set(FlowFolder(out).finished()) == {"kept.mp4"}
+
+    assert cli_main(argv) == 0
+    assert "flow: 4 done, 1 skipped, 0 failed of 5 videos" in capsys.readouterr().out
+    for name in names:
+        assert np.array_equal(load_quantized(path[name])[0], first[name]), name
+    again = path["kept.mp4"].stat()
+    assert (again.st_ino, again.st_mtime_ns) == (kept.st_ino, kept.st_mtime_ns)  # not rewritten
+    counts: dict[str, int] = {}
+    for record in _records(out):
+        counts[record["video"]] = counts.get(record["video"], 0) + 1
+    assert counts == {"trunc.mp4": 2, "garbage.mp4": 2, "other.mp4": 2, "deleted.mp4": 2, "kept.mp4": 1}
+    assert set(FlowFolder(out).finished()) == set(names) and not FlowFolder(out).failed()
+    assert cli_main(argv) == 0
+    assert "flow: 0 done, 5 skipped, 0 failed of 5 videos" in capsys.readouterr().out
+
+
+def test_skipped_counts_only_the_listed_videos_and_the_bound_reaches_the_files(videos, tmp_path, capsys):
+    out = tmp_path / "b10"
+    assert _run(videos, out, "--bound", "10") == 0
+    assert "flow: 2 done, 0 skipped, 0 failed of 2 videos" in capsys.readouterr().out
+    path = out / "move" / "right_up.flow.zip"
+    assert flow_info(path)["bound"] == 10.0 and FlowOptions.of(FlowFolder(out).settings).bound == 10.0
+    # dx = 2 px at bound 10 is level round((2 + 10) / 20 * 255) = 153 (at bound 20 it would be 140)
+    levels = load_quantized(path)[0][:, 0, 8:-8, 8:-8]
+    assert abs(float(np.median(levels)) - 153) <= 2
+    # a list holding one of the two finished videos: 1 skipped, not the folder's 2
+    (videos / "one_done.txt").write_text("move/left_down.mp4 1\n")
+    assert _run(videos, out, "--bound", "10", list_name="one_done.txt") == 0
+    assert "flow: 0 done, 1 skipped, 0 failed of 1 videos" in capsys.readouterr().out
+
+
 def test_usage_errors(videos, tmp_path, capsys):
     assert main(["--out", str(tmp_path / "x"), "--no-progress"]) == 2
     assert "--list and --root are required" in capsys.readouterr().err

@@ -11,8 +11,13 @@ import torch
 from pipeline.cli import main as eleatt
 from pipeline.data.features import FeatureFolder
 from pipeline.data.lists import read_classes, read_list
+<<<<<<< HEAD
 from pipeline.data.skeleton import CENTRE_JOINT, NUM_JOINTS, write_skeleton
 from pipeline.evaluation.scores import read_scores
+=======
+from pipeline.data.skeleton import NUM_JOINTS, write_skeleton
+from pipeline.scores import read_scores
+>>>>>>> main
 from preprocessing.splits import NTU60_TRAIN_SUBJECTS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,7 +81,8 @@ def test_prepare_writes_the_feature_folder_and_the_cross_subject_lists(ntu, tmp_
     assert len(done) == 60 and all((r["frames"], r["dim"], r["views"]) == (20, 150, 1) for r in done.values())
     feats = folder.load(f"nturgb+d_skeletons/{info['names'][0]}.skeleton")
     assert feats.shape == (20, 150) and feats.dtype == np.float32 and not feats[:, 75:].any()
-    assert np.abs(feats[0, 3 * CENTRE_JOINT: 3 * CENTRE_JOINT + 3]).max() < 1e-6  # centred on the spine
+    assert np.abs(feats[0, 3:6]).max() < 1e-6  # centred on NTU joint 2 (index 1: columns 3..5), the mid-spine
+    assert np.abs(feats[0, 0:3]).max() > 1e-3  # ... not on joint 1
     assert info["bad"] in folder.failed() and info["empty"] not in done  # the missing sample is not converted
 
     lists = out / "lists" / "cs"

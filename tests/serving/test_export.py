@@ -169,3 +169,108 @@ def test_cli(tmp_path, capsys):
     assert "missing.ckpt" in capsys.readouterr().err
     assert cli_main(["export", "--ckpt", str(ckpt), "--step", "--format", "torchscript", "--out", str(out),
                      "--weights", "none"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --with-backbone: the features go through float16 as extraction stores them, as classify does. Checked where the
+# rounding moves the output: standard normalisation with a std 3 % of the features' spread over frames, so
+# float16's rounding of these small features (~0.02, rounded by up to ~3e-5) shifts the stack's inputs visibly.
+# ---------------------------------------------------------------------------------------------------------------
+T_HALF = 5
+
+
+@pytest.fixture(scope="module")
+def half_store_ckpt(tmp_path_factory):
+    """(checkpoint, uint8 frames (T, 40, 40, 3), normalised images (T, 3, h, w), float32 features (T, D), mean,
+    std). The features and the statistics are computed here with the backbone alone."""
+    import numpy as np
+
+    from pipeline.data.transforms import eval_views
+    from pipeline.nn.backbone import FrameEncoder
+
+    encoder = FrameEncoder("test_resnet", weights="none")
+    frames = np.random.default_rng(0).integers(0, 256, (T_HALF, 40, 40, 3), dtype=np.uint8)
+    images = eval_views(frames, encoder.data_config, "center")[0]  # (T, 3, h, w): the centre view
+    with torch.no_grad():
+        feats = encoder(images).float()  # (T, D) float32, before storage
+    mean, std = feats.mean(0), feats.std(0).clamp_min(1e-4) * 0.03
+    settings = {"backbone": "test_resnet", "weights": "none", "data_config": encoder.data_config,
+                "sampling": {"mode": "all", "fps": None, "num_segments": None}, "views": "center",
+                "dtype": "float16", "precision": "32", "modality": "rgb"}
+    torch.manual_seed(1)
+    model = EleAttClassifier(input_size=encoder.num_features, num_classes=C, cell="lstm", hidden_size=H,
+                             num_layers=2, attention_layers=1, class_names=[f"c{i}" for i in range(C)],
+                             extraction_settings=settings)
+    with torch.no_grad():
+        model.net.head.weight.mul_(10)  # sharper probabilities: input changes show in them
+    path = tmp_path_factory.mktemp("half") / "m.ckpt"
+    torch.save({"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict(),
+                "datamodule_hyper_parameters": {"normalize": "standard", "num_steps": 0},
+                "FeatureDataModule": {"normalizer": {"mode": "standard", "mean": mean, "std": std}}}, path)
+    return path, frames, images, feats, mean, std
+
+
+def _stack_probs(ckpt, feats, mean, std):
+    """Probabilities (T, C) after each step of the checkpoint's own stack (SequenceClassifier.stream) on features
+    (T, D), standardised by hand."""
+    net = load_classifier(ckpt).net.eval()
+    with torch.no_grad():
+        logits, _ = net.stream(((feats - mean) / std)[None])  # (1, T, C)
+    return logits[0].float().softmax(-1)
+
+
+def test_backbone_exports_round_features_through_float16_as_classify(tmp_path, half_store_ckpt):
+    import numpy as np
+
+    from pipeline.inference import VideoClassifier
+
+    ckpt, frames, images, feats, mean, std = half_store_ckpt
+    want = _stack_probs(ckpt, feats.half().float(), mean, std)  # (T, C): float16 storage, then the stack
+    unrounded = _stack_probs(ckpt, feats, mean, std)
+    # here the round trip changes the output after every step by far more than the tolerances below
+    assert (want - unrounded).abs().amax(-1).min() > 2e-3
+
+    video = VideoClassifier(ckpt, device="cpu")  # what classify computes from these frames
+    for t in (1, 3, T_HALF):
+        np.testing.assert_allclose(video.scores(video.encode(frames[:t])), want[t - 1].numpy(), atol=1e-5, rtol=0)
+
+    seq, seq_info = build_models(ckpt, with_backbone=True)
+    step, step_info = build_models(ckpt, with_backbone=True, step=True)
+    seq_run = load_exported(export_module(seq, seq_info, "torchscript", tmp_path / "seq.ts"), "torchscript")
+    step_run = load_exported(export_module(step, step_info, "torchscript", tmp_path / "step.ts"), "torchscript")
+    # whole sequence: two videos in a batch, all 5 frames and the first 3 (padded)
+    batch = images[None].repeat(2, 1, 1, 1, 1)
+    lengths = torch.tensor([T_HALF, 3])
+    for run in (seq, seq_run):
+        with torch.no_grad():
+            (got,) = run(batch, lengths) if run is seq_run else (run(batch, lengths),)
+        torch.testing.assert_close(got, want[[T_HALF - 1, 2]], atol=1e-5, rtol=0)
+    # one step at a time from a zero state: the probabilities after every frame
+    for run in (step, step_run):
+        h = c = torch.zeros(step_info["num_layers"], 1, H)
+        for t in range(T_HALF):
+            with torch.no_grad():
+                probs, h, c = run(images[t:t + 1], h, c)
+            torch.testing.assert_close(probs[0], want[t], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cell,pooling", [("lstm", "mean"), ("gru", "last")])
+def test_padded_steps_never_reach_the_prediction(tmp_path, cell, pooling):
+    """A batch of sequences of different lengths, padded with large values: each row's probabilities are those of
+    its own unpadded sequence alone (the other tests' random lengths all came out full)."""
+    ckpt = _save_checkpoint(tmp_path / "m.ckpt", cell=cell, pooling=pooling, attention_layers=1)
+    module, _ = build_models(ckpt)
+    classifier = load_classifier(ckpt).eval()
+    normalizer = FeatureNormalizer("standard")
+    normalizer.load_state_dict(torch.load(ckpt, weights_only=True)["FeatureDataModule"]["normalizer"])
+    feats, _ = _inputs(3, 6, seed=3)
+    lengths = torch.tensor([6, 2, 4])
+    for b, n in enumerate(lengths.tolist()):
+        feats[b, n:] = 50.0  # padding that would move any output it reached
+    with torch.no_grad():
+        got = module(feats, lengths)
+        for b, n in enumerate(lengths.tolist()):
+            alone = classifier.video_probs(normalizer(feats[b:b + 1, :n]), torch.tensor([n]))  # (1, C)
+            torch.testing.assert_close(got[b:b + 1], alone, atol=1e-5, rtol=0)
+        # and the padding would show if it were read: the same rows taken at full length differ
+        assert (module(feats, torch.full((3,), 6))[1:] - got[1:]).abs().max() > 1e-3

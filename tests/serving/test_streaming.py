@@ -296,3 +296,138 @@ def test_classifier_stream_equals_forward_on_every_prefix(cell, pooling):
             outs.append(logits)
         torch.testing.assert_close(torch.cat(outs, 1), expected, atol=1e-5, rtol=0)
         assert state.steps == 9
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fps sampling where the source rate is not a multiple of the step rate, checked by value: frame i of the video is
+# filled with grey level LEVEL * i (lossless), so the frames the stream encodes say which they are.
+# ---------------------------------------------------------------------------------------------------------------
+LEVEL = 4
+# The frame on screen at each step time k / rate is floor(k * src / rate), worked out by hand for 13 steps:
+#   30 fps at 8 steps/s:  k * 3.75  = 0, 3.75, 7.5, 11.25, 15, 18.75, 22.5, 26.25, 30, 33.75, 37.5, 41.25, 45
+#   25 fps at 8 steps/s:  k * 3.125 = 0, 3.125, 6.25, 9.375, 12.5, 15.625, 18.75, 21.875, 25, 28.125, 31.25,
+#                                     34.375, 37.5
+#   29.97 (30000/1001) fps at 6 steps/s: k * 5000/1001 = 5k - 5k/1001, just under 5k: frame 5k - 1 for k >= 1
+# (rounding the ratio to 4, 3 and 5 frames -- or rounding to nearest -- gives other frames from the 2nd step on).
+NON_INTEGER_RATIOS = {
+    "30fps_at_8": (30, 8, 48, [0, 3, 7, 11, 15, 18, 22, 26, 30, 33, 37, 41, 45]),
+    "25fps_at_8": (25, 8, 40, [0, 3, 6, 9, 12, 15, 18, 21, 25, 28, 31, 34, 37]),
+    "29.97fps_at_6": ("30000/1001", 6, 60, [0, 4, 9, 14, 19, 24, 29, 34, 39, 44, 49, 54, 59]),
+}
+
+
+@pytest.fixture(scope="module")
+def models_at_6(fps_run, tmp_path_factory):
+    """The fps run's checkpoint recorded as extracted at 6 steps/s (the weights do not care): offline and stream."""
+    _, ckpt = fps_run
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    checkpoint["hyper_parameters"]["extraction_settings"]["sampling"] = {"mode": "fps", "fps": 6.0,
+                                                                         "num_segments": None}
+    path = tmp_path_factory.mktemp("at6") / "at6.ckpt"
+    torch.save(checkpoint, path)
+    return VideoClassifier(path, device="cpu"), StreamingClassifier(path, device="cpu")
+
+
+@pytest.mark.parametrize("case", list(NON_INTEGER_RATIOS))
+def test_non_integer_fps_ratio_streams_the_frames_classify_takes(fps_run, models, models_at_6, tmp_path,
+                                                                 monkeypatch, case):
+    from fractions import Fraction
+
+    from preprocessing.synthetic import write_lossless_video
+
+    src, rate, num_frames, by_hand = NON_INTEGER_RATIOS[case]
+    offline, stream = models if rate == STEP_FPS else models_at_6
+    assert stream.sample_fps == rate
+    frames = np.stack([np.full((48, 48, 3), LEVEL * i, np.uint8) for i in range(num_frames)])
+    path = tmp_path / f"{case}.mp4"
+    write_lossless_video(path, frames, fps=Fraction(src))
+    info = probe(path)
+    assert info.num_frames == num_frames and abs(info.fps - float(Fraction(src))) < 1e-9
+
+    encoded = []  # the frames the stream hands to the backbone, and what it gets back
+    real_encode = stream.video.encode
+
+    def spy(chunk):
+        feats = real_encode(chunk)
+        encoded.append((chunk.clone(), feats))
+        return feats
+
+    monkeypatch.setattr(stream.video, "encode", spy)
+    probs, numbers, times = _push_all(stream, frames, 7, fps=info.fps)  # 7: chunks cut across the steps
+    shown = [int(f.float().mean()) // LEVEL for chunk, _ in encoded for f in chunk]
+    assert numbers.tolist() == shown == by_hand  # reported = encoded = by hand, over the whole video
+    np.testing.assert_array_equal(numbers, Sampling(fps=rate).indices(num_frames, info.fps))  # sampling's rule
+    np.testing.assert_allclose(times, np.asarray(by_hand) / float(Fraction(src)), rtol=0, atol=1e-12)
+
+    # what classify extracts from the file: the same frames' features, bit for bit, and the same probabilities
+    raw = offline.features(path)  # (V, T, D)
+    streamed = torch.cat([f for _, f in encoded], dim=1)
+    assert raw.shape[1] == len(by_hand)
+    torch.testing.assert_close(streamed, raw, atol=0, rtol=0)
+    assert (raw[:, 1:] - raw[:, :-1]).abs().amax() > 1e-3  # neighbouring frames differ: the check has teeth
+    for t in range(1, len(by_hand) + 1):
+        np.testing.assert_allclose(probs[t - 1], offline.scores(raw[:, :t]), atol=1e-5)
+    np.testing.assert_allclose(probs[-1], offline(path).scores, atol=1e-5)
+
+    # per-frame timestamps (a clock that does not start at 0) take the same frames
+    encoded.clear()
+    stamps = 50.0 + np.arange(num_frames) / float(Fraction(src))
+    stream.reset()
+    outs = [stream.push(frames[s:s + 5], timestamps=stamps[s:s + 5]) for s in range(0, num_frames, 5)]
+    assert np.concatenate([o.frames for o in outs]).tolist() == by_hand
+    assert [int(f.float().mean()) // LEVEL for chunk, _ in encoded for f in chunk] == by_hand
+
+
+def test_reset_lets_a_new_source_set_another_rate(models):
+    # the refusal of a changed rate says "call reset() and set the rate again": that used to raise all the same
+    _, stream = models
+    frames = np.zeros((8, 48, 48, 3), np.uint8)
+    stream.reset()
+    stream.push(frames, fps=24)
+    with pytest.raises(ValueError, match="differs from the rate"):
+        stream.push(frames, fps=30)  # mid-stream: refused
+    stream.reset()
+    out = stream.push(frames, fps=30)  # a new source at 30 fps, stepped at 8/s: frames 0, 3.75 -> 0, 3, 7
+    assert stream.src_fps == 30.0 and out.frames.tolist() == [0, 3, 7]
+    stream.reset()
+    assert stream.push(frames).frames.tolist() == [0, 3, 7]  # the rate is kept across reset() when not given
+
+
+def test_timestamps_with_dropped_frames_take_one_step_per_frame(fps_run):
+    """A camera that drops frames (no rate given): each frame lasts the gap since the previous one, and a frame
+    that spans several step times is taken once, the steps then resume on the k / 8 s grid."""
+    _, ckpt = fps_run
+    stream = StreamingClassifier(ckpt, device="cpu")  # fresh: no source rate known
+    kept = [0, 1, 2, 3, *range(12, 24)]  # a 24 fps camera that lost frames 4..11
+    frames = np.stack([np.full((48, 48, 3), LEVEL * i, np.uint8) for i in kept])
+    stamps = 7.0 + np.asarray(kept) / 24
+    outs = [stream.push(frames[s:s + 3], timestamps=stamps[s:s + 3]) for s in range(0, len(kept), 3)]
+    # by hand, steps due at k / 8 s: frame 0 (the first) takes step 0; frame 3 spans [0.125, 0.167) s: step 1;
+    # frame 12 comes at 0.5 s after a 0.375 s gap, spans [0.5, 0.875): one step, the next due is 7 (0.875 s);
+    # frames 13..20 end by 0.875; frame 21 spans [0.875, 0.917): step 7; frames 22, 23 end by 1.0: step 8 not yet
+    numbers = np.concatenate([o.frames for o in outs])
+    assert numbers.tolist() == [0, 3, 4, 13]  # the 1st, 4th, 5th and 14th frames pushed: source frames 0, 3, 12, 21
+    np.testing.assert_allclose(np.concatenate([o.times for o in outs]), [0.0, 0.125, 0.5, 0.875], atol=1e-9)
+    assert stream.steps == 4
+
+
+def test_views_are_averaged_as_classify_averages_them(fps_run, tmp_path):
+    """A checkpoint whose features were extracted over ten views: after every step the stream gives the mean of the
+    views' probabilities, as classify does -- not one view's."""
+    data, ckpt = fps_run
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    checkpoint["hyper_parameters"]["extraction_settings"]["views"] = "ten"
+    ten = tmp_path / "ten.ckpt"
+    torch.save(checkpoint, ten)
+    offline, stream = VideoClassifier(ten, device="cpu"), StreamingClassifier(ten, device="cpu")
+    path, info, frames = _video(data, 0)
+    probs, _, _ = _push_all(stream, frames, 5, fps=info.fps)
+    raw = offline.features(path)  # (10, T, D)
+    assert raw.shape[0] == 10 and len(probs) == raw.shape[1] == 8
+    for t in range(1, len(probs) + 1):
+        np.testing.assert_allclose(probs[t - 1], offline.scores(raw[:, :t]), atol=1e-5)
+    with torch.no_grad():  # the views disagree, so the mean is no single view's answer
+        logits, _ = offline.model.net.stream(offline.normalizer(raw))  # (10, T, C)
+    per_view = logits.softmax(-1).numpy()
+    np.testing.assert_allclose(probs, per_view.mean(0), atol=1e-5)
+    assert np.abs(per_view - per_view.mean(0)).max(axis=(1, 2)).min() > 1e-3

@@ -116,3 +116,102 @@ def test_data_module_workers_read_the_same_clips(videos):
     for a, b in zip(batches[0], batches[2]):
         assert a["videos"] == b["videos"]
         np.testing.assert_array_equal(a["feats"].numpy(), b["feats"].numpy())
+
+
+# A flow folder of one video written in a fresh process (once decord is loaded in a process, OpenCV's PNG encoder
+# there can fail and the flow files come out damaged). 6 identical pairs of 24 x 24 px, bound 20; the levels are
+# picked so that f / bound is a round number: q = 204 -> +0.6, 153 -> +0.2, 102 -> -0.2, 51 -> -0.6.
+# x (horizontal motion, to the right): +0.6 on the left half (columns 0-11), +0.2 on the right half;
+# y: -0.2 on the left half, -0.6 on the right half.
+MIRROR_FLOW = """
+import sys
+import numpy as np
+from pathlib import Path
+from pipeline.data.flow import FlowFolder
+from pipeline.data.lists import ListEntry, write_classes, write_list
+
+root = Path(sys.argv[1])
+q = np.zeros((6, 2, 24, 24), np.uint8)
+q[:, 0, :, :12], q[:, 0, :, 12:] = 204, 153
+q[:, 1, :, :12], q[:, 1, :, 12:] = 102, 51
+FlowFolder(root / "flows").write_quantized("c0/v0.avi", q, 20.0)
+write_list(root / "train.txt", [ListEntry("c0/v0.avi", 0), ListEntry("c0/v0.avi", 0)])
+write_classes(root / "classes.txt", ["right"])
+"""
+
+# The channels x1, y1, x2, y2 at the left-most and right-most output columns (every row alike).
+UNFLIPPED = {"left": [0.6, -0.2, 0.6, -0.2], "right": [0.2, -0.6, 0.2, -0.6]}
+# Mirrored: the columns swap sides, and x (channels 0 and 2) changes sign; y keeps its sign.
+FLIPPED = {"left": [-0.2, -0.6, -0.2, -0.6], "right": [-0.6, -0.2, -0.6, -0.2]}
+
+
+@pytest.fixture(scope="module")
+def mirror_flow(tmp_path_factory) -> Path:
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("mirror_flow")
+    subprocess.run([sys.executable, "-c", MIRROR_FLOW, str(root)], cwd=Path(__file__).resolve().parents[2],
+                   check=True, timeout=120)
+    return root
+
+
+def _edges(clip: torch.Tensor) -> dict[str, list[float]]:
+    """clip (T, 4, H, W) -> the channels at the left and right edge column; each must be the same on every frame
+    and row (the hand-made flow varies only from left to right)."""
+    left, right = clip[..., 0], clip[..., -1]  # (T, 4, H)
+    for edge in (left, right):
+        torch.testing.assert_close(edge, edge[:1, :, :1].expand_as(edge), atol=1e-5, rtol=0)
+    return {"left": left[0, :, 0].tolist(), "right": right[0, :, 0].tolist()}
+
+
+def test_training_flow_clips_mirror_the_image_and_negate_x(mirror_flow):
+    cfg = backbone_data_config("test_resnet", frame_size=16, in_chans=4)
+    cfg.update(mean=(0.0,), std=(1.0,))  # as VideoDataModule sets for flow: stacks come as f / bound
+    ds = VideoClipDataset(mirror_flow / "flows", read_list(mirror_flow / "train.txt"), cfg, num_segments=3,
+                          train=True, modality="flow", flow_length=2)
+    torch.manual_seed(0)
+    seen = {"flipped": 0, "unflipped": 0}
+    for _ in range(16):
+        clip = ds[0]["feats"]
+        assert clip.shape == (3, 4, 16, 16)
+        edges = _edges(clip)
+        kind = "flipped" if edges["left"][0] < 0 else "unflipped"  # x > 0 everywhere unless mirrored
+        expected = FLIPPED if kind == "flipped" else UNFLIPPED
+        for side in ("left", "right"):
+            np.testing.assert_allclose(edges[side], expected[side], atol=1e-5, err_msg=f"{kind} {side}")
+        seen[kind] += 1
+    assert seen["flipped"] >= 3 and seen["unflipped"] >= 3, seen  # the flip is drawn, about half the time
+
+    # The data module's training batches are those clips (flow: mean 0, std 1; 4 channels for L = 2).
+    dm = VideoDataModule(str(mirror_flow / "flows"), train_list=str(mirror_flow / "train.txt"), modality="flow",
+                         flow_length=2, backbone="test_resnet", frame_size=16, num_segments=3, batch_size=2,
+                         num_workers=0)
+    dm.setup("fit")
+    torch.manual_seed(1)
+    kinds = set()
+    for _ in range(4):
+        for clip in next(iter(dm.train_dataloader()))["feats"]:
+            edges = _edges(clip)
+            kind = "flipped" if edges["left"][0] < 0 else "unflipped"
+            np.testing.assert_allclose(edges["left"], (FLIPPED if kind == "flipped" else UNFLIPPED)["left"], atol=1e-5)
+            np.testing.assert_allclose(edges["right"], (FLIPPED if kind == "flipped" else UNFLIPPED)["right"], atol=1e-5)
+            kinds.add(kind)
+    assert kinds == {"flipped", "unflipped"}
+
+
+def test_evaluation_flow_clips_are_never_mirrored(mirror_flow):
+    cfg = backbone_data_config("test_resnet", frame_size=16, in_chans=4)
+    cfg.update(mean=(0.0,), std=(1.0,))
+    entries = read_list(mirror_flow / "train.txt")
+    views = VideoClipDataset(mirror_flow / "flows", entries, cfg, num_segments=3, views="three", modality="flow",
+                             flow_length=2)[0]["feats"]
+    assert views.shape == (3, 3, 4, 16, 16)
+    # the three crops (left, centre, right of a square frame: all the same box here) keep the original orientation
+    for view in views:
+        edges = _edges(view)
+        np.testing.assert_allclose(edges["left"], UNFLIPPED["left"], atol=1e-5)
+        np.testing.assert_allclose(edges["right"], UNFLIPPED["right"], atol=1e-5)
+    # ten views would mirror half of the crops; the dataset refuses them for flow rather than flip x wrongly
+    with pytest.raises(ValueError, match="views='ten' mirrors crops"):
+        VideoClipDataset(mirror_flow / "flows", entries, cfg, views="ten", modality="flow", flow_length=2)

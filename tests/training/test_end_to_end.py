@@ -327,3 +327,97 @@ def test_an_unreadable_video_is_counted_not_fatal(videos, tmp_path):
     with pytest.warns(UserWarning, match=r"train: \d+ unreadable videos skipped"):
         trainer.fit(net, dm)
     assert trainer.callback_metrics["train/skipped_videos"] >= 1 and trainer.global_step == 1
+
+
+# -- the two learning rates reach the optimizer -------------------------------------------------------------------
+LR, BACKBONE_LR = 2e-3, 3e-4  # different, so that a group given the other one's rate shows
+
+
+def _groups(net: VideoEleAttClassifier):
+    configured = net.configure_optimizers()
+    optimizer = configured["optimizer"] if isinstance(configured, dict) else configured
+    return optimizer, {g["name"]: g for g in optimizer.param_groups}
+
+
+def _ids(params) -> set[int]:
+    return {id(p) for p in params}
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.5])
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_backbone_and_stack_groups_step_with_their_own_learning_rates(optimizer, weight_decay):
+    torch.manual_seed(0)
+    net = VideoEleAttClassifier(num_classes=3, backbone="test_resnet", weights="none", hidden_size=8, dropout=0.0,
+                                lr=LR, backbone_lr=BACKBONE_LR, optimizer=optimizer, lr_patience=2,
+                                weight_decay=weight_decay)
+    opt, groups = _groups(net)  # with a schedule (lr_patience > 0): the dict form
+    assert [g["name"] for g in opt.param_groups] == ["stack", "backbone"]
+    assert groups["stack"]["lr"] == 2e-3 and groups["backbone"]["lr"] == 3e-4
+    assert type(opt).__name__ == {"adamw": "AdamW", "sgd": "SGD"}[optimizer]
+    if optimizer == "sgd":
+        assert groups["stack"]["momentum"] == 0.9 and groups["backbone"]["momentum"] == 0.9
+    # every trainable parameter in exactly one group: the encoder's in "backbone", the rest in "stack"
+    assert _ids(groups["backbone"]["params"]) == _ids(net.encoder.parameters())
+    assert _ids(groups["stack"]["params"]) == _ids(net.net.parameters())
+    assert len(groups["backbone"]["params"]) == 45 and len(groups["stack"]["params"]) == 9
+
+    assert groups["stack"]["weight_decay"] == groups["backbone"]["weight_decay"] == weight_decay
+    # One step: SGD's first step (momentum buffer = gradient + wd * p) moves p by -lr * (g + wd * p); AdamW's first
+    # step decays p by lr * wd * p and moves it by -lr * g / (|g| + eps), i.e. by lr where the gradient is not tiny.
+    # So the step size is the group's rate.
+    opt, _ = _groups(net)
+    net.train()
+    clips = torch.randn(2, 2, 3, 32, 32)
+    loss = torch.nn.functional.cross_entropy(net(clips, torch.tensor([2, 2])), torch.tensor([0, 2]))
+    loss.backward()
+    probes = {"backbone": net.encoder.model.conv1[0].weight, "stack": net.net.head.weight}  # the stem conv, the head
+    before = {k: p.detach().clone() for k, p in probes.items()}
+    opt.step()
+    for name, rate in (("backbone", 3e-4), ("stack", 2e-3)):
+        p, grad = probes[name], probes[name].grad
+        delta = p.detach() - before[name]
+        big = grad.abs() > 1e-4
+        assert big.sum() > 10, name
+        if optimizer == "sgd":
+            expected = -rate * (grad + weight_decay * before[name])
+            torch.testing.assert_close(delta, expected, rtol=1e-3, atol=5e-8)  # float32 rounding of p
+        else:
+            expected = -rate * weight_decay * before[name] - rate * grad.sign()
+            torch.testing.assert_close(delta[big], expected[big], rtol=2e-3, atol=1e-9)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_frozen_parameters_are_in_no_group(optimizer):
+    kw = dict(num_classes=3, backbone="test_resnet", weights="none", hidden_size=8, lr=LR, backbone_lr=BACKBONE_LR,
+              optimizer=optimizer, lr_patience=0)
+    # freeze=1: the stem (conv1, bn1) and layer1 are frozen; layer2-4 train at backbone_lr
+    net = VideoEleAttClassifier(freeze=1, **kw)
+    opt, groups = _groups(net)
+    assert [(g["name"], g["lr"]) for g in opt.param_groups] == [("stack", 2e-3), ("backbone", 3e-4)]
+    names = {id(p): n for n, p in net.named_parameters()}
+    in_backbone = sorted(names[id(p)] for p in groups["backbone"]["params"])
+    assert len(in_backbone) == 30  # layer2: 9, layer3: 12, layer4: 9 tensors
+    assert all(n.startswith(("encoder.model.layer2.", "encoder.model.layer3.", "encoder.model.layer4."))
+               for n in in_backbone)
+    grouped = _ids(p for g in opt.param_groups for p in g["params"])
+    frozen = [n for n, p in net.named_parameters() if n.startswith(("encoder.model.conv1", "encoder.model.bn1",
+                                                                     "encoder.model.layer1"))]
+    assert len(frozen) == 15 and not any(id(dict(net.named_parameters())[n]) in grouped for n in frozen)
+    # partial BN on top: the BatchNorms after the first leave the backbone group too (layer2-4 keep 10 conv weights)
+    net = VideoEleAttClassifier(freeze=1, partial_bn=True, **kw)
+    _, groups = _groups(net)
+    assert len(groups["backbone"]["params"]) == 10 and all(p.dim() == 4 for p in groups["backbone"]["params"])
+    # freeze=all: one group, the stack's, at lr; no backbone parameter anywhere
+    net = VideoEleAttClassifier(freeze="all", **kw)
+    opt, _ = _groups(net)
+    assert [(g["name"], g["lr"]) for g in opt.param_groups] == [("stack", 2e-3)]
+    assert _ids(opt.param_groups[0]["params"]) == _ids(net.net.parameters())
+
+
+def test_cli_fit_gives_the_optimizer_both_learning_rates(e2e_run):
+    # configs/ucf101_rgb_e2e.yaml: sgd, lr 0.01 (stack, head), backbone_lr 0.001, partial BN; 2 epochs (no decay yet)
+    ckpt = torch.load(e2e_run / "last.ckpt", weights_only=True, map_location="cpu")
+    groups = ckpt["optimizer_states"][0]["param_groups"]
+    assert [(g["name"], g["lr"], g["momentum"]) for g in groups] == [("stack", 0.01, 0.9), ("backbone", 0.001, 0.9)]
+    # test_resnet with partial BN: 17 trainable backbone tensors (the first BatchNorm's 2 and 15 conv weights)
+    assert len(groups[1]["params"]) == 17 and len(groups[0]["params"]) == 9

@@ -303,3 +303,73 @@ def test_two_process_test_gathers_every_video_once(trained, order_features, tmp_
     assert list(runs["ddp"]["videos"]) == [e.path for e in entries]
     np.testing.assert_array_equal(runs["ddp"]["labels"], runs["one"]["labels"])
     np.testing.assert_allclose(runs["ddp"]["scores"], runs["one"]["scores"], atol=1e-5)
+
+
+# -- non-finite training values stop `fit` --------------------------------------------------------------------------
+def _fit_until_poisoned(tmp_path, poison):
+    """Fits a tiny EleAttClassifier for 3 epochs of 2 batches, with best/last checkpoints after every epoch;
+    `poison(model, flag)` installs something that turns bad while flag["on"], which is set from epoch 1 on (after
+    epoch 0's checkpoints). Returns (model, the error raised by fit, the checkpoint files)."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from pipeline.lit import NonFiniteError
+
+    torch.manual_seed(0)
+    model = EleAttClassifier(input_size=3, num_classes=3, hidden_size=8, dropout=0.0)
+    batches = [{"feats": torch.randn(4, 6, 3), "lengths": torch.tensor([6, 5, 4, 6]),
+                "labels": torch.tensor([0, 1, 2, 0]), "videos": [f"c/v{b}{i}.mp4" for i in range(4)]}
+               for b in range(2)]
+    flag = {"on": False}
+    poison(model, flag)
+
+    class Poison(pl.Callback):
+        def on_train_epoch_start(self, trainer, module):
+            flag["on"] = trainer.current_epoch >= 1
+
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[Poison(), ModelCheckpoint(dirpath=tmp_path, save_last=True)])
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+    with pytest.raises(NonFiniteError) as info:
+        trainer.fit(model, loader)
+    return model, str(info.value), sorted(tmp_path.glob("*.ckpt"))
+
+
+def _check_nothing_non_finite_was_stepped_or_saved(model, ckpts):
+    assert ckpts and [p.name for p in ckpts if p.name == "last.ckpt"] == ["last.ckpt"]
+    for path in ckpts:
+        saved = torch.load(path, weights_only=True, map_location="cpu")
+        assert saved["epoch"] == 0 and saved["global_step"] == 2  # epoch 0's, never one of the poisoned epoch
+        assert all(bool(torch.isfinite(v).all()) for v in saved["state_dict"].values() if v.is_floating_point())
+    # the poisoned step was not taken: the weights are still those of epoch 0's last checkpoint
+    last = torch.load(ckpts[-1].parent / "last.ckpt", weights_only=True, map_location="cpu")["state_dict"]
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, last[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_a_non_finite_gradient_of_a_finite_loss_stops_fit(tmp_path, value):
+    def poison(model, flag):  # the loss stays finite; the head's gradient overflows
+        model.net.head.weight.register_hook(lambda g: torch.full_like(g, value) if flag["on"] else g)
+
+    model, message, ckpts = _fit_until_poisoned(tmp_path, poison)
+    assert message.startswith("the gradients are not finite in epoch 1, step 2 (batch videos: c/v00.mp4, c/v01.mp4, "
+                               "c/v02.mp4, c/v03.mp4)")
+    assert "--trainer.gradient_clip_val" in message
+    _check_nothing_non_finite_was_stepped_or_saved(model, ckpts)
+
+
+def test_an_infinite_loss_stops_fit(tmp_path):
+    def poison(model, flag):  # class 0 gets logit -inf: the videos labelled 0 lose +inf, so the mean is +inf
+        def hook(module, args, logits):
+            if not flag["on"]:
+                return logits
+            logits = logits.clone()
+            logits[:, 0] = float("-inf")
+            return logits
+        model.net.register_forward_hook(hook)
+
+    model, message, ckpts = _fit_until_poisoned(tmp_path, poison)
+    assert message.startswith("the training loss is inf in epoch 1, step 2 (batch videos: c/v00.mp4")
+    _check_nothing_non_finite_was_stepped_or_saved(model, ckpts)

@@ -97,7 +97,7 @@ def test_test_videos_counts_labelled_videos_only(tmp_path):
     assert rows["chance level"][3] == ""
     html_text = (tmp_path / "r" / "report.html").read_text()
     assert "<tr><td>RGB</td><td>75.0%</td><td>100.0%</td><td>83.3%</td><td>4</td>" in html_text
-    from pipeline.report import stream_metrics
+    from pipeline.evaluation.report import stream_metrics
 
     assert stream_metrics(Stream("RGB", path))[0].videos == 4
 

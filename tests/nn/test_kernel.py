@@ -407,7 +407,7 @@ def _no_grad_and_reference(m, x):
 @pytest.mark.parametrize("name", TENSORS)
 @pytest.mark.parametrize("ours", CACHED_STACKS)
 def test_no_grad_cache_sees_an_in_place_change_of_each_tensor(ours, name, layer, monkeypatch):
-    from pipeline.nn import eleatt_fast
+    from pipeline.nn import kernel as eleatt_fast
 
     prepared = []  # every weight prepared for the step products (3 per gated layer and cache miss)
 
@@ -479,7 +479,7 @@ def test_no_grad_cache_sees_whole_model_changes():
 def test_no_grad_cache_holds_at_most_32_entries_and_a_refresh_evicts_no_other(monkeypatch):
     """The cache is bounded (32 gated layers; the oldest go first), and refreshing a stale entry replaces it
     without pushing out another model's."""
-    from pipeline.nn import eleatt_fast
+    from pipeline.nn import kernel as eleatt_fast
 
     cache: dict = {}
     monkeypatch.setattr(eleatt_fast, "_STEP_WEIGHTS", cache)

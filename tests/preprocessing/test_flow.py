@@ -192,7 +192,7 @@ def test_resume_after_crash_states(videos, tmp_path):
 def test_a_rerun_redoes_flow_files_damaged_or_deleted_after_their_record(videos, tmp_path, capsys):
     """Resume trusts a manifest record only with its file whole: a truncated file, one overwritten with garbage,
     one replaced by another whole flow file of other pairs, and a deleted one are redone; the untouched is skipped."""
-    from pipeline.data.flow import save_flow
+    from pipeline.data.flow_files import save_flow
 
     root = tmp_path / "videos"
     root.mkdir()

@@ -11,13 +11,8 @@ import torch
 from pipeline.cli import main as eleatt
 from pipeline.data.features import FeatureFolder
 from pipeline.data.lists import read_classes, read_list
-<<<<<<< HEAD
-from pipeline.data.skeleton import CENTRE_JOINT, NUM_JOINTS, write_skeleton
-from pipeline.evaluation.scores import read_scores
-=======
 from pipeline.data.skeleton import NUM_JOINTS, write_skeleton
-from pipeline.scores import read_scores
->>>>>>> main
+from pipeline.evaluation.scores import read_scores
 from preprocessing.splits import NTU60_TRAIN_SUBJECTS
 
 REPO = Path(__file__).resolve().parents[2]

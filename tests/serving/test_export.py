@@ -222,7 +222,7 @@ def _stack_probs(ckpt, feats, mean, std):
 def test_backbone_exports_round_features_through_float16_as_classify(tmp_path, half_store_ckpt):
     import numpy as np
 
-    from pipeline.inference import VideoClassifier
+    from pipeline.serving.classify import VideoClassifier
 
     ckpt, frames, images, feats, mean, std = half_store_ckpt
     want = _stack_probs(ckpt, feats.half().float(), mean, std)  # (T, C): float16 storage, then the stack

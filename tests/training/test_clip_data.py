@@ -127,7 +127,7 @@ MIRROR_FLOW = """
 import sys
 import numpy as np
 from pathlib import Path
-from pipeline.data.flow import FlowFolder
+from pipeline.data.flow_files import FlowFolder
 from pipeline.data.lists import ListEntry, write_classes, write_list
 
 root = Path(sys.argv[1])

@@ -313,7 +313,7 @@ def _fit_until_poisoned(tmp_path, poison):
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
 
-    from pipeline.lit import NonFiniteError
+    from pipeline.training.module import NonFiniteError
 
     torch.manual_seed(0)
     model = EleAttClassifier(input_size=3, num_classes=3, hidden_size=8, dropout=0.0)

@@ -304,7 +304,8 @@ def write_demo_report(out: Path, streams: list, features: Path, data: Path, ckpt
     from pipeline.evaluation.baseline import order_blind_baseline
     from pipeline.data.features import FeatureFolder
     from pipeline.evaluation.report import write_report
-    from pipeline.serving.visualize import attention_picture, load_sequence_model
+    from pipeline.serving.visualize import attention_picture
+    from pipeline.trained.load import load_stream
 
     shown = videos[:3]
     with tqdm(total=4, desc="report", unit="step", leave=False) as bar:
@@ -313,7 +314,7 @@ def write_demo_report(out: Path, streams: list, features: Path, data: Path, ckpt
         baseline["note"] = "linear classifier on the mean RGB frame feature (blind to order)"
         bar.update()
         bar.set_postfix_str("attention picture")
-        model = load_sequence_model(ckpt)
+        model = load_stream(ckpt)
         folder = FeatureFolder(features)
         names = model.class_names
         picture, _ = attention_picture(

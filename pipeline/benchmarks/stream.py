@@ -37,6 +37,7 @@ def make_checkpoint(path: Path, backbone: str, hidden: int = 512, num_classes: i
     """Writes a checkpoint like `eleatt fit` makes on `backbone` features sampled at STEP_FPS; returns D."""
     from pipeline.data.features import FeatureSettings
     from pipeline.data.sampling import Sampling
+    from pipeline.trained.record import RECORD_KEY
     from pipeline.training.module import EleAttClassifier
     from pipeline.nn.backbone import FrameEncoder
 
@@ -47,7 +48,7 @@ def make_checkpoint(path: Path, backbone: str, hidden: int = 512, num_classes: i
     model = EleAttClassifier(dim, num_classes, hidden_size=hidden, extraction_settings=settings,
                              class_names=[f"class_{i}" for i in range(num_classes)])
     torch.save({"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict(),
-                "datamodule_hyper_parameters": {"num_steps": 0, "normalize": "none"}}, path)
+                RECORD_KEY: model.trained_stream().to_dict()}, path)
     return dim
 
 

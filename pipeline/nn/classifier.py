@@ -20,16 +20,21 @@ POOLINGS = ("last", "mean")
 class SequenceClassifier(nn.Module):
     """EleAtt stack + head over feature sequences.
 
+    Its arguments are the network's configuration, defined here once: the Lightning modules take them as
+    `**network` (and the CLI offers them as `--model.<name>`), a trained stream's record stores them.
+
     Args:
-        input_size: D, the feature dimension.
-        num_classes: C.
-        cell: "lstm" | "gru" | "rnn" -> EleAttLSTM / EleAttGRU / EleAttRNN.
-        hidden_size, num_layers: the EleAtt stack; attention_layers: how many bottom layers get the
-            element-wise attention gate (None = all, 0 = the plain RNN/LSTM/GRU baseline).
-        dropout: between recurrent layers and before the head (the paper's 0.5).
-        input_dropout: on the input features.
+        input_size: D, the feature dimension (linked from the data by the CLI).
+        num_classes: C, the number of classes (linked from the data by the CLI).
+        cell: recurrent cell: lstm, gru or rnn (EleAttLSTM / EleAttGRU / EleAttRNN).
+        hidden_size: neurons per recurrent layer.
+        num_layers: stacked recurrent layers.
+        attention_layers: how many bottom layers get the element-wise attention gate (null = all, 0 = the plain
+            RNN/LSTM/GRU baseline).
+        dropout: dropout between recurrent layers and before the head (the paper: 0.5).
+        input_dropout: dropout on the input features.
         proj_size: > 0 adds a linear projection D -> proj_size before the recurrent stack.
-        pooling: "last" (the hidden state of the last valid step) or "mean" (mean over valid steps).
+        pooling: the head reads the last valid step ("last") or the mean of the valid steps ("mean").
     """
 
     def __init__(
@@ -55,6 +60,11 @@ class SequenceClassifier(nn.Module):
                 f"sizes must be positive: input_size={input_size}, num_classes={num_classes}, "
                 f"hidden_size={hidden_size}, num_layers={num_layers}, proj_size={proj_size} (>= 0)"
             )
+        # The configuration, as given: a trained stream's record stores it, and `SequenceClassifier(**config)`
+        # builds the same network again (pipeline.trained).
+        self.config = dict(input_size=input_size, num_classes=num_classes, cell=cell, hidden_size=hidden_size,
+                           num_layers=num_layers, attention_layers=attention_layers, dropout=dropout,
+                           input_dropout=input_dropout, proj_size=proj_size, pooling=pooling)
         self.pooling = pooling
         self.input_dropout = nn.Dropout(input_dropout)
         self.proj = nn.Linear(input_size, proj_size) if proj_size > 0 else nn.Identity()

@@ -21,17 +21,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from pipeline.training.feature_data import FeatureDataModule
-from pipeline.data.sequences import sample_sequence
-from pipeline.data.features import FeatureSettings, SettingsFormatError
+from pipeline.data.features import SettingsFormatError
 from pipeline.data.flow_files import FlowArray, FlowOptions
 from pipeline.data.views import DECODE_CHUNK, video_views
 from pipeline.data.transforms import eval_views
 from pipeline.devices import resolve_device
 from pipeline.errors import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, UsageError
 from pipeline.evaluation.fusion import MODES, check_same_classes, check_weights, default_weights, fuse_probs
-from pipeline.training.module import classifier_from_checkpoint, read_checkpoint
-from pipeline.nn.backbone import FrameEncoder
+from pipeline.trained.load import load_stream
 
 
 @dataclass
@@ -82,24 +79,18 @@ class VideoClassifier:
                  batch_size: int = 64, backend: str = "auto", flow_weights: str | os.PathLike | None = None) -> None:
         ckpt = Path(ckpt)
         self.device = resolve_device(device)
-        checkpoint = read_checkpoint(ckpt, map_location="cpu")
-        from pipeline.training.end_to_end import is_video_checkpoint, video_classifier_from_checkpoint
-
-        # An end-to-end checkpoint holds its own (fine-tuned) backbone; a feature checkpoint names the one to build.
-        end_to_end = is_video_checkpoint(checkpoint)
-        load = video_classifier_from_checkpoint if end_to_end else classifier_from_checkpoint
-        self.model = load(checkpoint, ckpt).to(self.device)
-        hparams = self.model.hparams
-        settings = FeatureSettings.from_checkpoint(hparams, ckpt)
+        # The checkpoint's trained-stream record says what the stream is; its loader builds plain modules.
+        self.stream = load_stream(ckpt, self.device)
+        self.net = self.stream.net
+        self.normalizer = self.stream.normalizer
+        self.num_steps = self.stream.num_steps
+        self.class_names = self.stream.class_names
+        settings = self.stream.record.features
         if settings is not None and settings.modality not in ("rgb", "flow"):
             raise UsageError(f"checkpoint '{ckpt}' was trained on {settings.modality!r} features; classify handles "
                              "RGB and flow checkpoints")
-        if settings is None or settings.backbone is None or settings.data_config is None:
-            raise UsageError(
-                f"checkpoint '{ckpt}' does not record the feature extraction settings it was trained on "
-                "(backbone, weights, data_config, sampling, views), so new videos cannot be encoded the same way; "
-                "retrain on a feature folder made by `eleatt extract` (its settings.json is recorded in the checkpoint)"
-            )
+        # An end-to-end stream holds its own (fine-tuned) backbone; a feature stream names the one to build.
+        self.encoder = self.stream.encoder(weights).to(self.device)
         self.flow: FlowOptions | None = None
         self._raft = None
         if settings.modality == "flow":
@@ -117,28 +108,10 @@ class VideoClassifier:
                                  "computation is unknown, so a new video's flow cannot be made the same way; train "
                                  "on flow computed by `eleatt flow` to classify videos")
         self.settings = settings
-        num_classes = int(hparams["num_classes"])
-        self.class_names = list(hparams.get("class_names") or [f"class_{i}" for i in range(num_classes)])
-        # The test-time step sampling and normalisation, as the data module saved them for this checkpoint.
-        self.num_steps, self.normalizer = FeatureDataModule.eval_state_from_checkpoint(checkpoint)
-        source = weights if weights is not None else settings.weights
-        if end_to_end:
-            self.encoder = self.model.encoder
-        else:
-            self.encoder = self._build_encoder(settings, source, weights)
         self.data_config = dict(settings.data_config)
         self.views = settings.views
         self.batch_size = batch_size
         self.backend = backend
-
-    def _build_encoder(self, settings: FeatureSettings, source: str, weights: str | None) -> FrameEncoder:
-        try:
-            return FrameEncoder(settings.backbone, weights=source, in_chans=settings.in_chans).to(self.device)
-        except FileNotFoundError as err:
-            hint = "" if weights is not None else (
-                f" (the checkpoint records weights {settings.weights!r}; pass `--weights PATH` to a local copy "
-                "of the same weights, or `weights=` from Python)")
-            raise type(err)(f"{err}{hint}") from None
 
     def flow_of(self, path: str | os.PathLike) -> FlowArray:
         """A flow-stream checkpoint: the video's quantised flow, computed as `eleatt flow` computes it with the
@@ -185,10 +158,7 @@ class VideoClassifier:
     @torch.inference_mode()
     def scores(self, feats: torch.Tensor) -> np.ndarray:
         """Class probabilities (C,) of one video's features (V, T, D), averaged over views as `test` does."""
-        seq = sample_sequence(feats.numpy(), self.num_steps, self.normalizer)  # (V, T', D)
-        lengths = torch.tensor([seq.shape[1]])
-        probs = self.model.video_probs(seq[None].to(self.device), lengths.to(self.device))  # (1, C)
-        return probs[0].float().cpu().numpy()
+        return self.stream.probabilities(self.stream.prepare(feats.numpy()))  # views averaged
 
     def __call__(self, path: str | os.PathLike, topk: int = 5) -> Prediction:
         """Classifies one video; an unreadable video gives a Prediction with `error` set (no exception)."""

@@ -246,16 +246,13 @@ def build_models(ckpt, with_backbone: bool = False, step: bool = False, weights:
     Returns (module, info): module is FeatureModel / StepModel / BackboneSequenceModel / BackboneStepModel in eval
     mode; info a JSON-able dict (inputs, outputs, class names, state shape, image size) written next to the export.
     """
-    from pipeline.training.feature_data import FeatureDataModule
-    from pipeline.data.features import FeatureSettings, SettingsFormatError
-    from pipeline.training.module import classifier_from_checkpoint, read_checkpoint
     from pipeline.nn.classifier import SequenceClassifier
     from pipeline.nn.eleatt import _EleAttRNNBase
+    from pipeline.trained.load import load_stream
 
     ckpt = Path(ckpt)
-    checkpoint = read_checkpoint(ckpt)
-    classifier = classifier_from_checkpoint(checkpoint, ckpt).float()
-    net = getattr(classifier, "net", None)
+    stream = load_stream(ckpt)  # the trained-stream record and its classifier, as classify loads them
+    net = stream.net.float()
     if not isinstance(net, SequenceClassifier) or not isinstance(getattr(net, "rnn", None), _EleAttRNNBase):
         raise ExportError(f"checkpoint '{ckpt}' does not hold a SequenceClassifier with an EleAtt stack "
                           f"(got {type(net).__name__}); export handles checkpoints of `eleatt fit`")
@@ -265,24 +262,22 @@ def build_models(ckpt, with_backbone: bool = False, step: bool = False, weights:
         raise ExportError(f"checkpoint '{ckpt}' pools the mean over steps (model.pooling={net.pooling!r}); the "
                           "one-step model streams the last step's prediction, so export it without --step (the "
                           "whole-sequence model handles mean pooling)")
-    # The test-time state the data module saved with the checkpoint, read as `eleatt classify` reads it.
-    num_steps, normalizer = FeatureDataModule.eval_state_from_checkpoint(checkpoint)
+    normalizer = stream.normalizer
     if normalizer.mode == "standard" and normalizer.mean is None:
-        raise ExportError(f"checkpoint '{ckpt}' was trained with normalize='standard' but stores no statistics "
-                          "(FeatureDataModule.normalizer); re-save it from a run of `eleatt fit`")
+        raise ExportError(f"checkpoint '{ckpt}' was trained with normalize='standard' but stores no statistics; "
+                          "re-save it from a run of `eleatt fit`")
     model = FeatureModel(net, normalizer.mode, normalizer.mean, normalizer.std).eval()
-    hparams = classifier.hparams
-    num_classes = int(hparams["num_classes"])
+    record = stream.record
     info = {
         "checkpoint": str(ckpt),
-        "class_names": list(hparams.get("class_names") or [f"class_{i}" for i in range(num_classes)]),
-        "cell": hparams.get("cell"),
+        "class_names": stream.class_names,
+        "cell": record.network.get("cell"),
         "normalize": normalizer.mode,
-        "num_steps_in_training": num_steps,
+        "num_steps_in_training": stream.num_steps,
         "state_shape": ["L", "B", "H"] if step else None,
         "num_layers": model.num_layers,
         "hidden_size": model.hidden_size,
-        "input_size": int(hparams["input_size"]),
+        "input_size": record.input_size,
     }
     if not with_backbone:
         module = StepModel(model) if step else model
@@ -290,26 +285,15 @@ def build_models(ckpt, with_backbone: bool = False, step: bool = False, weights:
             "features (B, T, D) float32", "lengths (B,) int64"]
         info["outputs"] = ["probs (B, C)", "h (L, B, H)", "c (L, B, H)"] if step else ["probs (B, C)"]
         return module.eval(), info
-    try:
-        settings = FeatureSettings.from_checkpoint(hparams, ckpt)
-    except SettingsFormatError as err:
-        raise ExportError(str(err)) from None
+    settings = record.features
     if settings is None or settings.backbone is None or settings.data_config is None:
         raise ExportError(f"checkpoint '{ckpt}' does not record the backbone its features were made with "
-                          "(hyper_parameters.extraction_settings); export without --with-backbone, or retrain on a "
-                          "feature folder made by `eleatt extract`")
+                          "(its trained-stream record has no feature settings); export without --with-backbone, or "
+                          "retrain on a feature folder made by `eleatt extract`")
     if settings.modality != "rgb":
         raise ExportError(f"checkpoint '{ckpt}' was trained on {settings.modality!r} features; --with-backbone "
                           "handles RGB checkpoints only (export the feature model and compute the features yourself)")
-    from pipeline.nn.backbone import FrameEncoder
-
-    source = weights if weights is not None else settings.weights
-    try:
-        encoder = FrameEncoder(settings.backbone, weights=source, in_chans=settings.in_chans)
-    except FileNotFoundError as err:
-        hint = "" if weights is not None else (
-            f" (the checkpoint records weights {settings.weights!r}; pass --weights PATH to a local copy)")
-        raise type(err)(f"{err}{hint}") from None
+    encoder = stream.encoder(weights)  # the recorded weights, or `weights` instead (a hint names --weights)
     if encoder.num_features != info["input_size"]:
         raise ExportError(f"backbone {settings.backbone!r} gives {encoder.num_features} features but the model "
                           f"takes {info['input_size']}")

@@ -79,7 +79,7 @@ class StreamingClassifier:
         self.video = VideoClassifier(ckpt, weights=weights, device=device, batch_size=batch_size)
         self.class_names = self.video.class_names
         self.device = self.video.device
-        self.net = self.video.model.net
+        self.net = self.video.net
         sampling = self.video.settings.sampling  # pipeline.data.sampling.Sampling
         mode = sampling.mode
         if sample_fps is not None and not (math.isfinite(sample_fps) and sample_fps > 0):

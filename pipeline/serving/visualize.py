@@ -10,58 +10,22 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline.training.feature_data import FeatureDataModule
-from pipeline.data.sequences import FeatureNormalizer, sample_sequence
-from pipeline.data.features import as_views
 from pipeline.errors import EXIT_OK, EXIT_SOME_FAILED, InputNotFoundError, load_failure, UsageError
-from pipeline.training.module import EleAttClassifier, classifier_from_checkpoint, read_checkpoint
+from pipeline.trained.load import LoadedStream, load_stream
 from pipeline.paths import atomic_write, ensure_writable_dir
-
-
-@dataclass
-class SequenceModel:
-    """A checkpoint's classifier and how its inputs are prepared at test time (step sampling, normalisation)."""
-
-    model: EleAttClassifier
-    normalizer: FeatureNormalizer
-    num_steps: int | None
-    class_names: list[str]
-
-    def prepare(self, features: np.ndarray) -> torch.Tensor:
-        """Stored features (T, D) or (V, T, D) -> the float32 (V, T', D) the model sees in `test`."""
-        views = as_views(np.asarray(features))
-        expected = int(self.model.hparams["input_size"])
-        if views.shape[-1] != expected:
-            raise UsageError(f"the features have {views.shape[-1]} dimensions but the checkpoint was trained on "
-                             f"{expected}; pass features extracted the way its training features were")
-        if views.shape[1] < 1:
-            raise UsageError("the features have no steps (T = 0)")
-        return sample_sequence(views, self.num_steps, self.normalizer)
-
-
-def load_sequence_model(ckpt: str | os.PathLike) -> SequenceModel:
-    """The classifier of an `eleatt fit` checkpoint (eval mode, CPU) with its test-time step sampling and the
-    feature normaliser fitted on its training data."""
-    checkpoint = read_checkpoint(ckpt, map_location="cpu")
-    model = classifier_from_checkpoint(checkpoint, ckpt)
-    num_steps, normalizer = FeatureDataModule.eval_state_from_checkpoint(checkpoint)  # as classify reads them
-    num_classes = int(model.hparams["num_classes"])
-    names = list(model.hparams.get("class_names") or [f"class_{i}" for i in range(num_classes)])
-    return SequenceModel(model, normalizer, num_steps, names)
 
 
 @torch.inference_mode()
 def gates_and_probabilities(model: torch.nn.Module, seq: torch.Tensor, layer: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Gate values and prefix predictions of one video.
 
-    model: an EleAttClassifier or its SequenceClassifier (`.net`), in eval mode.
-    seq: float32 (V, T, D) or (T, D), prepared as for `test` (`SequenceModel.prepare`).
+    model: a SequenceClassifier (or a module holding one as `.net`), in eval mode.
+    seq: float32 (V, T, D) or (T, D), prepared as for `test` (`LoadedStream.prepare`).
     layer: 1-based index among the layers that have an attention gate.
     Returns gates float32 (T, D_layer) of the first view, and probs float32 (T, C): row t is the class
     probability (averaged over views, as `test` does) of the model run on the first t + 1 steps.
@@ -92,7 +56,7 @@ def video_frames(path: str | os.PathLike, count: int = 4) -> np.ndarray:
 
 
 def attention_picture(
-    sequence_model: SequenceModel,
+    stream: LoadedStream,
     features: list[np.ndarray],
     path: str | os.PathLike,
     titles: list[str] | None = None,
@@ -106,7 +70,7 @@ def attention_picture(
 
     gates, frames = [], []
     for i, feats in enumerate(features):
-        g, _ = gates_and_probabilities(sequence_model.model, sequence_model.prepare(feats), layer)
+        g, _ = gates_and_probabilities(stream.net, stream.prepare(feats), layer)
         gates.append(g)
         video = videos[i] if videos else None
         frames.append(video_frames(video, frames_per_video) if video is not None else None)
@@ -142,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     ensure_writable_dir(out, "--out folder")  # before loading and encoding anything
     frames = None
     if args.features is not None:
-        sequence_model = load_sequence_model(ckpt)
+        stream = load_stream(ckpt)
         source = Path(args.features)
         if not source.is_file():
             raise InputNotFoundError(f"feature file '{source}' not found (feature folders hold one .npy per video)")
@@ -158,22 +122,20 @@ def main(argv: list[str] | None = None) -> int:
         if not source.exists():
             raise InputNotFoundError(f"video '{source}' not found")
         classifier = VideoClassifier(ckpt, weights=args.weights, device=args.device)
-        # the classifier already holds the model and its test-time state: no second read of the checkpoint
-        sequence_model = SequenceModel(classifier.model, classifier.normalizer, classifier.num_steps,
-                                       classifier.class_names)
+        stream = classifier.stream  # the classifier already holds it: no second read of the checkpoint
         try:
             features = classifier.features(source).numpy()  # (V, T, D)
             frames = video_frames(source)
         except VideoReadError as err:
             print(f"eleatt visualize: {err}", file=sys.stderr)  # the error names the file
             return EXIT_SOME_FAILED
-    seq = sequence_model.prepare(features)  # (V, T, D)
-    gates, probs = gates_and_probabilities(sequence_model.model, seq, args.layer)
+    seq = stream.prepare(features)  # (V, T, D)
+    gates, probs = gates_and_probabilities(stream.net, seq, args.layer)
 
     from pipeline.evaluation.plots import plot_attention, plot_probabilities
 
     stem = source.stem if source.is_file() or source.suffix else source.name
-    names = sequence_model.class_names
+    names = stream.class_names
     if args.label is not None and not 0 <= args.label < len(names):
         raise UsageError(f"--label {args.label}: the checkpoint has {len(names)} classes (0..{len(names) - 1})")
     predicted = names[int(probs[-1].argmax())]

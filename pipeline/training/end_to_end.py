@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from pipeline.data.features import FeatureSettings
-from pipeline.trained.record import read_checkpoint
+from pipeline.trained.record import TrainedStream, read_checkpoint
 from pipeline.training.module import EleAttClassifier
 from pipeline.nn.backbone import FrameEncoder
 from pipeline.errors import UsageError
@@ -58,8 +58,13 @@ class VideoEleAttClassifier(EleAttClassifier):
         lr_patience: epochs without improvement of `monitor` before both learning rates are divided by 10 (0: no
             schedule).
         activation_checkpointing: recompute backbone activations in the backward pass (less memory, ~30% slower).
-        cell, hidden_size, num_layers, attention_layers, dropout, input_dropout, proj_size, pooling, monitor,
-        class_names, extraction_settings: as EleAttClassifier (extraction_settings linked from the data).
+        monitor: the validation metric that picks best.ckpt and drives the learning-rate schedule (as
+            EleAttClassifier).
+        class_names: label order (classes.txt; linked from the data), recorded in checkpoints.
+        extraction_settings: how frames become the backbone's input (linked from the data), recorded in
+            checkpoints.
+        **network: the recurrent network's configuration: `pipeline.nn.classifier.SequenceClassifier`'s arguments
+            (cell, hidden_size, num_layers, attention_layers, dropout, input_dropout, proj_size, pooling).
     """
 
     def __init__(
@@ -76,17 +81,10 @@ class VideoEleAttClassifier(EleAttClassifier):
         optimizer: Literal["adamw", "sgd"] = "adamw",
         lr_patience: int = 5,
         activation_checkpointing: bool = False,
-        cell: Literal["lstm", "gru", "rnn"] = "lstm",
-        hidden_size: int = 512,
-        num_layers: int = 1,
-        attention_layers: int | None = None,
-        dropout: float = 0.5,
-        input_dropout: float = 0.0,
-        proj_size: int = 0,
-        pooling: Literal["last", "mean"] = "last",
         monitor: str = "val/top1",
         class_names: list[str] | None = None,
         extraction_settings: dict | None = None,
+        **network,
     ) -> None:
         if not (freeze in ("none", "all") or (isinstance(freeze, int) and not isinstance(freeze, bool) and freeze >= 0)):
             raise UsageError(f"freeze={freeze!r}: use none, all, or k >= 0 (the stem and the first k stages)")
@@ -97,12 +95,8 @@ class VideoEleAttClassifier(EleAttClassifier):
             options={"end_to_end": True})
         settings = base.replace(backbone=backbone, weights=encoder.weights, dim=encoder.num_features,
                                 in_chans=in_chans).to_json()
-        super().__init__(
-            input_size=encoder.num_features, num_classes=num_classes, cell=cell, hidden_size=hidden_size,
-            num_layers=num_layers, attention_layers=attention_layers, dropout=dropout, input_dropout=input_dropout,
-            proj_size=proj_size, pooling=pooling, monitor=monitor, class_names=class_names,
-            extraction_settings=settings,
-        )
+        super().__init__(input_size=encoder.num_features, num_classes=num_classes, monitor=monitor,
+                         class_names=class_names, extraction_settings=settings, **network)
         self.hparams["extraction_settings"] = settings
         self.encoder = encoder
         self._skipped: dict[str, int] = {}  # unreadable videos met this epoch, per stage
@@ -137,6 +131,10 @@ class VideoEleAttClassifier(EleAttClassifier):
             for m in (*getattr(self, "_frozen_modules", ()), *getattr(self, "_partial_bn", ())):
                 m.eval()
         return self
+
+    def _encoder_record(self) -> dict:
+        """The backbone inside this module: its weights are in the checkpoint (`encoder.*`)."""
+        return {"backbone": self.hparams.backbone, "in_chans": int(self.hparams.in_chans)}
 
     # -- the network --------------------------------------------------------------------------------------------
     def encode(self, clips: torch.Tensor) -> torch.Tensor:
@@ -228,22 +226,18 @@ class VideoEleAttClassifier(EleAttClassifier):
         super().on_load_checkpoint(checkpoint)
 
 
-def is_video_checkpoint(checkpoint: dict) -> bool:
-    """True for a checkpoint of `VideoEleAttClassifier` (it holds its backbone)."""
-    hparams = checkpoint.get("hyper_parameters") or {}
-    return "backbone" in hparams and "freeze" in hparams
-
-
 def video_classifier_from_checkpoint(checkpoint: dict, path: str | os.PathLike = "<checkpoint>") -> VideoEleAttClassifier:
-    """The VideoEleAttClassifier a checkpoint dict holds, in eval mode; its backbone weights come from the
-    checkpoint (the network is built with random weights first: nothing is downloaded)."""
+    """The VideoEleAttClassifier a checkpoint dict holds, in eval mode, for training-side use (serving builds plain
+    modules with `pipeline.trained.load`); its backbone weights come from the checkpoint (the network is built with
+    random weights first: nothing is downloaded)."""
+    stream = TrainedStream.from_checkpoint(checkpoint, path)
+    if stream.encoder is None:
+        raise UsageError(f"'{path}' is not an end-to-end checkpoint (no backbone in its record)")
     hparams = dict(checkpoint.get("hyper_parameters") or {})
-    if not is_video_checkpoint(checkpoint):
-        raise UsageError(f"'{path}' is not an end-to-end checkpoint (no backbone hyperparameters)")
-    accepted = inspect.signature(VideoEleAttClassifier).parameters
+    accepted = set(inspect.signature(VideoEleAttClassifier).parameters) - {"network"}
     kwargs = {k: v for k, v in hparams.items() if k in accepted}
-    kwargs["weights"] = "none"
-    model = VideoEleAttClassifier(**kwargs)
+    network = {k: v for k, v in stream.network.items() if k not in ("input_size", "num_classes")}
+    model = VideoEleAttClassifier(**{**kwargs, "weights": "none"}, **network)
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval()
 
@@ -251,4 +245,3 @@ def video_classifier_from_checkpoint(checkpoint: dict, path: str | os.PathLike =
 def load_video_classifier(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> VideoEleAttClassifier:
     """A VideoEleAttClassifier from a checkpoint file (weights-only loading), in eval mode."""
     return video_classifier_from_checkpoint(read_checkpoint(path, map_location), path)
-

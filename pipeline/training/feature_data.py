@@ -267,27 +267,19 @@ class FeatureDataModule(ListDataModule):
         picks = np.linspace(0, len(train) - 1, min(len(train), self.normalize_max_videos)).round().astype(int)
         self.normalizer.fit(self.folder.load(train[i].path, mmap=True) for i in np.unique(picks))
 
-    # -- checkpoint state: the normalisation statistics ---------------------------------------------------------------
-    def state_dict(self) -> dict:
-        """What evaluation needs besides the model: the normaliser's statistics and the test-time step count.
-        Saved in checkpoints (Lightning's datamodule state, and `data_state` by the model for classify)."""
-        return {"normalizer": self.normalizer.state_dict(), "num_steps": self.num_steps}
+    # -- evaluation state: the normalisation statistics and the test-time steps --------------------------------------
+    def eval_state(self) -> dict:
+        """What evaluation needs besides the model: the test-time step count and the normaliser's statistics. The
+        model writes it into the trained-stream record of every checkpoint (`pipeline.trained.record`), the one
+        place it is stored."""
+        return {"num_steps": self.num_steps, "normalizer": self.normalizer.state_dict()}
+
+    def load_eval_state(self, stream) -> None:
+        """Takes the normaliser's statistics from a checkpoint's trained-stream record (evaluations and resumed
+        fits use the training data's statistics, not statistics of the data at hand)."""
+        self.normalizer.load_state_dict(dict(stream.normalizer))
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Checkpoints written before the trained-stream record also hold this module's state under its own key."""
         if "normalizer" in state_dict:
             self.normalizer.load_state_dict(state_dict["normalizer"])
-
-    @classmethod
-    def eval_state_from_checkpoint(cls, checkpoint: dict) -> tuple[int | None, FeatureNormalizer]:
-        """(num_steps, fitted normaliser) of the data a checkpoint was trained with, from its `data_state`
-        (this module's `state_dict`); checkpoints written before it fall back to Lightning's copies."""
-        state = checkpoint.get("data_state")
-        if state is None:  # older checkpoints: the module's hyper-parameters and state as Lightning stored them
-            hparams = checkpoint.get(cls.CHECKPOINT_HYPER_PARAMS_KEY) or {}
-            old = checkpoint.get(cls.__qualname__) or {}
-            state = {"num_steps": hparams.get("num_steps"),
-                     "normalizer": old.get("normalizer") or {"mode": hparams.get("normalize", "none")}}
-        normalizer_state = state.get("normalizer") or {"mode": "none"}
-        normalizer = FeatureNormalizer(normalizer_state.get("mode", "none"))
-        normalizer.load_state_dict(normalizer_state)
-        return state.get("num_steps") or None, normalizer

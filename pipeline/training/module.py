@@ -6,7 +6,6 @@ but count in no metric. `validate`, `test` and `predict` write DESIGN's `scores_
 """
 from __future__ import annotations
 
-import inspect
 import os
 from pathlib import Path
 from typing import Literal
@@ -20,7 +19,8 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from pipeline.nn.classifier import SequenceClassifier
-from pipeline.trained.record import read_checkpoint
+from pipeline.data.features import FeatureSettings
+from pipeline.trained.record import RECORD_KEY, TrainedStream, read_checkpoint
 from pipeline.evaluation.scores import write_scores
 from pipeline.errors import InputNotFoundError, UsageError
 
@@ -37,20 +37,16 @@ class EleAttClassifier(pl.LightningModule):
     Args:
         input_size: feature dimension D (linked from the data by the CLI).
         num_classes: number of classes C (linked from the data by the CLI).
-        cell: recurrent cell: lstm, gru or rnn (EleAttLSTM / EleAttGRU / EleAttRNN).
-        hidden_size: neurons per recurrent layer.
-        num_layers: stacked recurrent layers.
-        attention_layers: how many bottom layers get the element-wise attention gate (null = all, 0 = the plain
-            RNN/LSTM/GRU baseline).
-        dropout: dropout between recurrent layers and before the head (the paper: 0.5).
-        input_dropout: dropout on the input features.
-        proj_size: > 0 adds a linear projection D -> proj_size before the recurrent stack.
-        pooling: the head reads the last valid step ("last") or the mean of the valid steps ("mean").
         monitor: the validation metric that picks best.ckpt and drives the default learning-rate schedule:
             val/top1, val/top5 (top<k>, k = min(5, classes)), val/mca (maximised) or val/loss (minimised).
         class_names: label order (classes.txt; linked from the data), recorded in checkpoints.
         extraction_settings: the feature folder's settings.json (linked from the data), recorded in checkpoints
             so that the features of a new video can be made the same way.
+        **network: the network's configuration, the arguments of `pipeline.nn.classifier.SequenceClassifier`
+            (cell, hidden_size, num_layers, attention_layers, dropout, input_dropout, proj_size, pooling), defined
+            and documented there once; the CLI offers each as `--model.<name>`.
+
+    Every checkpoint holds the trained-stream record (`pipeline.trained.record`): what serving reads.
 
     Without an optimizer from the config, `configure_optimizers` uses the paper's recipe: Adam (lr 1e-3) and the
     learning rate divided by 10 when `monitor` stops improving for 5 epochs.
@@ -60,17 +56,10 @@ class EleAttClassifier(pl.LightningModule):
         self,
         input_size: int,
         num_classes: int,
-        cell: Literal["lstm", "gru", "rnn"] = "lstm",
-        hidden_size: int = 512,
-        num_layers: int = 1,
-        attention_layers: int | None = None,
-        dropout: float = 0.5,
-        input_dropout: float = 0.0,
-        proj_size: int = 0,
-        pooling: Literal["last", "mean"] = "last",
         monitor: str = "val/top1",
         class_names: list[str] | None = None,
         extraction_settings: dict | None = None,
+        **network,
     ) -> None:
         super().__init__()
         if class_names is not None and len(class_names) != num_classes:
@@ -80,11 +69,10 @@ class EleAttClassifier(pl.LightningModule):
         if monitor not in metrics:
             raise UsageError(f"monitor={monitor!r} is not a logged validation metric; use one of {metrics}")
         self.save_hyperparameters()
-        self.net = SequenceClassifier(
-            input_size, num_classes, cell=cell, hidden_size=hidden_size, num_layers=num_layers,
-            attention_layers=attention_layers, dropout=dropout, input_dropout=input_dropout, proj_size=proj_size,
-            pooling=pooling,
-        )
+        self.net = SequenceClassifier(input_size, num_classes, **network)
+        # The network's whole configuration, defaults included (sizes stay as this module's own arguments give
+        # them: Lightning parses the hyper-parameters of a --ckpt_path as arguments of the module).
+        self.hparams.update({k: v for k, v in self.net.config.items() if k not in ("input_size", "num_classes")})
         self.train_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.confusion = nn.ModuleDict({s: MulticlassConfusionMatrix(num_classes) for s in ("val", "test")})
         self.topk_acc = nn.ModuleDict(
@@ -255,11 +243,27 @@ class EleAttClassifier(pl.LightningModule):
         checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
-        # What the data module saves for evaluation (normalisation statistics, test-time steps), under a key of
-        # ours: classify reads it from here (FeatureDataModule.eval_state_from_checkpoint).
+        checkpoint[RECORD_KEY] = self.trained_stream().to_dict()
+
+    def trained_stream(self) -> TrainedStream:
+        """What this module is as a trained stream (`pipeline.trained.record`): the network's configuration, its
+        classes and feature settings, and the evaluation state of the data it is trained on (test-time steps and
+        the normaliser's statistics, from the data module when there is one)."""
+        settings = self.hparams.extraction_settings
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is not None and hasattr(datamodule, "state_dict"):
-            checkpoint["data_state"] = datamodule.state_dict()
+        state = datamodule.eval_state() if hasattr(datamodule, "eval_state") else {}
+        return TrainedStream(
+            network=dict(self.net.config),
+            class_names=list(self.hparams.class_names or [f"class_{i}" for i in range(self.net.config["num_classes"])]),
+            features=FeatureSettings.from_json(settings, "the model's extraction_settings") if settings else None,
+            num_steps=state.get("num_steps"),
+            normalizer=state.get("normalizer") or {"mode": "none", "mean": None, "std": None},
+            encoder=self._encoder_record(),
+        )
+
+    def _encoder_record(self) -> dict | None:
+        """The backbone inside this module, for an end-to-end stream (None here: features come from outside)."""
+        return None
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         stored = checkpoint.get("hyper_parameters", {}).get("class_names")
@@ -279,6 +283,10 @@ class EleAttClassifier(pl.LightningModule):
                     f"the checkpoint was trained with {key}={stored} but the data gives {key}={self.hparams[key]}; "
                     f"evaluate on {fix}"
                 )
+        # The data module evaluates with the statistics of the training data, which the record holds.
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if hasattr(datamodule, "load_eval_state"):
+            datamodule.load_eval_state(TrainedStream.from_checkpoint(checkpoint, "--ckpt_path"))
         if self._trainer is not None and str(self.trainer.state.fn.value) == "fit" and "rng_states" in checkpoint:
             torch.set_rng_state(checkpoint["rng_states"]["torch"])
             if "cuda" in checkpoint["rng_states"] and torch.cuda.is_available():
@@ -286,12 +294,13 @@ class EleAttClassifier(pl.LightningModule):
 
 
 def classifier_from_checkpoint(checkpoint: dict, path: str | os.PathLike = "<checkpoint>") -> EleAttClassifier:
-    """The EleAttClassifier a checkpoint dict (from `read_checkpoint`) holds, in eval mode."""
+    """The EleAttClassifier a checkpoint dict (from `read_checkpoint`) holds, in eval mode (for training-side use;
+    serving builds plain modules with `pipeline.trained.load`)."""
+    stream = TrainedStream.from_checkpoint(checkpoint, path)
     hparams = dict(checkpoint.get("hyper_parameters") or {})
-    if "input_size" not in hparams or "num_classes" not in hparams:
-        raise UsageError(f"'{path}' is not an EleAttClassifier checkpoint (no input_size/num_classes hyperparameters)")
-    accepted = inspect.signature(EleAttClassifier).parameters  # drops the CLI's bookkeeping keys (_instantiator)
-    model = EleAttClassifier(**{k: v for k, v in hparams.items() if k in accepted})
+    settings = None if stream.features is None else stream.features.to_json()
+    model = EleAttClassifier(**stream.network, monitor=hparams.get("monitor", "val/top1"),
+                             class_names=hparams.get("class_names"), extraction_settings=settings)
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval()
 

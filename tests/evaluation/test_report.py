@@ -138,7 +138,7 @@ def test_visualize_features_writes_pngs_and_the_gates_of_the_model(quick_demo, t
     from pipeline.cli import main as eleatt
     from pipeline.data.features import FeatureFolder
     from pipeline.data.lists import read_list
-    from pipeline.serving.visualize import load_sequence_model
+    from pipeline.trained.load import load_stream
 
     data, run = quick_demo["data"], quick_demo["run"]
     entry = read_list(data / "test.txt")[0]
@@ -152,14 +152,14 @@ def test_visualize_features_writes_pngs_and_the_gates_of_the_model(quick_demo, t
         assert (out / name).is_file() and not image_is_blank(out / name)
     arrays = np.load(out / f"{stem}_visualize.npz", allow_pickle=False)
     # the heat map's array is what the checkpoint's EleAttLSTM returns for this video's test-time input
-    model = load_sequence_model(run / "best.ckpt")
+    model = load_stream(run / "best.ckpt")
     seq = model.prepare(np.load(npy))  # (V, T, D)
     with torch.no_grad():
-        _, _, gates = model.model.net.rnn(model.model.net.proj(seq), return_attention=True)
-        final = model.model.video_probs(seq[None], torch.tensor([seq.shape[1]]))[0]
+        _, _, gates = model.net.rnn(model.net.proj(seq), return_attention=True)
+        final = model.net.video_probs(seq[None], torch.tensor([seq.shape[1]]))[0]
     np.testing.assert_allclose(arrays["gates"], gates[0][0].numpy(), rtol=1e-6)
     np.testing.assert_allclose(arrays["probs"][-1], final.numpy(), rtol=1e-5, atol=1e-6)  # all steps = `test`
-    assert arrays["gates"].shape == (seq.shape[1], model.model.hparams.input_size)
+    assert arrays["gates"].shape == (seq.shape[1], model.record.input_size)
     assert list(arrays["classes"]) == model.class_names
     assert "wrote" in capsys.readouterr().out
 

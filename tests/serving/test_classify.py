@@ -63,7 +63,7 @@ def test_table_output(demo_run, capsys):
 def test_checkpoint_without_settings_is_refused(demo_run, tmp_path):
     _, run = demo_run
     checkpoint = torch.load(run / "best.ckpt", map_location="cpu", weights_only=True)
-    checkpoint["hyper_parameters"]["extraction_settings"] = None
+    checkpoint["eleatt_stream"]["features"] = None
     stripped = tmp_path / "old.ckpt"
     torch.save(checkpoint, stripped)
     with pytest.raises(ValueError, match="does not record the feature extraction settings"):
@@ -73,7 +73,7 @@ def test_checkpoint_without_settings_is_refused(demo_run, tmp_path):
 def test_missing_recorded_weights_name_the_flag(demo_run, tmp_path):
     _, run = demo_run
     checkpoint = torch.load(run / "best.ckpt", map_location="cpu", weights_only=True)
-    checkpoint["hyper_parameters"]["extraction_settings"]["weights"] = str(tmp_path / "gone.safetensors")
+    checkpoint["eleatt_stream"]["features"]["weights"] = str(tmp_path / "gone.safetensors")
     moved = tmp_path / "moved.ckpt"
     torch.save(checkpoint, moved)
     with pytest.raises(FileNotFoundError, match="--weights"):
@@ -180,9 +180,9 @@ def test_two_checkpoint_refusals(demo_run, second_run, tmp_path, capsys):
     data, run = demo_run
     video = str(data / read_list(data / "test.txt")[0].path)
     checkpoint = torch.load(run / "best.ckpt", map_location="cpu", weights_only=True)
-    flow = json.loads(json.dumps(checkpoint["hyper_parameters"]["extraction_settings"]))
+    flow = json.loads(json.dumps(checkpoint["eleatt_stream"]["features"]))
     flow["modality"] = "flow"
-    checkpoint["hyper_parameters"]["extraction_settings"] = flow
+    checkpoint["eleatt_stream"]["features"] = flow
     torch.save(checkpoint, tmp_path / "flow.ckpt")  # a flow stream's settings without how its flow was computed
     assert eleatt(["classify", video, "--ckpt", str(run / "best.ckpt"), str(tmp_path / "flow.ckpt")]) == 2
     err = capsys.readouterr().err.strip()
@@ -191,8 +191,8 @@ def test_two_checkpoint_refusals(demo_run, second_run, tmp_path, capsys):
         classify(video, [run / "best.ckpt", tmp_path / "flow.ckpt"], device="cpu")
 
     renamed = torch.load(second_run / "best.ckpt", map_location="cpu", weights_only=True)
-    names = list(renamed["hyper_parameters"]["class_names"])
-    renamed["hyper_parameters"]["class_names"] = [names[1], names[0], *names[2:]]
+    names = list(renamed["eleatt_stream"]["class_names"])
+    renamed["eleatt_stream"]["class_names"] = [names[1], names[0], *names[2:]]
     torch.save(renamed, tmp_path / "renamed.ckpt")
     with pytest.raises(ValueError, match=f"class 0 is '{names[0]}' in .* but '{names[1]}' in .*renamed.ckpt"):
         classify(video, [run / "best.ckpt", tmp_path / "renamed.ckpt"], device="cpu")
@@ -211,26 +211,33 @@ def test_two_checkpoint_refusals(demo_run, second_run, tmp_path, capsys):
     assert stop.value.code == 2 and "name the videos before --ckpt" in capsys.readouterr().err
 
 
-def test_a_checkpoint_written_before_feature_settings_classifies_the_same(demo_run, tmp_path):
-    """Old checkpoints: settings without `format`, data state only under Lightning's own keys."""
+@pytest.mark.parametrize("era", ["data_state", "lightning_keys"])
+def test_a_checkpoint_written_before_the_record_classifies_the_same(demo_run, tmp_path, era):
+    """Checkpoints written the old ways keep loading: no trained-stream record; the data state under our earlier
+    `data_state` key, or (older still) only under Lightning's own keys, with settings without `format`."""
     from pipeline.data.features import FeatureSettings
 
     data, run = demo_run
     checkpoint = torch.load(run / "best.ckpt", map_location="cpu", weights_only=True)
-    state = checkpoint.pop("data_state")
-    assert set(state) == {"normalizer", "num_steps"}
-    checkpoint["FeatureDataModule"] = {"normalizer": state["normalizer"]}
-    checkpoint["datamodule_hyper_parameters"]["num_steps"] = state["num_steps"]
+    record = checkpoint.pop("eleatt_stream")
+    assert record["format"] == 1 and set(record["normalizer"]) == {"mode", "mean", "std"}
+    state = {"normalizer": record["normalizer"], "num_steps": record["num_steps"]}
     new = checkpoint["hyper_parameters"]["extraction_settings"]
-    old_keys = ("backbone", "weights", "data_config", "input_size", "sampling", "views", "modality", "dtype", "dim",
-                "precision")
-    checkpoint["hyper_parameters"]["extraction_settings"] = {k: new[k] for k in old_keys}
+    if era == "data_state":
+        checkpoint["data_state"] = state
+    else:
+        checkpoint["FeatureDataModule"] = {"normalizer": state["normalizer"]}
+        checkpoint["datamodule_hyper_parameters"]["num_steps"] = state["num_steps"]
+        old_keys = ("backbone", "weights", "data_config", "input_size", "sampling", "views", "modality", "dtype",
+                    "dim", "precision")
+        checkpoint["hyper_parameters"]["extraction_settings"] = {k: new[k] for k in old_keys}
     old = tmp_path / "old.ckpt"
     torch.save(checkpoint, old)
     video = data / read_list(data / "test.txt")[0].path
     then, now = VideoClassifier(old, device="cpu"), VideoClassifier(run / "best.ckpt", device="cpu")
     assert then.settings == now.settings == FeatureSettings.from_json(new)
     assert then.num_steps == now.num_steps and then.normalizer.mode == now.normalizer.mode
+    assert then.class_names == now.class_names
     for key in ("mean", "std"):
         a, b = then.normalizer.state_dict()[key], now.normalizer.state_dict()[key]
         assert (a is None and b is None) or torch.equal(torch.as_tensor(a), torch.as_tensor(b))

@@ -153,7 +153,7 @@ def test_refusals(tmp_path):
         module, info = build_models(mean)
         export_module(module, info, "exported", tmp_path / "model.bin")
     torch.save({"state_dict": {}}, tmp_path / "foreign.ckpt")
-    with pytest.raises(ValueError, match="not an EleAttClassifier checkpoint"):
+    with pytest.raises(ValueError, match="not a checkpoint of an EleAtt classifier"):
         build_models(tmp_path / "foreign.ckpt")
 
 

@@ -88,7 +88,7 @@ def test_every_step_equals_one_forward_pass_of_the_stack(fps_run, models):
     probs, _, _ = _push_all(stream, frames, 5, fps=info.fps)
     raw = offline.features(path)  # (V, T, D) as stored
     feats = offline.normalizer(raw)
-    net = offline.model.net
+    net = offline.net
     with torch.no_grad():
         out, _ = net.rnn(net.proj(feats))  # (V, T, H): one pass
         expected = net.head(out).softmax(-1).mean(0).numpy()  # (T, C)  ("last" pooling at every step)
@@ -150,8 +150,8 @@ def test_bad_input_and_other_checkpoints(fps_run, models, tmp_path):
     with pytest.raises(ValueError, match="step length"):
         StreamingClassifier(ckpt, device="cpu", sample_fps=4)
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
-    checkpoint["hyper_parameters"]["extraction_settings"]["sampling"] = {"mode": "segments", "num_segments": 8}
-    checkpoint["data_state"]["num_steps"] = 8
+    checkpoint["eleatt_stream"]["features"]["sampling"] = {"mode": "segments", "num_segments": 8}
+    checkpoint["eleatt_stream"]["num_steps"] = 8
     other = tmp_path / "segments.ckpt"
     torch.save(checkpoint, other)
     with warnings.catch_warnings(record=True) as caught:
@@ -321,7 +321,7 @@ def models_at_6(fps_run, tmp_path_factory):
     """The fps run's checkpoint recorded as extracted at 6 steps/s (the weights do not care): offline and stream."""
     _, ckpt = fps_run
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
-    checkpoint["hyper_parameters"]["extraction_settings"]["sampling"] = {"mode": "fps", "fps": 6.0,
+    checkpoint["eleatt_stream"]["features"]["sampling"] = {"mode": "fps", "fps": 6.0,
                                                                          "num_segments": None}
     path = tmp_path_factory.mktemp("at6") / "at6.ckpt"
     torch.save(checkpoint, path)
@@ -416,7 +416,7 @@ def test_views_are_averaged_as_classify_averages_them(fps_run, tmp_path):
     views' probabilities, as classify does -- not one view's."""
     data, ckpt = fps_run
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
-    checkpoint["hyper_parameters"]["extraction_settings"]["views"] = "ten"
+    checkpoint["eleatt_stream"]["features"]["views"] = "ten"
     ten = tmp_path / "ten.ckpt"
     torch.save(checkpoint, ten)
     offline, stream = VideoClassifier(ten, device="cpu"), StreamingClassifier(ten, device="cpu")
@@ -427,7 +427,7 @@ def test_views_are_averaged_as_classify_averages_them(fps_run, tmp_path):
     for t in range(1, len(probs) + 1):
         np.testing.assert_allclose(probs[t - 1], offline.scores(raw[:, :t]), atol=1e-5)
     with torch.no_grad():  # the views disagree, so the mean is no single view's answer
-        logits, _ = offline.model.net.stream(offline.normalizer(raw))  # (10, T, C)
+        logits, _ = offline.net.stream(offline.normalizer(raw))  # (10, T, C)
     per_view = logits.softmax(-1).numpy()
     np.testing.assert_allclose(probs, per_view.mean(0), atol=1e-5)
     assert np.abs(per_view - per_view.mean(0)).max(axis=(1, 2)).min() > 1e-3

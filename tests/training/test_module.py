@@ -246,7 +246,7 @@ def test_standard_normalisation_travels_in_the_checkpoint(order_features, tmp_pa
     args = data_args(order_features["features"], order_features["lists"])
     run = fit(tmp_path, "std", order_features["features"], order_features["lists"], "--trainer.max_epochs", "1",
               "--data.normalize", "standard", "--data.num_steps", "0")
-    stats = torch.load(run / "last.ckpt", weights_only=True)["FeatureDataModule"]["normalizer"]
+    stats = torch.load(run / "last.ckpt", weights_only=True)["eleatt_stream"]["normalizer"]
     assert stats["mode"] == "standard" and stats["mean"].shape == (8,)
     test = ["test", "--config", TINY, *args, "--data.num_steps", "0", "--ckpt_path", str(run / "last.ckpt")]
     assert main([*test, "--data.normalize", "standard"]) == 0

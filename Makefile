@@ -8,7 +8,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo test test-slow bench docs clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,13 @@ bench: install
 	$(PY) -m pipeline.benchmarks.rnn
 	$(PY) -m pipeline.benchmarks.decode
 	$(PY) -m pipeline.benchmarks.extract
+
+# The documentation (docs/, mkdocs.yml) as a site in build/docs, with the docs extra installed if needed; strict: a
+# broken link, anchor or page fails.
+docs: install
+	$(PY) -c 'import sys, mkdocs; sys.exit(tuple(map(int, mkdocs.__version__.split(".")[:2])) < (1, 6))' 2>/dev/null \
+	  || $(PY) -m pip install --quiet --disable-pip-version-check -e '.[docs]'
+	$(PY) -m mkdocs build --strict --site-dir build/docs
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

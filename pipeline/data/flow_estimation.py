@@ -216,21 +216,3 @@ def estimator_for(options: FlowOptions, weights_path: str | os.PathLike | None =
         raise UsageError(f"flow method {options.method!r} cannot be computed here (flow imported from JPEG "
                          "folders has no recorded method); compute flow with `eleatt flow --method dis` instead")
     return OpenCVFlow(options.method, options.preset)
-
-
-def compute_flow(frames: np.ndarray, method: str = "dis", preset: str = DEFAULT_PRESET,
-                 short_side: int | None = DEFAULT_SHORT_SIDE, bound: float = 20.0, estimator=None) -> np.ndarray:
-    """Quantised flow uint8 ``(T-1, 2, h, w)`` (x, y) between consecutive frames uint8 ``(T, H, W, 3)`` RGB.
-
-    The same computation as `eleatt flow` does per video (``video_flow`` in chunks): greyscale (RAFT: RGB) at the
-    short side, flow from frame ``i`` to ``i + 1``, clipped and quantised with ``bound``. Pass ``estimator`` (e.g.
-    a loaded RAFT) to reuse one; OpenCV's are made afresh (see ``preprocessing/flow.py``'s ``_estimator``).
-    """
-    frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[0] < 2:
-        raise UsageError(f"compute_flow needs frames (T >= 2, H, W, 3), got {tuple(frames.shape)}: no frame pairs")
-    if estimator is None:
-        estimator = estimator_for(FlowOptions(method=method, preset=preset, short_side=short_side, bound=bound))
-    size = target_size(frames.shape[1], frames.shape[2], short_side)
-    images = estimator.prepare(frames, size)
-    return np.stack([quantize(f.transpose(2, 0, 1), bound) for f in estimator.flows(images)])  # (T-1, 2, h, w)

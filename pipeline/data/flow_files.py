@@ -459,14 +459,6 @@ class FlowFolder(FeatureFolder):
         """``load_flow`` of the video's file: float32 ``(N, 2, H, W)`` pixels; a clear error when it is missing."""
         return load_flow(self.existing(video), indices)
 
-    def stack(self, video: str, positions: Sequence[int] | np.ndarray, length: int = 5,
-              normalize: bool = True) -> np.ndarray:
-        """``flow_stack`` of the video's file: float32 ``(P, 2L, H, W)``, x1, y1, ..., xL, yL."""
-        path = self.feature_path(video)
-        if not path.is_file():
-            self.load(video)  # raises the clear error
-        return flow_stack(path, positions, length, normalize)
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # mmaction2 / denseflow JPEG folders

@@ -208,11 +208,3 @@ def _write_html(path: Path, out: Path, title, intro, stamp, header, table, figur
     parts.append("</body></html>")
     with atomic_write(path, "w") as f:
         f.write("\n".join(parts) + "\n")
-
-
-def image_is_blank(path: str | os.PathLike) -> bool:
-    """True when a PNG is one colour (a failed plot); used by the tests and as a cheap self-check."""
-    import matplotlib.image
-
-    pixels = np.asarray(matplotlib.image.imread(path))
-    return bool(np.all(pixels == pixels.reshape(-1, pixels.shape[-1])[0]))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pytorch_lightning as pl
@@ -22,7 +21,7 @@ from pipeline.nn.classifier import SequenceClassifier
 from pipeline.data.features import FeatureSettings
 from pipeline.trained.record import RECORD_KEY, TrainedStream, read_checkpoint
 from pipeline.evaluation.scores import write_scores
-from pipeline.errors import InputNotFoundError, UsageError
+from pipeline.errors import UsageError
 
 SCORE_STAGES = {"validate": "val", "test": "test", "predict": "predict"}  # trainer.fn -> scores_<name>.npz
 

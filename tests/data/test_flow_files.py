@@ -12,6 +12,7 @@ from pipeline.data.flow_files import (DEFAULT_BOUND, FlowFolder, FlowOptions, de
                                 jpg_files, load_flow, load_quantized, normalize_flow, quantize, read_jpg_folder,
                                 save_flow, stack_indices)
 from pipeline.data.transforms import hflip
+from tests.helpers import folder_stack
 from preprocessing.flow import import_jpg
 
 
@@ -142,7 +143,7 @@ def test_flow_stack_layout_interleaves_x_and_y(tmp_path):
     assert np.allclose(normalize_flow(torch.from_numpy(stack), bound).numpy(), normed)
     folder = FlowFolder(tmp_path / "flows")
     folder.write_quantized("a/v.mp4", q, bound)
-    assert np.array_equal(folder.stack("a/v.mp4", [1, 5]), normed)
+    assert np.array_equal(folder_stack(folder, "a/v.mp4", [1, 5]), normed)
 
 
 def test_flipping_a_stack_negates_x_and_mirrors(tmp_path):

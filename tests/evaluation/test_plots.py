@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.evaluation.report import image_is_blank
+from tests.helpers import image_is_blank
 from pipeline.evaluation.plots import plot_attention, plot_curves, plot_probabilities, read_metrics, select_elements
 from pipeline.serving.visualize import gates_and_probabilities
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.evaluation.report import Stream, image_is_blank, write_report
+from pipeline.evaluation.report import Stream, write_report
+from tests.helpers import image_is_blank
 from pipeline.evaluation.scores import read_scores, write_scores
 
 METRICS = "epoch,step,train/loss_epoch,val/loss,val/top1\n0,1,2.0,2.1,0.3\n1,3,1.5,1.7,0.6\n2,5,1.0,1.2,0.8\n"

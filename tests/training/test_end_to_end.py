@@ -14,6 +14,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
+from tests.helpers import folder_stack
+
 from pipeline.training.clip_data import VideoDataModule
 from pipeline.training.cli import is_end_to_end, main
 from pipeline.training.end_to_end import VideoEleAttClassifier, load_video_classifier
@@ -278,7 +280,7 @@ def test_flow_stream_end_to_end(flow_folder, tmp_path):
     assert dm.extraction_settings["modality"] == "flow" and dm.extraction_settings["stack"] == 2
     dm.setup("test")
     sample = dm.datasets["test"][0]  # 10 pairs, 3 segments: stacks start at pairs 1, 5, 8 (centres)
-    stacks = FlowFolder(flow_folder / "flows").stack("c0/v4.avi", [1, 5, 8], length=2)  # (3, 4, 24, 24) in [-1, 1]
+    stacks = folder_stack(FlowFolder(flow_folder / "flows"), "c0/v4.avi", [1, 5, 8], length=2)  # (3, 4, 24, 24) in [-1, 1]
     expected = eval_views(torch.from_numpy(stacks).permute(0, 2, 3, 1), dm.data_config, "center")
     torch.testing.assert_close(sample["feats"], expected)
     net = VideoEleAttClassifier(num_classes=2, backbone="test_resnet", weights="none", in_chans=dm.in_chans,

@@ -1,6 +1,6 @@
 """The feature-folder format, the one place it is read and written (extraction, flow, skeletons, training).
 
-Layout (`../shared/DESIGN.md`)::
+Layout (docs/design.md, "Formats")::
 
     <root>/settings.json                 how the features were made; a rerun with other settings is refused
     <root>/<list path without ext>.npy   float16 (T, D) or (V, T, D); float32 where settings say so (skeletons)

@@ -32,7 +32,7 @@ yields (presentation order); ``probe`` counts those frames. Three sources sit be
   only), for comparison.
 
   Why this split: accuracy must not depend on decord, and it does not. Measured with
-  ``python -m pipeline.benchmarks.decode`` (and in ``../shared/README.md``), PyAV with the index and frame threads
+  ``python -m pipeline.benchmarks.decode`` (docs/benchmarks.md), PyAV with the index and frame threads
   is as fast as decord for segment sampling (8 frames of ``test.mp4``: 0.96-1.03x the faster of decord and a forward
   decode, loaded 2-core machine; with slice threads only it was 1.7-2.3x decord); decord was faster when decoding
   whole small videos (~20% before frame threads) and 2-3x slower on the 1080p NTU clip. So sparse reads -- every

@@ -258,19 +258,17 @@ class _EleAttRNNBase(nn.Module):
         self.impl = impl
         kw = {"device": device, "dtype": dtype}
         g = _NUM_CHUNKS[self.mode] * hidden_size
+        shapes = []  # (name, shape) in nn.LSTM's names and order, then the gates'
         for k in range(num_layers):
             d = input_size if k == 0 else hidden_size
-            self.register_parameter(f"weight_ih_l{k}", nn.Parameter(torch.empty(g, d, **kw)))
-            self.register_parameter(f"weight_hh_l{k}", nn.Parameter(torch.empty(g, hidden_size, **kw)))
-            if bias:
-                self.register_parameter(f"bias_ih_l{k}", nn.Parameter(torch.empty(g, **kw)))
-                self.register_parameter(f"bias_hh_l{k}", nn.Parameter(torch.empty(g, **kw)))
+            shapes += [(f"weight_ih_l{k}", (g, d)), (f"weight_hh_l{k}", (g, hidden_size))]
+            shapes += [(f"bias_ih_l{k}", (g,)), (f"bias_hh_l{k}", (g,))] if bias else []
         for k in range(attention_layers):
             d = input_size if k == 0 else hidden_size
-            self.register_parameter(f"weight_xa_l{k}", nn.Parameter(torch.empty(d, d, **kw)))
-            self.register_parameter(f"weight_ha_l{k}", nn.Parameter(torch.empty(d, hidden_size, **kw)))
-            if bias:
-                self.register_parameter(f"bias_a_l{k}", nn.Parameter(torch.empty(d, **kw)))
+            shapes += [(f"weight_xa_l{k}", (d, d)), (f"weight_ha_l{k}", (d, hidden_size))]
+            shapes += [(f"bias_a_l{k}", (d,))] if bias else []
+        for name, shape in shapes:
+            self.register_parameter(name, nn.Parameter(torch.empty(shape, **kw)))
         self.reset_parameters()
 
     # -- parameters -------------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ from typing import Any, Literal, Mapping
 import numpy as np
 from pipeline.errors import UsageError
 
-__all__ = ["Pad", "PAD_POLICIES", "segment_indices", "clip_indices", "fps_indices", "sequence_indices", "Sampling"]
+__all__ = ["Pad", "PAD_POLICIES", "segment_indices", "clip_indices", "fps_indices", "fps_frames", "sequence_indices",
+           "Sampling"]
 
 Pad = Literal["loop", "repeat_last"]
 PAD_POLICIES: tuple[str, ...] = ("loop", "repeat_last")
@@ -138,13 +139,23 @@ def fps_indices(num_frames: int, src_fps: float, target_fps: float | None = None
             f"src_fps must be a positive number, got {src_fps!r} (the video reports no usable frame rate; "
             "sample all frames with target_fps=None or re-encode the video with a frame rate)"
         )
-    if target_fps >= src_fps:
-        return np.arange(num_frames, dtype=np.int64)
-    step = float(src_fps) / float(target_fps)  # > 1 source frames per output frame
+    return fps_frames(num_frames, src_fps, target_fps)
+
+
+def fps_frames(end: int, src_fps: float, target_fps: float, first_step: int = 0) -> np.ndarray:
+    """The rule of :func:`fps_indices`, from any step on: step k takes frame ``floor(k * src_fps / target_fps)``
+    (frame k when ``target_fps >= src_fps``: frames are never duplicated). Returns the frames of the steps
+    ``first_step, first_step + 1, ...`` that come before frame ``end``; a stream (`pipeline.serving.streaming`)
+    continues from the step after the last one it took.
+
+    Returns:
+        int64, strictly increasing, values in ``[0, end)``.
+    """
+    step = max(float(src_fps) / float(target_fps), 1.0)  # >= 1 source frames per output frame
     # The 1e-9 keeps exact multiples (30 -> 10 fps: 0, 3, 6, ...) from flooring one frame early.
-    count = math.ceil(num_frames / step - 1e-9)
-    idx = np.floor(np.arange(count, dtype=np.float64) * step + 1e-9).astype(np.int64)
-    return idx[idx < num_frames]
+    stop = math.floor(end / step) + 2  # past the last step whose frame can come before `end` (kept by the filter)
+    idx = np.floor(np.arange(first_step, max(stop, first_step), dtype=np.float64) * step + 1e-9).astype(np.int64)
+    return idx[idx < end]
 
 
 def sequence_indices(

@@ -5,7 +5,7 @@ A sample is a dict: `feats` float32 (T, D) in training (one random view) or (V, 
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Literal, Sequence
+from typing import Callable, Iterable, Literal, Optional, Sequence
 
 import numpy as np
 import torch
@@ -17,6 +17,19 @@ from pipeline.data.sampling import sequence_indices
 from pipeline.errors import UsageError
 
 NormalizeMode = Literal["none", "l2", "standard"]
+
+
+def normalize_features(feats: torch.Tensor, mode: str, mean: Optional[torch.Tensor] = None,
+                       std: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-step normalisation of feats (..., D): "l2" scales each step to unit L2 norm, "standard" computes
+    (feats - mean) / std with per-dimension statistics (D,), "none" returns feats. What `FeatureNormalizer` applies;
+    TorchScript-scriptable (the export models of `pipeline.serving.export` script it)."""
+    if mode == "l2":
+        return torch.nn.functional.normalize(feats, dim=-1)
+    if mode == "standard":
+        assert mean is not None and std is not None, "normalize='standard' needs mean and std"
+        return (feats - mean) / std
+    return feats
 
 
 class FeatureNormalizer:
@@ -53,16 +66,12 @@ class FeatureNormalizer:
 
     def __call__(self, feats: torch.Tensor) -> torch.Tensor:
         """feats (..., D) float32 -> same shape."""
-        if self.mode == "l2":
-            return torch.nn.functional.normalize(feats, dim=-1)
-        if self.mode == "standard":
-            if self.mean is None:
-                raise UsageError(
-                    "normalize='standard' has no statistics: they are estimated when training (fit) and stored in "
-                    "the checkpoint; pass --ckpt_path of a run trained with normalize='standard'"
-                )
-            return (feats - self.mean) / self.std
-        return feats
+        if self.mode == "standard" and self.mean is None:
+            raise UsageError(
+                "normalize='standard' has no statistics: they are estimated when training (fit) and stored in "
+                "the checkpoint; pass --ckpt_path of a run trained with normalize='standard'"
+            )
+        return normalize_features(feats, self.mode, self.mean, self.std)
 
     def state_dict(self) -> dict:
         return {"mode": self.mode, "mean": self.mean, "std": self.std}

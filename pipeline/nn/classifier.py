@@ -17,6 +17,16 @@ CELLS = {"lstm": EleAttLSTM, "gru": EleAttGRU, "rnn": EleAttRNN}
 POOLINGS = ("last", "mean")
 
 
+def pool_steps(out: torch.Tensor, lengths: torch.Tensor, pooling: str = "last") -> torch.Tensor:
+    """out (B, T, H), lengths (B,) int64 valid steps (>= 1) -> (B, H): each sequence's output at its last valid
+    step ("last") or the mean of its valid steps' outputs ("mean"); steps past a length are ignored.
+    TorchScript-scriptable (the export models of `pipeline.serving.export` script it)."""
+    if pooling == "last":
+        return out[torch.arange(out.size(0), device=out.device), lengths - 1]
+    valid = (torch.arange(out.size(1), device=out.device)[None, :] < lengths[:, None]).to(out.dtype)  # (B, T)
+    return (out * valid[:, :, None]).sum(1) / lengths[:, None].to(out.dtype)
+
+
 class SequenceClassifier(nn.Module):
     """EleAtt stack + head over feature sequences.
 
@@ -94,12 +104,7 @@ class SequenceClassifier(nn.Module):
             out = self.rnn(x)[0]  # (B, T, H)
         if lengths is None:
             lengths = torch.full((B,), T, dtype=torch.long, device=feats.device)
-        lengths = lengths.to(out.device)
-        if self.pooling == "last":
-            pooled = out[torch.arange(B, device=out.device), lengths - 1]  # (B, H)
-        else:
-            valid = torch.arange(T, device=out.device)[None, :] < lengths[:, None]  # (B, T)
-            pooled = (out * valid[..., None]).sum(1) / lengths[:, None].to(out.dtype)  # (B, H)
+        pooled = pool_steps(out, lengths.to(out.device), self.pooling)  # (B, H)
         return self.head(self.dropout(pooled))  # (B, C)
 
     def video_probs(self, feats: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -9,10 +9,12 @@ Each gated layer computes, at every step,
 h_{t-1} and c_{t-1} are not modulated; the gate is shared by all the neurons of the layer. With a_t = 1 every
 module here computes exactly what its torch counterpart computes.
 
-Layout (Cell -> Layer -> Stack):
-- step functions (`attention_gate`, `rnn_step`, `lstm_step`, `gru_step`) hold the maths, written like the paper;
+Layout (Step -> Cell -> Layer -> Stack):
+- step functions (`attention_gate`, `rnn_step`, `lstm_step`, `gru_step`) hold the maths, written like the paper
+  (in `pipeline.nn.steps`, re-exported here);
 - cells (`EleAttRNNCell`, `EleAttLSTMCell`, `EleAttGRUCell`) are drop-in for `nn.RNNCell`/`nn.LSTMCell`/`nn.GRUCell`;
-- `reference_layer` runs one layer over a (packed) sequence, one step at a time, with plain autograd;
+- `reference_layer` (`pipeline.nn.steps`) runs one layer over a (packed) sequence, one step at a time, with plain
+  autograd;
 - stacks (`EleAttRNN`, `EleAttLSTM`, `EleAttGRU`) are drop-in for `nn.RNN`/`nn.LSTM`/`nn.GRU`. They run the fast
   kernel of `pipeline.nn.kernel` by default (`impl="fast"`); `impl="reference"` runs `reference_layer`, the
   readable definition the fast kernel is tested against.
@@ -25,13 +27,18 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from pipeline.errors import UsageError
+from pipeline.nn.kernel import fast_stack
+from pipeline.nn.steps import (
+    GateKind, State, attention_gate, compiler_flag, gated_step, gru_step, lstm_step, reference_layer, rnn_step,
+    scan_layer,
+)
 
 __all__ = [
     "EleAttRNNCell",
@@ -47,73 +54,10 @@ __all__ = [
     "reference_layer",
 ]
 
-GateKind = Literal["sigmoid", "softmax"]
 Impl = Literal["fast", "reference"]
-State = tuple[Tensor, ...]  # (h,) for RNN/GRU, (h, c) for LSTM; each (B, H)
 
 _GATES = ("sigmoid", "softmax")
 _NUM_CHUNKS = {"RNN_TANH": 1, "RNN_RELU": 1, "LSTM": 4, "GRU": 3}
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The maths of one step
-# --------------------------------------------------------------------------------------------------------------
-def attention_gate(
-    x: Tensor, h: Tensor, weight_xa: Tensor, weight_ha: Tensor, bias_a: Tensor | None, gate: GateKind = "sigmoid"
-) -> Tensor:
-    """The element-wise attention gate a_t = sigma(W_xa x_t + W_ha h_{t-1} + b_a).
-
-    x (B, D), h (B, H) -> a (B, D) in (0, 1). `gate="softmax"` normalises over the D input elements instead
-    (the paper's ablation), so a_t sums to 1 per sample.
-    """
-    z = F.linear(x, weight_xa, bias_a) + F.linear(h, weight_ha)  # (B, D)
-    return torch.sigmoid(z) if gate == "sigmoid" else torch.softmax(z, dim=-1)
-
-
-def rnn_step(
-    x: Tensor, state: State, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor | None, bias_hh: Tensor | None,
-    nonlinearity: str = "tanh",
-) -> State:
-    """Elman step h' = act(W_ih x + b_ih + W_hh h + b_hh); x (B, D), state (h,) each (B, H)."""
-    (h,) = state
-    pre = F.linear(x, weight_ih, bias_ih) + F.linear(h, weight_hh, bias_hh)  # (B, H)
-    return (torch.tanh(pre) if nonlinearity == "tanh" else torch.relu(pre),)
-
-
-def lstm_step(
-    x: Tensor, state: State, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor | None, bias_hh: Tensor | None
-) -> State:
-    """LSTM step (nn.LSTM's gate order i, f, g, o); x (B, D), state (h, c) each (B, H)."""
-    h, c = state
-    gates = F.linear(x, weight_ih, bias_ih) + F.linear(h, weight_hh, bias_hh)  # (B, 4H)
-    i, f, g, o = gates.chunk(4, 1)
-    i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
-    c = f * c + i * g
-    h = o * torch.tanh(c)
-    return h, c
-
-
-def gru_step(
-    x: Tensor, state: State, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor | None, bias_hh: Tensor | None
-) -> State:
-    """GRU step as nn.GRU computes it (gate order r, z, n; r multiplies W_hn h + b_hn); state (h,) each (B, H)."""
-    (h,) = state
-    gi = F.linear(x, weight_ih, bias_ih)  # (B, 3H)
-    gh = F.linear(h, weight_hh, bias_hh)  # (B, 3H)
-    i_r, i_z, i_n = gi.chunk(3, 1)
-    h_r, h_z, h_n = gh.chunk(3, 1)
-    r = torch.sigmoid(i_r + h_r)
-    z = torch.sigmoid(i_z + h_z)
-    n = torch.tanh(i_n + r * h_n)
-    return ((1 - z) * n + z * h,)
-
-
-def _cell_step(mode: str, x: Tensor, state: State, weights: Sequence[Tensor | None]) -> State:
-    if mode == "LSTM":
-        return lstm_step(x, state, *weights)
-    if mode == "GRU":
-        return gru_step(x, state, *weights)
-    return rnn_step(x, state, *weights, nonlinearity="tanh" if mode == "RNN_TANH" else "relu")
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -121,12 +65,6 @@ def _autocast_enabled(device_type: str) -> bool:
         return torch.is_autocast_enabled(device_type)
     except TypeError:  # torch < 2.4 takes no device type
         return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
-
-
-def compiler_flag(name: str) -> bool:
-    """torch.compiler.<name>() ("is_compiling", "is_exporting"), False on a torch that does not have it."""
-    flag = getattr(torch.compiler, name, None)
-    return bool(flag is not None and flag())
 
 
 def _exporting() -> bool:
@@ -187,9 +125,9 @@ class _EleAttCellBase(nn.Module):
             return torch.ones_like(input)
         return attention_gate(input, h, self.weight_xa, self.weight_ha, self.bias_a, self.gate)
 
-    def _run(self, input: Tensor, state: State) -> tuple[State, Tensor]:
-        a = self.attention_weights(input, state[0])
-        return _cell_step(self.mode, a * input, state, self._weights()), a
+    def _run(self, input: Tensor, state: State) -> State:
+        gate_weights = (self.weight_xa, self.weight_ha, self.bias_a) if self.attention else None
+        return gated_step(self.mode, input, state, self._weights(), gate_weights, self.gate)[0]
 
     def _prepare(self, input: Tensor, hx, n_state: int) -> tuple[State, bool]:
         if input.dim() not in (1, 2):
@@ -237,7 +175,7 @@ class EleAttRNNCell(_EleAttCellBase):
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         state, batched = self._prepare(input, hx, 1)
-        (h,), _ = self._run(input if batched else input.unsqueeze(0), state)
+        (h,) = self._run(input if batched else input.unsqueeze(0), state)
         return h if batched else h.squeeze(0)
 
 
@@ -248,7 +186,7 @@ class EleAttLSTMCell(_EleAttCellBase):
 
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         state, batched = self._prepare(input, hx, 2)
-        (h, c), _ = self._run(input if batched else input.unsqueeze(0), state)
+        h, c = self._run(input if batched else input.unsqueeze(0), state)
         return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
 
 
@@ -262,44 +200,8 @@ class EleAttGRUCell(_EleAttCellBase):
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         state, batched = self._prepare(input, hx, 1)
-        (h,), _ = self._run(input if batched else input.unsqueeze(0), state)
+        (h,) = self._run(input if batched else input.unsqueeze(0), state)
         return h if batched else h.squeeze(0)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Layer: one layer over a whole (packed) sequence, step by step (the reference path)
-# --------------------------------------------------------------------------------------------------------------
-def reference_layer(
-    mode: str,
-    x: Tensor,
-    batch_sizes: Sequence[int],
-    state: State,
-    weights: Sequence[Tensor | None],
-    gate_weights: Sequence[Tensor | None] | None,
-    gate: GateKind = "sigmoid",
-) -> tuple[Tensor, State, Tensor | None]:
-    """Run one layer over a sequence in packed layout.
-
-    x (N, D): the steps one after the other, step t holding the first `batch_sizes[t]` sequences (non-increasing,
-    as in a PackedSequence; an unpacked (T, B, D) input is x.view(T * B, D) with batch_sizes [B] * T).
-    state: (h0,) or (h0, c0), each (B, H) with B = batch_sizes[0]. weights: (w_ih, w_hh, b_ih, b_hh);
-    gate_weights: (w_xa, w_ha, b_a) or None for an ungated layer.
-    Returns out (N, H), the final state of each sequence (its last valid step) and the gates (N, D) or None.
-    Sequences that have ended keep their state: padded steps never touch valid ones.
-    """
-    outs, gates, offset = [], [], 0
-    for bs in batch_sizes:
-        x_t = x[offset:offset + bs]  # (bs, D)
-        prev = tuple(s[:bs] for s in state)
-        if gate_weights is not None:
-            a = attention_gate(x_t, prev[0], *gate_weights, gate=gate)
-            gates.append(a)
-            x_t = a * x_t
-        new = _cell_step(mode, x_t, prev, weights)
-        state = tuple(torch.cat([n, s[bs:]]) if bs < s.size(0) else n for n, s in zip(new, state))
-        outs.append(new[0])
-        offset += bs
-    return torch.cat(outs), state, (torch.cat(gates) if gate_weights is not None else None)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -356,19 +258,17 @@ class _EleAttRNNBase(nn.Module):
         self.impl = impl
         kw = {"device": device, "dtype": dtype}
         g = _NUM_CHUNKS[self.mode] * hidden_size
+        shapes = []  # (name, shape) in nn.LSTM's names and order, then the gates'
         for k in range(num_layers):
             d = input_size if k == 0 else hidden_size
-            self.register_parameter(f"weight_ih_l{k}", nn.Parameter(torch.empty(g, d, **kw)))
-            self.register_parameter(f"weight_hh_l{k}", nn.Parameter(torch.empty(g, hidden_size, **kw)))
-            if bias:
-                self.register_parameter(f"bias_ih_l{k}", nn.Parameter(torch.empty(g, **kw)))
-                self.register_parameter(f"bias_hh_l{k}", nn.Parameter(torch.empty(g, **kw)))
+            shapes += [(f"weight_ih_l{k}", (g, d)), (f"weight_hh_l{k}", (g, hidden_size))]
+            shapes += [(f"bias_ih_l{k}", (g,)), (f"bias_hh_l{k}", (g,))] if bias else []
         for k in range(attention_layers):
             d = input_size if k == 0 else hidden_size
-            self.register_parameter(f"weight_xa_l{k}", nn.Parameter(torch.empty(d, d, **kw)))
-            self.register_parameter(f"weight_ha_l{k}", nn.Parameter(torch.empty(d, hidden_size, **kw)))
-            if bias:
-                self.register_parameter(f"bias_a_l{k}", nn.Parameter(torch.empty(d, **kw)))
+            shapes += [(f"weight_xa_l{k}", (d, d)), (f"weight_ha_l{k}", (d, hidden_size))]
+            shapes += [(f"bias_a_l{k}", (d,))] if bias else []
+        for name, shape in shapes:
+            self.register_parameter(name, nn.Parameter(torch.empty(shape, **kw)))
         self.reset_parameters()
 
     # -- parameters -------------------------------------------------------------------------------------------
@@ -484,8 +384,6 @@ class _EleAttRNNBase(nn.Module):
         if batch_sizes is None:
             out, final, gates = self._scan_stack(data.view(steps, batch, data.size(-1)), state)
         elif self.impl == "fast" and not _capturing():
-            from pipeline.nn.kernel import fast_stack
-
             out, final, gates = fast_stack(self, data, batch_sizes, state)
         else:
             out, final, gates = self._reference_stack(data, batch_sizes, state)
@@ -515,29 +413,17 @@ class _EleAttRNNBase(nn.Module):
         return output, hidden, attention
 
     def _scan_stack(self, x: Tensor, state: State):
-        """The reference maths over x (T, B, D) with the time loop as one `scan`, for torch.export: it keeps T
-        dynamic where a Python loop would unroll it. Same returns as `_reference_stack` (packed layout)."""
-        from torch._higher_order_ops.scan import scan
-
+        """The reference maths over x (T, B, D) with the time loop as one `scan` per layer (`scan_layer`), for
+        torch.export: it keeps T dynamic where a Python loop would unroll it. Same returns as `_reference_stack`."""
         finals, gates = [], []
         for k in range(self.num_layers):
             if k > 0 and self.dropout > 0 and self.training:
                 x = F.dropout(x, self.dropout, training=True)
-            weights, gate_weights = self.layer_weights(k), self.gate_weights(k)
-
-            def combine(carry, x_t, weights=weights, gate_weights=gate_weights):
-                ys = ()
-                if gate_weights is not None:
-                    a = attention_gate(x_t, carry[0], *gate_weights, gate=self.gate)  # (B, D)
-                    x_t, ys = a * x_t, (a,)
-                new = _cell_step(self.mode, x_t, carry, weights)
-                return new, (new[0].clone(), *ys)  # outputs may not alias the carry
-
-            final, ys = scan(combine, tuple(s[k] for s in state), x)  # ys[0] (T, B, H), ys[1] (T, B, D)
-            x = ys[0]
+            x, final, a = scan_layer(self.mode, x, tuple(s[k] for s in state), self.layer_weights(k),
+                                     self.gate_weights(k), self.gate)  # x (T, B, H), a (T, B, D) or None
             finals.append(final)
-            if gate_weights is not None:
-                gates.append(ys[1].reshape(-1, ys[1].size(-1)))
+            if a is not None:
+                gates.append(a.reshape(-1, a.size(-1)))
         final = tuple(torch.stack([f[i] for f in finals]) for i in range(len(state)))
         return x.reshape(-1, self.hidden_size), final, gates
 

@@ -16,7 +16,7 @@ sequences) that runs 2-3x faster than the BLAS product of the same shapes, which
 `nn.LSTM`/`nn.GRU` use on CPU. Other dtypes and devices use `torch.mm`; `ELEATT_ONEDNN=0` forces that path.
 Everything works in packed layout: x (N, D) holds the steps one after the other, step t holding the first
 batch_sizes[t] sequences (an unpacked (T, B, D) input is the case batch_sizes = [B] * T).
-`pipeline.nn.eleatt.reference_layer` is the definition this kernel is tested against.
+`pipeline.nn.steps.reference_layer` is the definition this kernel is tested against.
 """
 from __future__ import annotations
 
@@ -29,9 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, _VF
 
-from pipeline.nn.eleatt import compiler_flag, reference_layer
-
-State = tuple[Tensor, ...]
+from pipeline.nn.steps import State, compiler_flag, reference_layer
 
 
 def _layout(batch_sizes: Sequence[int], device) -> tuple[list[int], bool, Tensor | None, Tensor | None]:
@@ -486,7 +484,7 @@ def _cat_bias(mode: str, d: int, g: int, b_ih, b_hh, b_a, like: Tensor) -> Tenso
 def gated_layer(mode: str, gate: str, x: Tensor, batch_sizes: Sequence[int], state: State,
                 weights: Sequence[Tensor | None], gate_weights: Sequence[Tensor | None]
                 ) -> tuple[Tensor, State, Tensor]:
-    """One gated layer, same contract as `pipeline.nn.eleatt.reference_layer` (packed layout)."""
+    """One gated layer, same contract as `pipeline.nn.steps.reference_layer` (packed layout)."""
     dtype = weights[0].dtype
     if x.dtype != dtype:  # under autocast: the kernel computes in the weights' dtype (it disables autocast)
         x, state = x.to(dtype), tuple(s.to(dtype) for s in state)

@@ -13,11 +13,12 @@ With `--with-backbone` the timm backbone the features were made with runs in fro
 (one frame (B, 3, H, W) for `--step`), normalised with the backbone's mean/std, and the features go through the
 feature folder's storage precision (float16) as they do in `extract`.
 
-The recurrence is the readable step-by-step definition (`pipeline.nn.eleatt`'s `attention_gate` and cell steps,
-the maths `impl="reference"` runs), written here so that every exporter can keep the time dimension dynamic:
-TorchScript and ONNX script the time loop (ONNX `Loop`), `torch.export` captures it as one `scan`. Padded steps
-come after a sequence's last valid step, so pooling at `lengths - 1` (or the mean over valid steps) gives the
-packed result without packing.
+The recurrence is the readable step-by-step definition (`pipeline.nn.steps`: `attention_gate` and the cell
+steps, the maths `impl="reference"` runs), run so that every exporter can keep the time dimension dynamic:
+TorchScript and ONNX script the time loop (ONNX `Loop`), `torch.export` captures it as one `scan` (`scan_layer`).
+Padded steps come after a sequence's last valid step, so pooling at `lengths - 1` (or the mean over valid steps,
+`pipeline.nn.classifier.pool_steps`) gives the packed result without packing; the normalisation is
+`pipeline.data.sequences.normalize_features`, what `FeatureNormalizer` computes.
 """
 from __future__ import annotations
 
@@ -29,15 +30,15 @@ from pathlib import Path
 from typing import List, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.data.sequences import normalize_features
 from pipeline.errors import EXIT_OK, EXIT_USAGE, UsageError
+from pipeline.nn.classifier import pool_steps
+from pipeline.nn.steps import attention_gate, cell_step, scan_layer
 from pipeline.paths import atomic_write, ensure_writable_dir
 
 FORMATS = ("onnx", "exported", "torchscript")
-_MODES = {"LSTM": 0, "GRU": 1, "RNN_TANH": 2, "RNN_RELU": 3}
-_NORMALIZE = {"none": 0, "l2": 1, "standard": 2}
 ONNX_OPSET = 17
 
 
@@ -51,13 +52,13 @@ class ExportError(UsageError):
 class ExportLayer(nn.Module):
     """One (optionally gated) recurrent layer of an EleAtt stack, as buffers; zeros stand for absent biases."""
 
-    __constants__ = ["mode", "gated", "softmax", "hidden_size"]
+    __constants__ = ["mode", "gated", "gate", "hidden_size"]
 
     def __init__(self, mode: str, weights, gate_weights, gate: str, hidden_size: int) -> None:
         super().__init__()
-        self.mode = _MODES[mode]
+        self.mode = mode  # "LSTM", "GRU", "RNN_TANH" or "RNN_RELU"
         self.gated = gate_weights is not None
-        self.softmax = gate == "softmax"
+        self.gate = gate
         self.hidden_size = hidden_size
         w_ih, w_hh, b_ih, b_hh = (None if w is None else w.detach().clone().float() for w in weights)
         g = w_ih.size(0)
@@ -79,27 +80,8 @@ class ExportLayer(nn.Module):
     def step(self, x: Tensor, h: Tensor, c: Tensor) -> Tuple[Tensor, Tensor]:
         """x (B, D), h and c (B, H) -> new (h, c); c is returned unchanged except for the LSTM."""
         if self.gated:
-            z = F.linear(x, self.w_xa, self.b_a) + F.linear(h, self.w_ha)  # (B, D) gate pre-activation
-            a = torch.softmax(z, dim=-1) if self.softmax else torch.sigmoid(z)
-            x = a * x  # x~ = a * x
-        if self.mode == 0:  # LSTM, gate order i, f, g, o
-            gates = F.linear(x, self.w_ih, self.b_ih) + F.linear(h, self.w_hh, self.b_hh)  # (B, 4H)
-            i, f, g, o = gates.chunk(4, 1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
-        elif self.mode == 1:  # GRU as nn.GRU: r multiplies W_hn h + b_hn
-            gi = F.linear(x, self.w_ih, self.b_ih)  # (B, 3H)
-            gh = F.linear(h, self.w_hh, self.b_hh)  # (B, 3H)
-            i_r, i_z, i_n = gi.chunk(3, 1)
-            h_r, h_z, h_n = gh.chunk(3, 1)
-            r = torch.sigmoid(i_r + h_r)
-            zg = torch.sigmoid(i_z + h_z)
-            n = torch.tanh(i_n + r * h_n)
-            h = (1 - zg) * n + zg * h
-        else:
-            pre = F.linear(x, self.w_ih, self.b_ih) + F.linear(h, self.w_hh, self.b_hh)  # (B, H)
-            h = torch.tanh(pre) if self.mode == 2 else torch.relu(pre)
-        return h, c
+            x = attention_gate(x, h, self.w_xa, self.w_ha, self.b_a, self.gate) * x  # x~ = a * x
+        return cell_step(self.mode, x, h, c, self.w_ih, self.w_hh, self.b_ih, self.b_hh)
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, T, D) -> outputs (B, T, H), from a zero state."""
@@ -121,34 +103,23 @@ class ExportLayer(nn.Module):
 
     def _scan(self, x: Tensor) -> Tensor:
         # torch.export: the loop as one `scan`, which keeps T symbolic instead of unrolling it
-        from torch._higher_order_ops.scan import scan
-
-        b = x.size(0)
-        h0 = x.new_zeros(b, self.hidden_size)  # (B, H)
-        if self.mode == 0:
-            def combine(carry, x_t):
-                h, c = self.step(x_t, carry[0], carry[1])
-                return (h, c), h.clone()  # scan's outputs may not alias its carry
-
-            _, outs = scan(combine, (h0, h0.clone()), x.transpose(0, 1))  # outs (T, B, H)
-        else:  # no cell state to carry (an unchanged carry would alias)
-            def combine(carry, x_t):
-                h, _ = self.step(x_t, carry, carry)
-                return h, h.clone()
-
-            _, outs = scan(combine, h0, x.transpose(0, 1))
+        h0 = x.new_zeros(x.size(0), self.hidden_size)  # (B, H)
+        state = (h0, h0.clone()) if self.mode == "LSTM" else (h0,)  # an unchanged carry (c) would alias
+        gate_weights = (self.w_xa, self.w_ha, self.b_a) if self.gated else None
+        outs, _, _ = scan_layer(self.mode, x.transpose(0, 1), state, (self.w_ih, self.w_hh, self.b_ih, self.b_hh),
+                                gate_weights, self.gate)  # outs (T, B, H)
         return outs.transpose(0, 1)
 
 
 class FeatureModel(nn.Module):
     """normalise -> projection -> EleAtt stack -> pooling -> head -> softmax, from a SequenceClassifier."""
 
-    __constants__ = ["normalize", "mean_pooling", "num_layers", "hidden_size"]
+    __constants__ = ["normalize", "pooling", "num_layers", "hidden_size"]
 
     def __init__(self, net: nn.Module, normalize: str, mean: Tensor | None, std: Tensor | None) -> None:
         super().__init__()
         rnn = net.rnn
-        self.normalize = _NORMALIZE[normalize]
+        self.normalize = normalize  # "none", "l2" or "standard", as FeatureNormalizer
         d = rnn.input_size if isinstance(net.proj, nn.Identity) else net.proj.in_features
         self.register_buffer("mean", mean.float().clone() if mean is not None else torch.zeros(d))  # (D,)
         self.register_buffer("std", std.float().clone() if std is not None else torch.ones(d))  # (D,)
@@ -158,29 +129,19 @@ class FeatureModel(nn.Module):
             for k in range(rnn.num_layers)
         )
         self.num_layers, self.hidden_size = rnn.num_layers, rnn.hidden_size
-        self.mean_pooling = net.pooling == "mean"
+        self.pooling = net.pooling  # "last" or "mean"
         self.head = net.head
 
     def features_in(self, x: Tensor) -> Tensor:
         """Normalisation and projection of features (..., D), per step."""
-        if self.normalize == 1:
-            x = F.normalize(x, dim=-1)
-        elif self.normalize == 2:
-            x = (x - self.mean) / self.std
-        return self.proj(x)
+        return self.proj(normalize_features(x, self.normalize, self.mean, self.std))
 
     def forward(self, features: Tensor, lengths: Tensor) -> Tensor:
         """features float32 (B, T, D), lengths int64 (B,) -> class probabilities (B, C)."""
         x = self.features_in(features)  # (B, T, D')
         for layer in self.layers:
             x = layer(x)  # (B, T, H)
-        b, t = x.size(0), x.size(1)
-        if self.mean_pooling:
-            valid = (torch.arange(t, device=x.device)[None, :] < lengths[:, None]).to(x.dtype)  # (B, T)
-            pooled = (x * valid[:, :, None]).sum(1) / lengths[:, None].to(x.dtype)  # (B, H)
-        else:
-            pooled = x[torch.arange(b, device=x.device), lengths - 1]  # (B, H): the last valid step
-        return torch.softmax(self.head(pooled), dim=-1)
+        return torch.softmax(self.head(pool_steps(x, lengths, self.pooling)), dim=-1)  # (B, H) -> (B, C)
 
     def step(self, feature: Tensor, h: Tensor, c: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """feature (B, D), h and c (L, B, H) -> probabilities (B, C), new h and c (L, B, H)."""

@@ -30,6 +30,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from pipeline.data.sampling import fps_frames
 from pipeline.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, UsageError
 from pipeline.serving.classify import Prediction, VideoClassifier
 from pipeline.paths import ensure_writable_dir
@@ -134,18 +135,12 @@ class StreamingClassifier:
                                  f"to sample {self.sample_fps:g} frames/s as the checkpoint was trained")
             numbers = np.arange(first, first + count, dtype=np.int64)
             times = numbers / self.src_fps if self.src_fps else np.full(count, np.nan)
-            if self.sample_fps is None or self.sample_fps >= self.src_fps:
+            if self.sample_fps is None:
                 return np.arange(count), times
-            # fps_indices' rule, one step at a time: step k takes frame floor(k * src / target)
-            step = self.src_fps / self.sample_fps
-            picks = []
-            while True:
-                index = int(math.floor(self._next_k * step + 1e-9))
-                if index >= first + count:
-                    break
-                picks.append(index - first)
-                self._next_k += 1
-            picks_arr = np.asarray(picks, dtype=np.int64)
+            # fps_indices' rule, continued from the next step: step k takes frame floor(k * src / target)
+            taken = fps_frames(first + count, self.src_fps, self.sample_fps, first_step=self._next_k)
+            self._next_k += len(taken)
+            picks_arr = taken - first
             return picks_arr, times[picks_arr]
         # timestamp mode: frame i shows from t_i for dt (1 / fps, else the gap since the previous frame); it is
         # sampled when a step time k / sample_fps falls in that span

@@ -6,7 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.data.sampling import Sampling, clip_indices, fps_indices, segment_indices, sequence_indices
+from pipeline.data.sampling import (
+    Sampling, clip_indices, fps_frames, fps_indices, segment_indices, sequence_indices,
+)
 
 
 def rng(seed: int = 0) -> np.random.Generator:
@@ -197,3 +199,19 @@ def test_fps_non_integer_ratios_by_hand():
     np.testing.assert_array_equal(fps_indices(60, 30000 / 1001, 6), [0, 4, 9, 14, 19, 24, 29, 34, 39, 44, 49, 54, 59])
     np.testing.assert_array_equal(Sampling(fps=8).indices(46, 30.0), [0, 3, 7, 11, 15, 18, 22, 26, 30, 33, 37, 41, 45])
     np.testing.assert_array_equal(fps_indices(45, 30, 8), [0, 3, 7, 11, 15, 18, 22, 26, 30, 33, 37, 41])  # 45 absent
+
+
+@pytest.mark.parametrize("src,target", [(30, 10), (30, 8), (30000 / 1001, 6), (25, 25), (24, 60)])
+def test_fps_frames_continues_the_rule_from_any_step(src, target):
+    """A stream takes fps_frames in pieces (the frames seen so far, from the step after the last one taken): any
+    split of the frames gives fps_indices of the whole."""
+    whole = fps_indices(100, src, target)
+    np.testing.assert_array_equal(fps_frames(100, src, target), whole)
+    for cuts in ([1, 2, 3, 50, 100], [7, 33, 34, 100], [100]):
+        taken, k = [], 0
+        for end in cuts:
+            new = fps_frames(end, src, target, first_step=k)
+            assert np.all(new < end) and (not taken or np.all(new > taken[-1]))
+            taken += new.tolist()
+            k += len(new)
+        np.testing.assert_array_equal(taken, whole)

@@ -32,7 +32,9 @@ LABELS = {"rgb": "RGB", "flow": "flow"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from pipeline.arguments import command_parser
+
+    parser = command_parser(
         prog="eleatt demo",
         description="Run the two-stream pipeline end to end on a generated order-only action dataset: prepare "
                     "synthetic -> optical flow -> extract RGB and flow features -> fit an EleAtt-LSTM per stream -> "

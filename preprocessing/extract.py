@@ -517,7 +517,9 @@ def extract(list_path: str | os.PathLike, root: str | os.PathLike, out: str | os
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from pipeline.arguments import command_parser
+
+    p = command_parser(
         prog="eleatt extract",
         description="Extract per-frame features of a timm backbone for every video of a list into a feature folder "
                     "(--modality flow: per-position features of flow stacks read from a flow folder) "

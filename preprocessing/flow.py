@@ -354,7 +354,9 @@ def export_folder(out: str | os.PathLike, dest: str | os.PathLike, prefix: str =
 # The command
 # --------------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from pipeline.arguments import command_parser
+
+    p = command_parser(
         prog="eleatt flow",
         description="Dense optical flow between consecutive frames of every video of a list, quantised to uint8 "
                     "(+-bound px) and stored losslessly, one .flow.zip per video, in a flow folder (resumable: a "

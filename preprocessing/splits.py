@@ -657,13 +657,15 @@ def _common(p: argparse.ArgumentParser, val: bool = True, check: bool = True, ex
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="eleatt prepare",
+    from pipeline.arguments import add_subcommands, command_parser
+
+    parser = command_parser(
+        prog="eleatt prepare", config=False,
         description="Write train.txt, val.txt, test.txt and classes.txt (lines '<relative path> <0-based label>') "
         "for a dataset. Exit 0 when all is done, 3 when inputs were skipped or missing (each listed), 2 on "
         "usage errors.",
     )
-    sub = parser.add_subparsers(dest="dataset", required=True, metavar="DATASET")
+    sub = add_subcommands(parser, dest="dataset", required=True, metavar="DATASET")
 
     p = sub.add_parser("ucf101", help="UCF101 from ucfTrainTestlist/ (classInd.txt, trainlist0N, testlist0N)",
                        description="UCF101: labels from classInd.txt in its own order; val held out in whole gNN "

@@ -72,7 +72,7 @@ def test_no_import_circles():
 
 
 LAYERS = {  # a module may import its own layer and those below it (higher number = higher layer)
-    "pipeline.errors": 0, "pipeline.paths": 0, "pipeline.devices": 0,
+    "pipeline.errors": 0, "pipeline.paths": 0, "pipeline.devices": 0, "pipeline.arguments": 0,
     "pipeline.nn": 1, "pipeline.data": 1,
     "pipeline.trained": 2,
     "pipeline.evaluation": 3,

@@ -254,7 +254,9 @@ def print_table(fused: dict, names: Sequence[str]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from pipeline.arguments import command_parser
+
+    parser = command_parser(
         prog="eleatt fuse",
         description="Fuse the scores files of several streams (e.g. RGB and flow scores_test.npz of the same test "
                     "list): align by video name, weighted mean of class probabilities (or of log-probabilities), "

@@ -258,7 +258,9 @@ def _split_weights(values: list[str] | None) -> tuple[str | None, list[float] | 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from pipeline.arguments import command_parser
+
+    parser = command_parser(
         prog="eleatt classify",
         description="Classify video files with a trained checkpoint: decode, encode with the backbone settings the "
                     "checkpoint records (a flow-stream checkpoint: compute the video's optical flow first, with the "

@@ -409,7 +409,9 @@ def export_checkpoint(ckpt, out, fmt: str = "onnx", with_backbone: bool = False,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from pipeline.arguments import command_parser
+
+    parser = command_parser(
         prog="eleatt export",
         description="Export a trained checkpoint as a standalone model for serving: ONNX (onnxruntime), a "
                     "torch.export ExportedProgram (.pt2) or TorchScript. The whole-sequence model maps features "

@@ -313,7 +313,9 @@ def plot_stream(times: np.ndarray, probs: np.ndarray, class_names: Sequence[str]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from pipeline.arguments import command_parser
+
+    parser = command_parser(
         prog="eleatt classify",
         description="Online recognition: decode a video file, a camera or a network stream as it plays and print "
                     "the class probabilities of a checkpoint as they evolve (one recurrent step per sampled frame, "

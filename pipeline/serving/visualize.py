@@ -78,7 +78,9 @@ def attention_picture(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from pipeline.arguments import command_parser
+
+    parser = command_parser(
         prog="eleatt visualize",
         description="Draw the element-wise attention (gate values per input element and step of one layer) and the "
                     "class probabilities over time of one video, for a trained checkpoint. Writes "

@@ -21,7 +21,7 @@ LIGHTNING_COMMANDS = {
 
 # name -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "prepare": ("preprocessing.splits", "main", "write train/val/test lists and classes.txt (official splits, folders, synthetic)"),
+    "prepare": ("preprocessing.prepare", "main", "write train/val/test lists and classes.txt (official splits, folders, synthetic)"),
     "extract": ("preprocessing.extract", "main", "extract per-frame timm backbone features into a feature folder (resumable)"),
     "flow": ("preprocessing.flow", "main", "compute dense optical flow into a flow folder (resumable); import/export JPEG flow"),
     "classify": ("pipeline.serving.classify", "main", "classify video files with a trained checkpoint"),
@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "export": ("pipeline.serving.export", "main", "export a checkpoint for serving: ONNX, torch.export or TorchScript"),
     "visualize": ("pipeline.serving.visualize", "main", "draw a checkpoint's attention gates and class probabilities over time for one video"),
 }
+
+STREAM_MODULE = "pipeline.serving.streaming"  # `eleatt classify --stream SOURCE ...`
 
 from pipeline.errors import (
     EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, interrupt_message, is_user_error, quiet_broken_pipe, set_interrupt_note,
@@ -61,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eleatt: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return EXIT_USAGE
     module, function, _ = COMMANDS[command]
+    if command == "classify" and any(a == "--stream" or a.startswith("--stream=") for a in rest):
+        module = STREAM_MODULE  # online recognition: `classify --stream SOURCE` has its own parser
     set_interrupt_note(None)
     with watch_interrupts() as ctrl_c:
         try:

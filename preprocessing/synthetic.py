@@ -302,7 +302,7 @@ def make_dataset(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of `eleatt prepare synthetic` (the command lives in preprocessing/splits.py)."""
+    """The options of `eleatt prepare synthetic` (the command lives in preprocessing/prepare.py)."""
     parser.add_argument("--out", required=True, type=Path, help="output folder (videos/, lists, classes.txt)")
     parser.add_argument("--videos-per-class", type=int, default=6, help="videos per class, >= 3 (default: 6)")
     parser.add_argument("--frames", type=int, default=24, help="frames per video (default: 24)")

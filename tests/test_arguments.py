@@ -186,7 +186,7 @@ def test_flags_and_messages_stay_argparse(capsys):
 
 def test_parse_args_gives_argparse_namespaces(tmp_path):
     from preprocessing.flow import build_parser as flow_parser
-    from preprocessing.splits import build_parser as prepare_parser
+    from preprocessing.prepare import build_parser as prepare_parser
 
     (tmp_path / "c.yaml").write_text("workers: 3\nshort_side: 128\n")
     args = flow_parser().parse_args(["--config", str(tmp_path / "c.yaml"), "--out", "o", "--short-side", "64"])

@@ -306,10 +306,6 @@ def _print_table(pred: Prediction) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if any(a == "--stream" or a.startswith("--stream=") for a in argv):  # online recognition: its own parser
-        from pipeline.serving.streaming import main as stream_main
-
-        return stream_main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.videos:

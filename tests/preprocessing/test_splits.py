@@ -8,11 +8,11 @@ import pytest
 
 from pipeline.data.lists import ListEntry, read_classes, read_list
 from preprocessing import splits
+from preprocessing.prepare import main
 from preprocessing.splits import (
     NTU60_TRAIN_SUBJECTS,
     grouped_holdout,
     hmdb_source,
-    main,
     parse_hmdb,
     parse_kinetics,
     parse_ucf101,

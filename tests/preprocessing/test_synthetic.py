@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.data.lists import read_classes, read_list
-from preprocessing import splits
+from preprocessing import prepare
 from preprocessing.synthetic import (
     CLASSES,
     PAIRS,
@@ -157,12 +157,12 @@ def test_prepare_synthetic_command(tmp_path, capsys):
     out = tmp_path / "syn"
     argv = ["synthetic", "--out", str(out), "--videos-per-class", "3", "--frames", "5", "--size", "24",
             "--classes", "move_left", "move_right", "--seed", "2"]
-    assert splits.main(argv) == 0
+    assert prepare.main(argv) == 0
     printed = capsys.readouterr().out
     assert "2 classes, 6 videos of 5 frames at 24x24" in printed and "move_left" in printed
     assert read_classes(out / "classes.txt") == ["move_left", "move_right"]
     assert len(read_list(out / "train.txt")) == 2
     assert decode(out / "videos/move_right/move_right_0.mp4").shape == (5, 24, 24, 3)
     with pytest.raises(ValueError, match="unknown synthetic class"):  # the eleatt CLI turns this into exit 2
-        splits.main(["synthetic", "--out", str(out), "--classes", "fly"])
-    assert splits.main(["synthetic", "--out", str(out), "--frames", "many"]) == 2  # argparse usage error
+        prepare.main(["synthetic", "--out", str(out), "--classes", "fly"])
+    assert prepare.main(["synthetic", "--out", str(out), "--frames", "many"]) == 2  # argparse usage error

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,7 @@ def test_last_is_the_latest_epoch_and_a_resume_keeps_the_history(order_features,
     validated = [int(r["epoch"]) for r in rows if r.get("val/top1")]
     assert validated == [0, 1, 2, 3]  # each epoch once, in order: earlier rows kept, none duplicated
     assert {int(r["epoch"]) for r in rows if r.get("train/loss_step")} == {0, 1, 2, 3}
+    assert Counter(int(r["epoch"]) for r in rows) == {0: 8, 1: 8, 2: 8, 3: 8}
 
     # The saved config describes the training: rerunning it starts a fresh run beside this one.
     saved = yaml.safe_load((run / "config.yaml").read_text())
@@ -82,8 +84,14 @@ def test_ctrl_c_in_fit_exits_130_and_prints_the_command_that_resumes(order_featu
     assert err.startswith(f"eleatt fit: interrupted (Ctrl-C); kept {tmp_path / 'r'}/ with last.ckpt (end of epoch 0)")
     resume = shlex.split(err.split("resume with: ", 1)[1])
     assert resume[:2] == ["eleatt", "fit"] and "--run_name" not in resume
+    # Epoch 1 logged its 6 steps and its validation before the interrupt: rows the resume from epoch 0 redoes.
+    assert Counter(int(r["epoch"]) for r in metric_rows(tmp_path / "r")) == {0: 8, 1: 7}
     assert main(resume[1:]) == 0
     assert epoch_of(tmp_path / "r" / "last.ckpt") == 2
+    rows = metric_rows(tmp_path / "r")  # per epoch: 6 step rows, the validation row, the training-epoch row
+    assert Counter(int(r["epoch"]) for r in rows) == {0: 8, 1: 8, 2: 8}
+    assert [int(r["epoch"]) for r in rows if r.get("val/top1")] == [0, 1, 2]
+    assert [int(r["step"]) for r in rows if r.get("train/loss_step")] == list(range(18))
 
 
 def test_non_finite_features_stop_fit_naming_the_file(order_features, tmp_path, capsys):

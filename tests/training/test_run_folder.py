@@ -233,3 +233,23 @@ def test_checkpoint_epoch_refuses_what_lightning_did_not_write(tmp_path):
     with pytest.raises(UsageError, match="cannot be loaded"):
         checkpoint_epoch(tmp_path / "text.ckpt")
     assert os.path.exists(tmp_path / "ok.ckpt")
+
+
+# -- the tested Lightning ------------------------------------------------------------------------------------------
+def test_the_install_applies_the_tested_ranges_and_these_tests_ran_inside_them():
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+
+    repo = Path(__file__).resolve().parents[2]
+    lines = [line.strip() for line in (repo / "constraints.txt").read_text().splitlines()]
+    pins = {r.name: r.specifier for r in (Requirement(line) for line in lines if line and not line.startswith("#"))}
+    assert {name: str(spec) for name, spec in pins.items()} == {"pytorch-lightning": "<2.7,>=2.6",
+                                                              "jsonargparse": "<4.54,>=4.53"}
+    for name, spec in pins.items():  # a newer Lightning must pass these tests before its range goes in
+        assert spec.contains(version(name)), f"{name} {version(name)} is outside the tested range {spec}"
+    makefile = (repo / "Makefile").read_text()
+    recipe = makefile.split("$(VENV)/.installed:", 1)[1].split("\n\n", 1)[0]
+    assert recipe.splitlines()[0].split() == ["pyproject.toml", "constraints.txt"]  # reinstalls when they change
+    project = [line for line in recipe.splitlines() if "pip install" in line and "-e " in line]
+    assert len(project) == 1 and " -c constraints.txt " in project[0]

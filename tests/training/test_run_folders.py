@@ -39,7 +39,7 @@ def metric_rows(run: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_last_is_the_latest_epoch_and_a_resume_keeps_the_history(order_features, tmp_path):
+def test_last_is_the_latest_epoch_and_a_resume_keeps_the_history(order_features, tmp_path, capsys):
     root = tmp_path / "runs"
     # lr 0: val/top1 never improves after epoch 0, so best.ckpt stays at epoch 0 while last.ckpt must move on.
     argv = ["fit", "--config", TINY, *data_args(order_features["features"], order_features["lists"]),
@@ -48,12 +48,19 @@ def test_last_is_the_latest_epoch_and_a_resume_keeps_the_history(order_features,
     assert main(argv) == 0
     run = root / "r"
     assert epoch_of(run / "best.ckpt") == 0 and epoch_of(run / "last.ckpt") == 2
+    report = capsys.readouterr().out.splitlines()[-3:]
+    assert report[0] == f"run folder: {run}" and report[2] == f"last checkpoint: {run.resolve() / 'last.ckpt'}"
+    assert report[1].startswith(f"best checkpoint: {run.resolve() / 'best.ckpt'} (val/top1 = ")
+    before = metric_rows(run)
+    best = (run / "best.ckpt").read_bytes()
 
     # `--ckpt_path last` with the run's saved config resumes into the same folder, its history kept.
     assert main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last", "--trainer.max_epochs", "4"]) == 0
     assert sorted(p.name for p in root.iterdir()) == ["r"]
     assert epoch_of(run / "last.ckpt") == 3 and epoch_of(run / "best.ckpt") == 0
+    assert (run / "best.ckpt").read_bytes() == best  # not re-saved: the resume knows epoch 0's score
     rows = metric_rows(run)
+    assert rows[:len(before)] == before and len(before) == 24  # epochs 0-2 kept as they were, not redone
     validated = [int(r["epoch"]) for r in rows if r.get("val/top1")]
     assert validated == [0, 1, 2, 3]  # each epoch once, in order: earlier rows kept, none duplicated
     assert {int(r["epoch"]) for r in rows if r.get("train/loss_step")} == {0, 1, 2, 3}

@@ -7,6 +7,7 @@ This module is where the project meets Lightning's checkpoint and logger machine
   epoch (Lightning 2.6's own `save_last=True` rewrites last.ckpt only in a step where a top-k checkpoint is saved,
   so it would stop at the best epoch). Each has a state key of its own (the public `Callback.state_key`), so a resume
   restores both; best's is the key runs written before this module carry, so resuming one of them keeps its score.
+  A run folder moved before its resume keeps its best.ckpt (their state is read relative to the folder).
 * `RunMetricsLogger`, a `Logger` of our own: metrics.csv in the columns of Lightning's CSVLogger, continued across a
   resume (Lightning's CSVLogger deletes an existing metrics.csv).
 
@@ -112,7 +113,36 @@ def checkpoint_epoch(path: str | os.PathLike) -> Optional[int]:
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------------------
-class BestCheckpoint(ModelCheckpoint):
+class _RunFileCheckpoint(ModelCheckpoint):
+    """A checkpoint file of a run folder. A resume from a checkpoint in this folder is a resume of this run, even if
+    the folder moved since the checkpoint was written (renamed, copied to another machine): the saved state is then
+    read as that of the same files in the folder they are in now. (Lightning's own reload keeps only
+    `best_model_path` when the folder changed, and a resume would replace best.ckpt with the next epoch, however
+    bad.) A checkpoint of another folder (`fit --ckpt_path other/last.ckpt --run_name new`) starts a new best."""
+
+    _resumed_here = False
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        resumed = trainer.ckpt_path  # the file being restored (set before the callbacks' states are loaded)
+        self._resumed_here = bool(resumed) and bool(self.dirpath) and (
+            os.path.realpath(os.path.dirname(os.fspath(resumed))) == os.fspath(self.dirpath))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("dirpath")
+        if self._resumed_here and saved and os.fspath(saved) != os.fspath(self.dirpath):
+            def here(path):
+                return os.path.join(self.dirpath, os.path.basename(path)) if path else path
+
+            state_dict = {**state_dict, "dirpath": self.dirpath}
+            for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+                if key in state_dict:
+                    state_dict[key] = here(state_dict[key])
+            if "best_k_models" in state_dict:
+                state_dict["best_k_models"] = {here(k): v for k, v in state_dict["best_k_models"].items()}
+        super().load_state_dict(state_dict)
+
+
+class BestCheckpoint(_RunFileCheckpoint):
     """`<run>/best.ckpt`: the best epoch by `monitor` (with `monitor=None`, the latest epoch)."""
 
     def __init__(self, run_dir: str | os.PathLike, monitor: Optional[str], mode: str) -> None:
@@ -128,7 +158,7 @@ class BestCheckpoint(ModelCheckpoint):
                                         "every_n_epochs": 1, "train_time_interval": None})
 
 
-class LastCheckpoint(ModelCheckpoint):
+class LastCheckpoint(_RunFileCheckpoint):
     """`<run>/last.ckpt`: the end of every training epoch, whatever the monitored metric did (and whether or not the
     epoch validated), so a resume redoes nothing."""
 

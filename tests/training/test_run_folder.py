@@ -113,6 +113,32 @@ def test_a_resume_keeps_best_and_moves_last_on(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt", "last.ckpt", "metrics.csv"]
 
 
+def test_a_run_folder_moved_before_its_resume_keeps_its_best(tmp_path):
+    fit(tmp_path / "there", 2)
+    (tmp_path / "there").rename(tmp_path / "here")  # copied to another machine, renamed, ...
+    run = tmp_path / "here"
+    before = (run / "best.ckpt").read_bytes()
+    trainer = fit(run, 4, ckpt=run / "last.ckpt", resume_epoch=1)
+    assert sorted(p.name for p in run.iterdir()) == ["best.ckpt", "last.ckpt", "metrics.csv"]  # no best-v1.ckpt
+    assert (run / "best.ckpt").read_bytes() == before and load(run / "last.ckpt")["epoch"] == 3
+    best = trainer.checkpoint_callback
+    assert float(best.best_model_score) == 1.0 and best.best_model_path == str(run.resolve() / "best.ckpt")
+    assert list(best.best_k_models) == [str(run.resolve() / "best.ckpt")]
+    state = load(run / "last.ckpt")["callbacks"]
+    assert state[BEST_KEY]["dirpath"] == state["eleatt.LastCheckpoint"]["dirpath"] == str(run.resolve())
+
+
+def test_a_checkpoint_of_another_run_starts_a_new_best(tmp_path):
+    fit(tmp_path / "first", 2)
+    (tmp_path / "second").mkdir()
+    (tmp_path / "second" / "best.ckpt").write_bytes(b"stale")  # a folder fine-tuned into is overwritten, not versioned
+    trainer = fit(tmp_path / "second", 3, ckpt=tmp_path / "first" / "last.ckpt", resume_epoch=1)  # epoch 2 only
+    assert sorted(p.name for p in (tmp_path / "second").iterdir()) == ["best.ckpt", "last.ckpt", "metrics.csv"]
+    assert load(tmp_path / "second" / "best.ckpt")["epoch"] == 2  # its own best (0.2), not the first run's (1.0)
+    assert float(trainer.checkpoint_callback.best_model_score) == pytest.approx(0.2)
+    assert load(tmp_path / "first" / "best.ckpt")["epoch"] == 0
+
+
 def test_last_is_written_in_epochs_that_do_not_validate(tmp_path):
     fit(tmp_path, 3, check_val_every_n_epoch=2)  # validation after epoch 1 only
     assert load(tmp_path / "best.ckpt")["epoch"] == 1 and load(tmp_path / "last.ckpt")["epoch"] == 2

@@ -51,7 +51,13 @@ def test_last_is_the_latest_epoch_and_a_resume_keeps_the_history(order_features,
     report = capsys.readouterr().out.splitlines()[-3:]
     assert report[0] == f"run folder: {run}" and report[2] == f"last checkpoint: {run.resolve() / 'last.ckpt'}"
     assert report[1].startswith(f"best checkpoint: {run.resolve() / 'best.ckpt'} (val/top1 = ")
+    # A mark in epoch 2's last row: a resume from last.ckpt keeps the row, one from an earlier epoch redoes it.
     before = metric_rows(run)
+    before[-1]["train/top1"] = "0.123"
+    with open(run / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(before[0]))
+        writer.writeheader()
+        writer.writerows(before)
     best = (run / "best.ckpt").read_bytes()
 
     # `--ckpt_path last` with the run's saved config resumes into the same folder, its history kept.
@@ -74,6 +80,17 @@ def test_last_is_the_latest_epoch_and_a_resume_keeps_the_history(order_features,
     fresh = sorted(p for p in root.iterdir() if p.name != "r")
     assert len(fresh) == 1 and fresh[0].name.startswith("r-") and (fresh[0] / "last.ckpt").is_file()
     assert not [p for p in run.iterdir() if p.is_dir() and p.name != "tensorboard"]  # nothing nested
+
+
+def test_without_validation_best_is_the_latest_epoch(order_features, tmp_path, capsys):
+    argv = ["fit", "--config", TINY, "--data.features_dir", str(order_features["features"]), "--data.train_list",
+            str(order_features["lists"] / "train.txt"), "--data.val_list", "null", "--lr_scheduler", "null",
+            "--trainer.default_root_dir", str(tmp_path), "--run_name", "r", "--trainer.max_epochs", "2"]
+    assert main(argv) == 0
+    run = tmp_path / "r"
+    assert epoch_of(run / "best.ckpt") == 1 and epoch_of(run / "last.ckpt") == 1
+    assert capsys.readouterr().out.splitlines()[-2] == f"best checkpoint: {run.resolve() / 'best.ckpt'}"  # no metric
+    assert not [r for r in metric_rows(run) if "val/top1" in r]
 
 
 def test_ctrl_c_in_fit_exits_130_and_prints_the_command_that_resumes(order_features, tmp_path, monkeypatch, capsys):

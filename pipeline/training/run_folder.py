@@ -12,7 +12,8 @@ This module is where the project meets Lightning's checkpoint and logger machine
   resume (Lightning's CSVLogger deletes an existing metrics.csv).
 
 What this relies on from Lightning beyond signatures (checkpoint callbacks run last and in the order given, after
-the LightningModule's `on_train_epoch_end`; what a resume restores) is pinned by tests/training/test_run_folder.py;
+the LightningModule's `on_train_epoch_end`; a resume sets `trainer.ckpt_path`, then calls the callbacks'
+`on_load_checkpoint` before their `load_state_dict`; what it restores) is pinned by tests/training/test_run_folder.py;
 the tested Lightning range is in constraints.txt.
 """
 from __future__ import annotations

@@ -9,27 +9,23 @@ Checkpoints are loaded with weights-only semantics (no arbitrary unpickling).
 A run folder stays whole across a resume: last.ckpt is rewritten at the end of every epoch (whatever the monitored
 metric did), `fit --ckpt_path <run>/last.ckpt` (or `--ckpt_path last` with the run's config.yaml or --run_name)
 continues in the same folder, and metrics.csv keeps the rows of the epochs before the resume. The config.yaml saved
-in a run folder starts a fresh run beside it when given to `fit` again.
+in a run folder starts a fresh run beside it when given to `fit` again. The run folder itself (which folder, its
+checkpoint callbacks and metrics logger) is `pipeline.training.run_folder`; this module is the CLI and its reports.
 """
 from __future__ import annotations
 
 import contextlib
-import csv
 import importlib.util
 import logging
 import os
-import re
 import shlex
 import sys
 import warnings
-from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from pytorch_lightning.loggers import CSVLogger
-from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
 from pipeline.training.feature_data import FeatureDataModule
 from pipeline.errors import (
@@ -38,14 +34,14 @@ from pipeline.errors import (
 )
 from pipeline.trained.record import read_checkpoint
 from pipeline.training.module import EleAttClassifier
-from pipeline.paths import atomic_write, ensure_writable_dir
+from pipeline.training.run_folder import (
+    DEFAULT_ROOT, RUN_DIR_ENV, BestCheckpoint, LastCheckpoint, RunMetricsLogger, checkpoint_epoch, choose_run_dir,
+    named_checkpoint, refuse_taken, run_checkpoints,
+)
+from pipeline.paths import ensure_writable_dir
 from pipeline.evaluation.scores import accuracy_summary, read_scores
 
-DEFAULT_ROOT = "checkpoints"
-CHECKPOINT_FILES = ("best.ckpt", "last.ckpt")
 EVALUATIONS = ("validate", "test", "predict")
-RUN_DIR_ENV = "ELEATT_RUN_DIR"  # the run folder, handed from rank 0 to the DDP processes Lightning starts
-RUN_STAMP = re.compile(r"-\d{8}-\d{6}(-\d+)?$")  # the time stamp of a run folder's name
 
 # Noise that says nothing to a user of this command: we override the model's default optimiser on purpose when a
 # config names one, we pass `args` on purpose, and run folders are reused on purpose (resume, test).
@@ -53,7 +49,6 @@ QUIET = (
     r".*configure_optimizers` will be overridden.*",
     r".*LightningCLI's args parameter is intended to run from within Python.*",
     r".*Checkpoint directory .* exists and is not empty.*",
-    r".*Experiment logs directory .* exists and is not empty.*",  # our CSV logger keeps the rows (_KeptRows)
     r".*does not have many workers which may be a bottleneck.*",
     r".*callbacks used to create the checkpoint need to be provided.*",
     r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
@@ -105,77 +100,6 @@ def is_end_to_end(args: list[str] | None) -> bool:
     return False
 
 
-class _RunCheckpoint(ModelCheckpoint):
-    """best.ckpt by the monitored metric, and last.ckpt at the end of *every* epoch.
-
-    Lightning 2.6's `save_last=True` rewrites last.ckpt only when a top-k checkpoint is saved in the same step, so
-    after the metric stops improving last.ckpt would stay at the best epoch and a resume would redo every epoch
-    since. Here last.ckpt is written whenever this callback had a chance to save, whatever the metric did.
-    """
-
-    _last_written_step = -1
-
-    def _save_last_checkpoint(self, trainer, monitor_candidates) -> None:
-        super()._save_last_checkpoint(trainer, monitor_candidates)
-        self._last_written_step = trainer.global_step
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        due = not self._should_skip_saving_checkpoint(trainer) and self._should_save_on_train_epoch_end(trainer)
-        super().on_train_epoch_end(trainer, pl_module)
-        self._save_last_if_missed(trainer, due)
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        due = not self._should_skip_saving_checkpoint(trainer) and not self._should_save_on_train_epoch_end(trainer)
-        super().on_validation_end(trainer, pl_module)
-        self._save_last_if_missed(trainer, due)
-
-    def _save_last_if_missed(self, trainer, due: bool) -> None:
-        if due and self.save_last and self._last_written_step != trainer.global_step:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-
-
-class _KeptRowsWriter(ExperimentWriter):
-    """Lightning's CSV writer, except that an existing metrics.csv is continued, not deleted (a resumed run)."""
-
-    def _check_log_dir_exists(self) -> None:
-        if self._fs.isfile(self.metrics_file_path):
-            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
-                self.metrics_keys = sorted(next(csv.reader(f), []))
-
-
-class _KeptRowsCSVLogger(CSVLogger):
-    """CSVLogger writing `<run>/metrics.csv` through `_KeptRowsWriter`."""
-
-    @property
-    def experiment(self):
-        if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _KeptRowsWriter(log_dir=self.log_dir)
-        return self._experiment
-
-
-def _drop_rows_after(metrics: Path, epoch: int) -> None:
-    """Drops the rows of metrics.csv logged after `epoch` (a resume from the end of `epoch` redoes them)."""
-    if not metrics.is_file():
-        return
-    with open(metrics, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        fields, rows = reader.fieldnames or [], list(reader)
-
-    def after(row: dict) -> bool:
-        try:
-            return float(row.get("epoch") or "nan") > epoch
-        except ValueError:
-            return False
-
-    kept = [row for row in rows if not after(row)]
-    if len(kept) != len(rows):
-        with atomic_write(metrics, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(kept)
-
-
 class _InterruptNote(Callback):
     """Remembers a Ctrl-C (Lightning catches it, tears down, and exits with status 1) and what the run kept."""
 
@@ -196,6 +120,7 @@ class EleAttCLI(LightningCLI):
 
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
         self.run_dir: Path | None = None
+        self.ckpt_epoch: int | None = None  # the epoch --ckpt_path ends (read before Lightning loads it)
         self.interrupted = False
         _last_cli[0] = self
         self.end_to_end = is_end_to_end(args)
@@ -232,49 +157,27 @@ class EleAttCLI(LightningCLI):
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
         parser.link_arguments("data.extraction_settings", "model.extraction_settings", apply_on="instantiate")
 
-    def _parse_ckpt_path(self) -> None:
-        """Resolves `--ckpt_path last|best` to the run's file, refuses an evaluation without a checkpoint, and
-        refuses a --ckpt_path that is not a Lightning checkpoint before Lightning reads it (a text file, a bare
-        state dict or a truncated file would otherwise end in a KeyError/UnpicklingError traceback)."""
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        """Parses as LightningCLI does, then resolves `--ckpt_path last|best` to the run's file, refuses an
+        evaluation without a checkpoint, and refuses a --ckpt_path that is not a Lightning checkpoint before
+        Lightning reads it (a text file, a bare state dict or a truncated file would otherwise end in a
+        KeyError/UnpicklingError traceback)."""
+        super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         if not subcommand:
-            return super()._parse_ckpt_path()
+            return
         cfg = self.config[subcommand]
         ckpt = cfg.get("ckpt_path")
         if ckpt in ("last", "best", "hpc", "registry"):
-            cfg["ckpt_path"] = ckpt = str(self._named_checkpoint(cfg, ckpt))
+            root = Path(cfg.trainer.get("default_root_dir") or DEFAULT_ROOT)
+            cfg["ckpt_path"] = ckpt = str(named_checkpoint(ckpt, cfg.get("run_name"), root, cfg.get("config")))
         if ckpt is None and subcommand in EVALUATIONS:
             raise UsageError(
                 f"`{subcommand}` needs --ckpt_path: the checkpoint to score (e.g. checkpoints/<run>/best.ckpt); "
                 "without one it would score an untrained, randomly initialised model"
             )
         if ckpt and Path(ckpt).is_file():
-            checkpoint = read_checkpoint(ckpt, mmap=True)  # one clear line for a truncated or foreign file
-            if "pytorch-lightning_version" not in checkpoint:
-                raise UsageError(f"'{ckpt}' is not a Lightning checkpoint (no pytorch-lightning_version); pass a "
-                                 "best.ckpt or last.ckpt written by `eleatt fit`")
-            self._ckpt_epoch = checkpoint.get("epoch")  # a resume drops the metrics rows logged after it
-            del checkpoint
-        super()._parse_ckpt_path()
-
-    def _named_checkpoint(self, cfg, name: str) -> Path:
-        """`--ckpt_path last` (Lightning's shorthand) or `best`: that file of the run named by --run_name, or of
-        the run whose config.yaml is given as --config."""
-        if name not in ("last", "best"):
-            raise UsageError(f"--ckpt_path {name}: give a checkpoint file, or last / best of a run")
-        folders = []
-        if cfg.get("run_name"):
-            folders.append(Path(cfg.trainer.get("default_root_dir") or DEFAULT_ROOT) / cfg["run_name"])
-        folders += [Path(str(c)).parent for c in (cfg.get("config") or []) if Path(str(c)).name == "config.yaml"]
-        for folder in folders:
-            if (folder / f"{name}.ckpt").is_file():
-                return folder / f"{name}.ckpt"
-        where = f" (looked in {', '.join(str(f) for f in folders)})" if folders else ""
-        raise InputNotFoundError(
-            f"--ckpt_path {name}: no {name}.ckpt found{where}; name the run with --run_name RUN (under "
-            f"--trainer.default_root_dir, default {DEFAULT_ROOT}/), pass --config checkpoints/<run>/config.yaml, or "
-            f"give the file: --ckpt_path checkpoints/<run>/{name}.ckpt"
-        )
+            self.ckpt_epoch = checkpoint_epoch(ckpt)  # a resume drops the metrics rows logged after it
 
     # -- run folder --------------------------------------------------------------------------------------------------
     def before_instantiate_classes(self) -> None:
@@ -288,34 +191,10 @@ class EleAttCLI(LightningCLI):
             )
         if cfg.get("weights_only") is None:
             cfg["weights_only"] = True  # never unpickle arbitrary objects from a checkpoint
-        run_name = cfg.get("run_name")
         root = Path(cfg.trainer.get("default_root_dir") or DEFAULT_ROOT)
-        if ckpt is not None and not (self.subcommand == "fit" and run_name):
-            self.run_dir = Path(ckpt).resolve().parent  # evaluations and resumed fits write beside the checkpoint
-        elif run_name:
-            self.run_dir = root / run_name
-        elif os.environ.get(RUN_DIR_ENV) and int(os.environ.get("LOCAL_RANK", "0") or 0) > 0:
-            # A DDP process that Lightning started (it inherits rank 0's environment): the run folder rank 0 named,
-            # not a second time stamp. torchrun/SLURM start every rank themselves: give them --run_name.
-            self.run_dir = Path(os.environ[RUN_DIR_ENV])
-        else:
-            configs = cfg.get("config") or []
-            stem = Path(str(configs[-1])).stem if configs else "eleatt"
-            if configs and Path(str(configs[-1])).name == "config.yaml":
-                # The config saved in a run folder: the fresh run is named after that run (its stamp dropped).
-                stem = RUN_STAMP.sub("", Path(str(configs[-1])).resolve().parent.name) or stem
-            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-            self.run_dir = root / f"{stem}-{stamp}"
-            k = 2
-            while self.run_dir.exists():  # two runs started within the same second
-                self.run_dir, k = root / f"{stem}-{stamp}-{k}", k + 1
+        self.run_dir = choose_run_dir(self.subcommand, ckpt, cfg.get("run_name"), root, cfg.get("config"))
         if self.subcommand == "fit" and ckpt is None and not cfg.trainer.get("fast_dev_run"):
-            taken = [name for name in CHECKPOINT_FILES if (self.run_dir / name).exists()]
-            if taken:
-                raise UsageError(
-                    f"run folder '{self.run_dir}' already holds {', '.join(taken)}; choose another --run_name, or "
-                    f"resume that run with --ckpt_path {self.run_dir / 'last.ckpt'}"
-                )
+            refuse_taken(self.run_dir)
         scheduler = cfg.get("lr_scheduler")
         if self.subcommand == "fit" and not cfg.data.get("val_list") and scheduler is not None:
             monitor = (scheduler.get("init_args") or {}).get("monitor", "")
@@ -327,15 +206,6 @@ class EleAttCLI(LightningCLI):
         os.environ[RUN_DIR_ENV] = str(self.run_dir)  # for the DDP processes Lightning starts from this one
         what = "run folder" if self.subcommand == "fit" else "folder of --ckpt_path (scores and plots go there)"
         ensure_writable_dir(self.run_dir, what)
-        if self.subcommand == "fit" and ckpt is not None:
-            # A resume continues from the end of the checkpoint's epoch: rows logged after it are redone.
-            epoch = getattr(self, "_ckpt_epoch", None)  # read when --ckpt_path was checked
-            if isinstance(epoch, int):
-                _drop_rows_after(self.run_dir / "metrics.csv", epoch)
-        elif self.subcommand == "fit" and not cfg.trainer.get("fast_dev_run"):
-            # A fresh run in a folder without checkpoints (one stopped before its first epoch ended): its rows
-            # are not this run's history.
-            (self.run_dir / "metrics.csv").unlink(missing_ok=True)
         # The root, not the run folder, goes into the config saved with the run (instantiate_trainer passes the
         # run folder to the trainer), so that the saved config.yaml starts new runs beside this one.
         cfg.trainer["default_root_dir"] = str(root)
@@ -343,7 +213,7 @@ class EleAttCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         if self.run_dir is None:  # built with run=False: a plain LightningCLI trainer
             return super().instantiate_trainer(**kwargs)
-        trainer_cfg = self._get(self.config_init, "trainer", default={})
+        trainer_cfg = self.config_init[self.subcommand].get("trainer") or {}
         kwargs["default_root_dir"] = str(self.run_dir)
         fitting = self.subcommand == "fit"
         if trainer_cfg.get("logger") in (None, True):
@@ -353,21 +223,16 @@ class EleAttCLI(LightningCLI):
         dry_run = bool(trainer_cfg.get("fast_dev_run"))
         if fitting and not dry_run and trainer_cfg.get("enable_checkpointing") is not False:
             validated = "val_list" in self.datamodule.list_paths
-            callbacks.append(_RunCheckpoint(
-                dirpath=self.run_dir,
-                filename="best",
-                monitor=self.model.hparams.monitor if validated else None,  # no validation: best = latest
-                mode=self.model.monitor_mode,
-                save_top_k=1,
-                save_last=True,
-                auto_insert_metric_name=False,
-            ))
+            monitor = self.model.hparams.monitor if validated else None  # no validation: best = latest
+            callbacks += run_checkpoints(self.run_dir, monitor, self.model.monitor_mode)
         callbacks.append(_InterruptNote(self))
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
     def _loggers(self) -> list:
-        loggers = [_KeptRowsCSVLogger(self.run_dir, name="", version="")]  # run_dir/metrics.csv, hparams.yaml
+        resumed = self.config[self.subcommand].get("ckpt_path") is not None
+        # run_dir/metrics.csv (the rows up to the resumed epoch kept) and hparams.yaml
+        loggers = [RunMetricsLogger(self.run_dir, resume_epoch=self.ckpt_epoch if resumed else None)]
         if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
             from pytorch_lightning.loggers import TensorBoardLogger
 
@@ -378,13 +243,15 @@ class EleAttCLI(LightningCLI):
     def after_fit(self) -> None:
         if self.trainer.fast_dev_run or not self.trainer.is_global_zero or self.trainer.interrupted:
             return
-        callback = self.trainer.checkpoint_callback
+        best = next((c for c in self.trainer.checkpoint_callbacks if isinstance(c, BestCheckpoint)), None)
+        last = next((c for c in self.trainer.checkpoint_callbacks if isinstance(c, LastCheckpoint)), None)
         lines = [f"run folder: {self.run_dir}"]
-        if callback is not None and callback.best_model_path:
-            score = callback.best_model_score
-            metric = f" ({callback.monitor} = {float(score):.4f})" if callback.monitor and score is not None else ""
-            lines.append(f"best checkpoint: {callback.best_model_path}{metric}")
-            lines.append(f"last checkpoint: {callback.last_model_path or self.run_dir / 'last.ckpt'}")
+        if best is not None and best.best_model_path:
+            score = best.best_model_score
+            metric = f" ({best.monitor} = {float(score):.4f})" if best.monitor and score is not None else ""
+            lines.append(f"best checkpoint: {best.best_model_path}{metric}")
+        if last is not None and last.best_model_path:
+            lines.append(f"last checkpoint: {last.best_model_path}")
         print("\n".join(lines))
 
     def _report(self, stage: str) -> None:

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,7 @@ def metric_rows(run: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_last_is_the_latest_epoch_and_a_resume_keeps_the_history(order_features, tmp_path):
+def test_last_is_the_latest_epoch_and_a_resume_keeps_the_history(order_features, tmp_path, capsys):
     root = tmp_path / "runs"
     # lr 0: val/top1 never improves after epoch 0, so best.ckpt stays at epoch 0 while last.ckpt must move on.
     argv = ["fit", "--config", TINY, *data_args(order_features["features"], order_features["lists"]),
@@ -47,15 +48,29 @@ def test_last_is_the_latest_epoch_and_a_resume_keeps_the_history(order_features,
     assert main(argv) == 0
     run = root / "r"
     assert epoch_of(run / "best.ckpt") == 0 and epoch_of(run / "last.ckpt") == 2
+    report = capsys.readouterr().out.splitlines()[-3:]
+    assert report[0] == f"run folder: {run}" and report[2] == f"last checkpoint: {run.resolve() / 'last.ckpt'}"
+    assert report[1].startswith(f"best checkpoint: {run.resolve() / 'best.ckpt'} (val/top1 = ")
+    # A mark in epoch 2's last row: a resume from last.ckpt keeps the row, one from an earlier epoch redoes it.
+    before = metric_rows(run)
+    before[-1]["train/top1"] = "0.123"
+    with open(run / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(before[0]))
+        writer.writeheader()
+        writer.writerows(before)
+    best = (run / "best.ckpt").read_bytes()
 
     # `--ckpt_path last` with the run's saved config resumes into the same folder, its history kept.
     assert main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last", "--trainer.max_epochs", "4"]) == 0
     assert sorted(p.name for p in root.iterdir()) == ["r"]
     assert epoch_of(run / "last.ckpt") == 3 and epoch_of(run / "best.ckpt") == 0
+    assert (run / "best.ckpt").read_bytes() == best  # not re-saved: the resume knows epoch 0's score
     rows = metric_rows(run)
+    assert rows[:len(before)] == before and len(before) == 24  # epochs 0-2 kept as they were, not redone
     validated = [int(r["epoch"]) for r in rows if r.get("val/top1")]
     assert validated == [0, 1, 2, 3]  # each epoch once, in order: earlier rows kept, none duplicated
     assert {int(r["epoch"]) for r in rows if r.get("train/loss_step")} == {0, 1, 2, 3}
+    assert Counter(int(r["epoch"]) for r in rows) == {0: 8, 1: 8, 2: 8, 3: 8}
 
     # The saved config describes the training: rerunning it starts a fresh run beside this one.
     saved = yaml.safe_load((run / "config.yaml").read_text())
@@ -65,6 +80,17 @@ def test_last_is_the_latest_epoch_and_a_resume_keeps_the_history(order_features,
     fresh = sorted(p for p in root.iterdir() if p.name != "r")
     assert len(fresh) == 1 and fresh[0].name.startswith("r-") and (fresh[0] / "last.ckpt").is_file()
     assert not [p for p in run.iterdir() if p.is_dir() and p.name != "tensorboard"]  # nothing nested
+
+
+def test_without_validation_best_is_the_latest_epoch(order_features, tmp_path, capsys):
+    argv = ["fit", "--config", TINY, "--data.features_dir", str(order_features["features"]), "--data.train_list",
+            str(order_features["lists"] / "train.txt"), "--data.val_list", "null", "--lr_scheduler", "null",
+            "--trainer.default_root_dir", str(tmp_path), "--run_name", "r", "--trainer.max_epochs", "2"]
+    assert main(argv) == 0
+    run = tmp_path / "r"
+    assert epoch_of(run / "best.ckpt") == 1 and epoch_of(run / "last.ckpt") == 1
+    assert capsys.readouterr().out.splitlines()[-2] == f"best checkpoint: {run.resolve() / 'best.ckpt'}"  # no metric
+    assert not [r for r in metric_rows(run) if "val/top1" in r]
 
 
 def test_ctrl_c_in_fit_exits_130_and_prints_the_command_that_resumes(order_features, tmp_path, monkeypatch, capsys):
@@ -82,8 +108,14 @@ def test_ctrl_c_in_fit_exits_130_and_prints_the_command_that_resumes(order_featu
     assert err.startswith(f"eleatt fit: interrupted (Ctrl-C); kept {tmp_path / 'r'}/ with last.ckpt (end of epoch 0)")
     resume = shlex.split(err.split("resume with: ", 1)[1])
     assert resume[:2] == ["eleatt", "fit"] and "--run_name" not in resume
+    # Epoch 1 logged its 6 steps and its validation before the interrupt: rows the resume from epoch 0 redoes.
+    assert Counter(int(r["epoch"]) for r in metric_rows(tmp_path / "r")) == {0: 8, 1: 7}
     assert main(resume[1:]) == 0
     assert epoch_of(tmp_path / "r" / "last.ckpt") == 2
+    rows = metric_rows(tmp_path / "r")  # per epoch: 6 step rows, the validation row, the training-epoch row
+    assert Counter(int(r["epoch"]) for r in rows) == {0: 8, 1: 8, 2: 8}
+    assert [int(r["epoch"]) for r in rows if r.get("val/top1")] == [0, 1, 2]
+    assert [int(r["step"]) for r in rows if r.get("train/loss_step")] == list(range(18))
 
 
 def test_non_finite_features_stop_fit_naming_the_file(order_features, tmp_path, capsys):

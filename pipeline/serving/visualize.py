@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.data.features import NPY_ERRORS
 from pipeline.errors import EXIT_OK, EXIT_SOME_FAILED, InputNotFoundError, load_failure, UsageError
 from pipeline.trained.load import LoadedStream, load_stream
 from pipeline.paths import atomic_write, ensure_writable_dir
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             raise InputNotFoundError(f"feature file '{source}' not found (feature folders hold one .npy per video)")
         try:
             features = np.load(source, allow_pickle=False)
-        except (ValueError, OSError) as err:
+        except NPY_ERRORS as err:
             raise UsageError(f"'{source}' is not a readable .npy feature file ({load_failure(err)})") from None
     else:
         from pipeline.data.video import VideoReadError
@@ -131,8 +132,15 @@ def main(argv: list[str] | None = None) -> int:
         except VideoReadError as err:
             print(f"eleatt visualize: {err}", file=sys.stderr)  # the error names the file
             return EXIT_SOME_FAILED
+    bad = int(np.size(features) - np.isfinite(features).sum()) if np.asarray(features).dtype.kind == "f" else 0
+    if bad:  # a picture of NaNs would pass for one of a model's attention
+        raise UsageError(f"'{source}': {bad} of its {np.size(features)} feature values are NaN or infinite; "
+                         "re-extract the video's features (`eleatt extract`) and visualize again")
     seq = stream.prepare(features)  # (V, T, D)
     gates, probs = gates_and_probabilities(stream.net, seq, args.layer)
+    if not (np.isfinite(gates).all() and np.isfinite(probs).all()):
+        raise UsageError(f"checkpoint '{ckpt}' gives NaN or infinite gates or probabilities on '{source}' (its "
+                         "features are finite): the model diverged; visualize a checkpoint trained without NaNs")
 
     from pipeline.evaluation.plots import plot_attention, plot_probabilities
 

@@ -437,3 +437,15 @@ def test_visualize_refuses_non_finite_features(tmp_path, capsys):
         err = _one_line_error(capsys, "visualize")
         assert f"'{tmp_path / name}': {count} of its 40 feature values are NaN or infinite" in err
     assert not (tmp_path / "run" / "visualize").exists() or not list((tmp_path / "run" / "visualize").iterdir())
+
+
+def test_plots_and_pictures_never_overwrite_their_inputs(tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path / "v_probabilities.png")  # a checkpoint named like visualize's picture
+    np.save(tmp_path / "v.npy", np.ones((4, 8), np.float32))
+    before = ckpt.read_bytes()
+    assert eleatt(["visualize", "--ckpt", str(ckpt), "--features", str(tmp_path / "v.npy"), "--out",
+                   str(tmp_path)]) == 2
+    assert f"output '{ckpt}' is one of the input files" in _one_line_error(capsys, "visualize")
+    assert eleatt(["classify", "--stream", str(tmp_path / "v.npy"), "--ckpt", str(ckpt), "--plot", str(ckpt)]) == 2
+    assert f"--plot '{ckpt}' is one of the input files" in _one_line_error(capsys, "classify")
+    assert ckpt.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["v.npy", ckpt.name]

@@ -18,7 +18,7 @@ import torch
 from pipeline.data.features import NPY_ERRORS
 from pipeline.errors import EXIT_OK, EXIT_SOME_FAILED, InputNotFoundError, load_failure, UsageError
 from pipeline.trained.load import LoadedStream, load_stream
-from pipeline.paths import atomic_write, ensure_writable_dir
+from pipeline.paths import atomic_write, check_not_input, ensure_writable_dir
 
 
 @torch.inference_mode()
@@ -107,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = Path(args.ckpt)
     out = Path(args.out) if args.out else ckpt.resolve().parent / "visualize"
     ensure_writable_dir(out, "--out folder")  # before loading and encoding anything
+    named = Path(args.features if args.features is not None else args.video)
+    stem = named.stem if named.is_file() or named.suffix else named.name
+    outputs = [out / f"{stem}_gates_layer{args.layer}.png", out / f"{stem}_probabilities.png",
+               out / f"{stem}_visualize.npz"]
+    for path in outputs:  # a checkpoint or a video named like one of them is never overwritten
+        check_not_input(path, [ckpt, named, args.weights], "output")
     frames = None
     if args.features is not None:
         stream = load_stream(ckpt)
@@ -144,18 +150,17 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.evaluation.plots import plot_attention, plot_probabilities
 
-    stem = source.stem if source.is_file() or source.suffix else source.name
     names = stream.class_names
     if args.label is not None and not 0 <= args.label < len(names):
         raise UsageError(f"--label {args.label}: the checkpoint has {len(names)} classes (0..{len(names) - 1})")
     predicted = names[int(probs[-1].argmax())]
     truth = f", true {names[args.label]}" if args.label is not None else ""
-    gates_png = plot_attention([gates], out / f"{stem}_gates_layer{args.layer}.png", layer=args.layer,
+    gates_png = plot_attention([gates], outputs[0], layer=args.layer,
                                titles=[f"{source.name}: predicted {predicted}{truth}"],
                                frames=[frames] if frames is not None else None)
-    probs_png = plot_probabilities(probs, out / f"{stem}_probabilities.png", class_names=names, true_label=args.label,
+    probs_png = plot_probabilities(probs, outputs[1], class_names=names, true_label=args.label,
                                    title=f"{source.name}: class probabilities after each step")
-    arrays = out / f"{stem}_visualize.npz"
+    arrays = outputs[2]
     with atomic_write(arrays) as f:
         np.savez(f, gates=gates, probs=probs, classes=np.array(names, dtype=np.str_), layer=np.int64(args.layer))
     print(f"{source}: {seq.shape[1]} steps, layer {args.layer} gates {gates.shape[1]} elements "

@@ -10,11 +10,9 @@ by tracemalloc) must stay under `PEAK_BYTES` per case whatever sizes the damaged
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import tracemalloc
 import zipfile
-from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
@@ -215,6 +213,15 @@ def test_fuzz_scores_files(tmp_path):
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as z:  # a compressed member claiming 200 MB
         with z.open("scores.npy", "w", force_zip64=True) as f:
             f.write(b"\x93NUMPY" + bytes(200 * 2**20 - 6))
+    absurd.append(path.read_bytes())
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as z:  # valid headers, 200 MB of zeros
+        for name, value in (("videos", np.array(["v"])), ("labels", np.zeros(1, np.int64))):
+            with z.open(f"{name}.npy", "w") as f:
+                np.lib.format.write_array(f, value)
+        with z.open("scores.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (1, 50 * 2**20)})
+            for _ in range(200):
+                f.write(bytes(2**20))
     absurd.append(path.read_bytes())
     outcomes = []
     with traced():

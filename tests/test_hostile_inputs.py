@@ -432,7 +432,8 @@ def test_visualize_refuses_non_finite_features(tmp_path, capsys):
     feats[2, 3] = np.nan
     np.save(tmp_path / "v.npy", feats)
     np.save(tmp_path / "all.npy", np.full((5, 8), np.nan, np.float32))
-    for name, count in (("v.npy", 1), ("all.npy", 40)):
+    np.save(tmp_path / "inf.npy", np.where(np.eye(5, 8) > 0, np.inf, 1.0).astype(np.float32))
+    for name, count in (("v.npy", 1), ("all.npy", 40), ("inf.npy", 5)):
         assert eleatt(["visualize", "--ckpt", str(ckpt), "--features", str(tmp_path / name)]) == 2
         err = _one_line_error(capsys, "visualize")
         assert f"'{tmp_path / name}': {count} of its 40 feature values are NaN or infinite" in err
@@ -449,3 +450,100 @@ def test_plots_and_pictures_never_overwrite_their_inputs(tmp_path, capsys):
     assert eleatt(["classify", "--stream", str(tmp_path / "v.npy"), "--ckpt", str(ckpt), "--plot", str(ckpt)]) == 2
     assert f"--plot '{ckpt}' is one of the input files" in _one_line_error(capsys, "classify")
     assert ckpt.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["v.npy", ckpt.name]
+
+
+# ------------------------------------------------------------------------------------------------ bounds of what is read
+@pytest.mark.parametrize("change,message", [
+    (dict(stack=33, in_chans=64), "stack 33 is beyond 32"),
+    (dict(dim=65537), "dim 65537 is beyond 65536"),
+    (dict(data_config={"input_size": [3, 4097, 224], "mean": [0.5] * 3, "std": [0.5] * 3}), "input_size must be"),
+    (dict(data_config={"input_size": [3, 224, 224], "mean": [0.5] * 3, "std": [0.5, 0.0, 0.5]}), "std must be positive"),
+    (dict(data_config={"input_size": [3, 224, 224], "mean": [0.5, float("nan"), 0.5], "std": [0.5] * 3}),
+     "mean must be a list of finite numbers"),
+    (dict(data_config={"input_size": [3, 224, 224], "crop_pct": 0.0}), "crop_pct must be a number in \\(0, 10\\]"),
+])
+def test_settings_values_out_of_range_are_refused(change, message):
+    from pipeline.data.features import FeatureSettings, SettingsFormatError
+
+    FeatureSettings(modality="flow", stack=32, in_chans=64, dim=65536,
+                    data_config={"input_size": [64, 4096, 224], "mean": [0.5] * 64, "std": [0.5] * 64,
+                                 "crop_pct": 10.0})  # the limits themselves are accepted
+    with pytest.raises(SettingsFormatError, match=message):
+        FeatureSettings(**{"modality": "flow", **change})
+
+
+def test_an_oversized_settings_file_is_refused_unread(tmp_path):
+    from pipeline.data.features import FeatureFolder, SettingsFormatError
+
+    (tmp_path / "f").mkdir()
+    with open(tmp_path / "f" / "settings.json", "wb") as f:
+        f.truncate((1 << 20) + 1)  # sparse: a 1 MB + 1 byte file of zeros
+    with pytest.raises(SettingsFormatError, match=r"settings.json' is 1048577 bytes, not a settings file"):
+        FeatureFolder(tmp_path / "f").settings
+
+
+def test_extract_refuses_an_out_that_is_its_root(tmp_path, capsys):
+    (tmp_path / "list.txt").write_text("a.mp4 0\n")
+    assert eleatt(["extract", "--list", str(tmp_path / "list.txt"), "--root", str(tmp_path), "--out", str(tmp_path),
+                   "--backbone", "test_resnet", "--weights", "none"]) == 2
+    assert f"--out feature folder '{tmp_path}' is one of the input folders" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["list.txt"]
+
+
+def test_flow_frames_larger_than_a_flow_file_are_refused_before_decoding(tmp_path, monkeypatch):
+    from pipeline.data import video
+
+    path = tmp_path / "v.mp4"
+    write_lossless_video(path, np.random.default_rng(0).integers(0, 255, (3, 20, 20, 3), dtype=np.uint8))
+    monkeypatch.setattr(video, "load_frames", lambda *a, **k: pytest.fail("decoded"))
+    with pytest.raises(UserError, match=f"'{path}': its frames are 4100x4100 \\(decoded 20x20, short side 4100\\), "
+                                        "larger than a flow file holds"):
+        list(flow_estimation.video_flow(path, flow_estimation.OpenCVFlow("farneback"), 4100, 20.0))
+    from pipeline.data.flow_files import FlowWriter
+
+    with pytest.raises(UserError, match="flow frames of 4097x4097 are larger than a flow file holds"):
+        FlowWriter(tmp_path / "x.flow.zip").add(np.zeros((2, 4097, 4097), np.uint8))
+
+
+def test_a_record_claiming_a_larger_network_than_its_weights_is_not_built(tmp_path, monkeypatch):
+    from pipeline.trained.load import load_stream
+    from pipeline.trained.record import StreamRecordError
+
+    # hidden 6, input 8, 3 classes, one EleAtt-LSTM layer: W_ih 24x8, W_hh 24x6, two biases of 24, the gate's W_xa
+    # 8x8, W_ha 8x6 and bias 8, the head 3x6 + 3: 525 weights
+    path = _checkpoint(tmp_path / "best.ckpt")
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint[RECORD_KEY]["network"]["hidden_size"] = 30  # needs >= 30 * 30 + 30 * 3 + 8 = 998 weights
+    torch.save(checkpoint, path)
+    monkeypatch.setattr(SequenceClassifier, "__init__", lambda *a, **k: pytest.fail("built"))
+    with pytest.raises(StreamRecordError, match=f"'{path}': bad weights: the record describes a network of at least "
+                                                "998 weights but the checkpoint holds 525"):
+        load_stream(path)
+
+
+def test_skeleton_files_beyond_the_bounds_are_refused_unread(tmp_path):
+    from pipeline.data.skeleton import SkeletonFormatError, load_skeleton
+
+    path = tmp_path / "S001C001P001R001A001.skeleton"
+    path.write_text("20001\n" + "0\n" * 20001)
+    with pytest.raises(SkeletonFormatError, match=r"A001\.skeleton:1: expected the frame count \(an integer in "
+                                                  r"0\.\.20000\), got '20001'"):
+        load_skeleton(path)
+    with open(path, "wb") as f:
+        f.truncate(32 * 2**20 + 1)  # sparse
+    with pytest.raises(SkeletonFormatError, match="33554433 bytes, more than a skeleton file holds \\(32 MB at most"):
+        load_skeleton(path)
+
+
+def test_a_jpeg_larger_than_a_flow_frame_is_refused_from_its_header(tmp_path, capsys, monkeypatch):
+    import cv2
+
+    src = tmp_path / "jpg" / "clip"
+    src.mkdir(parents=True)
+    for name, size in (("x_00001.jpg", (8, 8200)), ("y_00001.jpg", (8, 8200))):  # 8200 px wide: beyond 8192
+        cv2.imwrite(str(src / name), np.zeros(size, np.uint8))
+    monkeypatch.setattr(cv2, "imread", lambda *a: pytest.fail("decoded"))
+    assert eleatt(["flow", "--import-jpg", str(tmp_path / "jpg"), "--out", str(tmp_path / "flow"),
+                   "--no-progress"]) == 3
+    out = capsys.readouterr().out
+    assert f"'{src / 'x_00001.jpg'}' is 8200x8: larger than a flow frame may be" in out

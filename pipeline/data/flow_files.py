@@ -40,8 +40,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from pipeline.data.features import (TMP_DIR, FeatureFolder, FeatureSettings, SettingsFormatError, folder_lock,
-                                    number_in)
+from pipeline.data.features import TMP_DIR, FeatureFolder, FeatureSettings, SettingsFormatError, number_in
 from pipeline.paths import atomic_write
 from pipeline.errors import InputNotFoundError, UsageError
 

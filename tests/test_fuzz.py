@@ -10,6 +10,7 @@ by tracemalloc) must stay under `PEAK_BYTES` per case whatever sizes the damaged
 from __future__ import annotations
 
 import contextlib
+import io
 import re
 import tracemalloc
 import zipfile
@@ -272,9 +273,14 @@ def test_fuzz_feature_files(tmp_path):
     folder.write("v.mp4", feats)
     path = folder.feature_path("v.mp4")
     data = path.read_bytes()
+    claims = []  # headers claiming far more data than the file holds (np.load would allocate the claim)
+    for shape in ((2**28, 6), (2, 2**27, 6), (1, 2**40, 6), (-1, 6), (2**62, 6)):
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {"descr": "<f2", "fortran_order": False, "shape": shape})
+        claims.append(header.getvalue() + data[128:])
     outcomes = []
     with traced():
-        for case, content in enumerate(mutations(data, rng, 2 * CASES)):
+        for case, content in enumerate([*mutations(data, rng, 2 * CASES), *claims]):
             path.write_bytes(content)
             for mmap in (False, True):
                 fresh = FeatureFolder(folder.root)

@@ -547,3 +547,23 @@ def test_a_jpeg_larger_than_a_flow_frame_is_refused_from_its_header(tmp_path, ca
                    "--no-progress"]) == 3
     out = capsys.readouterr().out
     assert f"'{src / 'x_00001.jpg'}' is 8200x8: larger than a flow frame may be" in out
+
+
+def test_visualize_reads_no_more_than_a_feature_file_holds(tmp_path, capsys):
+    """A 200-byte .npy whose header claims a (2**28, 8) float32 array: refused from the header, not allocated (1 GB)."""
+    import io
+
+    ckpt = _checkpoint(tmp_path / "best.ckpt")
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (2**28, 8)})
+    (tmp_path / "claim.npy").write_bytes(header.getvalue() + bytes(64))
+    tracemalloc.start()
+    try:
+        assert eleatt(["visualize", "--ckpt", str(ckpt), "--features", str(tmp_path / "claim.npy")]) == 2
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    err = _one_line_error(capsys, "visualize")
+    assert "its header describes a float32 array of shape (268435456, 8) (8589934720 bytes) but the file has " \
+           "192 bytes (truncated or damaged)" in err
+    assert peak < 64 * 2**20

@@ -313,10 +313,10 @@ def _canonical(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True))
 
 
-# What numpy can raise on a damaged .npy: its header is a Python literal (parsed: SyntaxError, TokenError, deep
-# nesting), its sizes can overflow or ask for more memory than there is, its data can end early.
-NPY_ERRORS = (ValueError, OSError, EOFError, SyntaxError, tokenize.TokenError, RecursionError, MemoryError,
-              OverflowError, TypeError)
+# What numpy (2.4) raises on a damaged .npy: ValueError for most damage (a header that does not parse included: its
+# SyntaxError becomes a ValueError), EOFError for a file cut in its header, and tokenize's TokenError, which escapes
+# from the header filter numpy applies to format 1.0/2.0 headers that do not parse ("EOF in multi-line statement").
+NPY_ERRORS = (ValueError, OSError, EOFError, tokenize.TokenError)
 
 
 def read_npy_header(f) -> tuple[tuple[int, ...], np.dtype]:
@@ -327,6 +327,23 @@ def read_npy_header(f) -> tuple[tuple[int, ...], np.dtype]:
         raise ValueError(f"unsupported .npy format version {version}")
     read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
     shape, _, dtype = read(f)
+    return shape, dtype
+
+
+def npy_layout(path: str | os.PathLike) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of an .npy file whose header accounts for its size exactly, read from the header alone; else
+    ValueError (or one of NPY_ERRORS). Call it before `np.load`: numpy allocates the array its header describes
+    before reading, so a 64-byte file claiming a (2**30, 1024) array would cost what it claims."""
+    with open(path, "rb") as f:
+        shape, dtype = read_npy_header(f)
+        offset = f.tell()
+    if dtype.hasobject:
+        raise ValueError("it holds Python objects")
+    data = math.prod(shape) * dtype.itemsize
+    size = os.stat(path).st_size
+    if size != offset + data:
+        raise ValueError(f"its header describes a {dtype} array of shape {shape} ({offset + data} bytes) but the file "
+                         f"has {size} bytes (truncated or damaged)")
     return shape, dtype
 
 
@@ -510,19 +527,14 @@ class FeatureFolder:
         if path is None:
             return False
         try:
-            with open(path, "rb") as f:
-                shape, dtype = read_npy_header(f)
-                offset = f.tell()
-            size = path.stat().st_size
+            shape, _ = npy_layout(path)
         except NPY_ERRORS:
             return False
-        if dtype.hasobject or len(shape) not in (2, 3):
+        if len(shape) not in (2, 3):
             return False
         views, frames, dim = (1, *shape) if len(shape) == 2 else shape
         expected = (record.get("views", views), record.get("frames", frames), record.get("dim", dim))
-        if (views, frames, dim) != tuple(expected) or frames < 1:
-            return False
-        return size == offset + int(np.prod(shape)) * dtype.itemsize
+        return (views, frames, dim) == tuple(expected) and frames >= 1
 
     def failed(self) -> dict[str, str]:
         """video -> its last error, over every shard, without the videos that are finished (record and file)."""
@@ -609,6 +621,7 @@ class FeatureFolder:
         fix = (f"re-extract it: rerun `eleatt extract` with this list into '{self.root}' (it redoes damaged files), "
                "or delete the file and rerun")
         try:
+            npy_layout(path)  # the header against the file's size first: np.load allocates what the header says
             features = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
         except NPY_ERRORS as err:
             raise FeatureFileError(f"feature file '{path}' of '{video}' cannot be read ({load_failure(err)}); "

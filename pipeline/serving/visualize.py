@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.data.features import NPY_ERRORS
+from pipeline.data.features import NPY_ERRORS, npy_layout
 from pipeline.errors import EXIT_OK, EXIT_SOME_FAILED, InputNotFoundError, load_failure, UsageError
 from pipeline.trained.load import LoadedStream, load_stream
 from pipeline.paths import atomic_write, check_not_input, ensure_writable_dir
@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         if not source.is_file():
             raise InputNotFoundError(f"feature file '{source}' not found (feature folders hold one .npy per video)")
         try:
+            npy_layout(source)  # the header against the file's size first: np.load allocates what it says
             features = np.load(source, allow_pickle=False)
         except NPY_ERRORS as err:
             raise UsageError(f"'{source}' is not a readable .npy feature file ({load_failure(err)})") from None

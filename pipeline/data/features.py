@@ -621,7 +621,10 @@ class FeatureFolder:
         fix = (f"re-extract it: rerun `eleatt extract` with this list into '{self.root}' (it redoes damaged files), "
                "or delete the file and rerun")
         try:
-            npy_layout(path)  # the header against the file's size first: np.load allocates what the header says
+            stat = path.stat()
+            key = (path, stat.st_mtime_ns, stat.st_size)
+            if key not in self._finite:  # (a file found whole and finite, unchanged since, needs no second look)
+                npy_layout(path)  # the header against the file's size first: np.load allocates what it says
             features = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
         except NPY_ERRORS as err:
             raise FeatureFileError(f"feature file '{path}' of '{video}' cannot be read ({load_failure(err)}); "
@@ -636,8 +639,6 @@ class FeatureFolder:
         elif dim and features.shape[-1] != int(dim):
             problem = f"has feature dimension {features.shape[-1]} but the folder's settings say {dim}"
         else:
-            stat = path.stat()
-            key = (path, stat.st_mtime_ns, stat.st_size)
             if key in self._finite or np.isfinite(features).all():
                 self._finite.add(key)
                 return features

@@ -142,7 +142,10 @@ def quiet_broken_pipe(main):
 
 def load_failure(err: BaseException) -> str:
     """The first line of why a file could not be loaded, for a one-line message. numpy (allow_pickle=False) reads
-    any file that is not .npy/.npz as a pickle and advises unpickling it: that advice is not ours to give."""
+    any file that is not .npy/.npz as a pickle and advises unpickling it, and torch (weights_only=True) advises
+    `weights_only=False`: that advice is not ours to give (a file from elsewhere is never unpickled)."""
     if "allow_pickle" in str(err):
         return "not a NumPy .npy/.npz file"
+    if "Weights only load failed" in str(err) or "weights_only=False" in str(err):  # torch's and timm's advice
+        return "not a PyTorch file of tensors, or one holding arbitrary Python objects (never unpickled)"
     return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"

@@ -27,7 +27,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from pipeline.data.features import PRECISIONS, FeatureFolder, FeatureSettings, SettingsMismatchError
+from pipeline.data.features import MAX_STACK, PRECISIONS, FeatureFolder, FeatureSettings, SettingsMismatchError
 from pipeline.data.flow_files import FlowFile, FlowFolder, FlowOptions, flow_data_config
 from pipeline.data.views import DECODE_CHUNK, video_views
 from pipeline.data.lists import read_list
@@ -37,7 +37,7 @@ from pipeline.devices import resolve_device
 from pipeline.errors import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, InputNotFoundError, UsageError
 from pipeline.nn.backbone import FrameEncoder
 
-from pipeline.paths import ensure_writable_dir
+from pipeline.paths import check_not_input, ensure_writable_dir
 
 VIEWS = tuple(VIEW_COUNTS)
 MODALITIES = ("rgb", "flow")
@@ -114,10 +114,17 @@ class FrameBatches(IterableDataset):
         self.batch_size = batch_size
         self.backend = backend
         self.flow_fps: dict[str, float] = {}
+        self.chunk = DECODE_CHUNK
         if settings.modality == "flow":
-            # Flow files written before they recorded the frame rate: the flow folder's manifest has it.
+            # Flow files written before they recorded the frame rate: the flow folder's manifest has it (a value
+            # that is not a positive frame rate is damage, and ignored: the file's own or none).
             records = FlowFolder(self.root).finished(verify=False)
-            self.flow_fps = {v: float(r["source_fps"]) for v, r in records.items() if r.get("source_fps")}
+            self.flow_fps = {v: float(r["source_fps"]) for v, r in records.items()
+                             if isinstance(r.get("source_fps"), (int, float)) and not isinstance(r["source_fps"], bool)
+                             and 0 < r["source_fps"] < float("inf")}
+            # A position reads `stack` flow fields: fewer positions per chunk for longer stacks, so that a chunk
+            # holds as many fields (and images as many values) as DECODE_CHUNK positions of TSN's 5.
+            self.chunk = max(1, min(DECODE_CHUNK, DECODE_CHUNK * DEFAULT_STACK // settings.stack))
 
     def source(self, video: str):
         """The input of `video`: its video file (RGB), or its flow file in the flow folder `root` (flow)."""
@@ -142,7 +149,7 @@ class FrameBatches(IterableDataset):
         for video in mine:
             try:
                 for chunk in video_views(self.source(video), self.settings, backend=self.backend,
-                                         chunk=DECODE_CHUNK):
+                                         chunk=self.chunk):
                     piece = {"video": video, "total": chunk.total, "views": self.num_views,
                              "source_frames": chunk.source.num_frames, "source_fps": chunk.source.fps}
                     t0, count = 0, chunk.views.shape[1]
@@ -436,6 +443,11 @@ def extract(list_path: str | os.PathLike, root: str | os.PathLike, out: str | os
         stack = DEFAULT_STACK if modality == "flow" else 1
     if isinstance(stack, bool) or not isinstance(stack, int) or stack < 1:
         raise UsageError(f"--stack {stack}: must be an integer >= 1 (flow fields per input; TSN uses 5)")
+    if stack > MAX_STACK:
+        # Memory grows with the stack: every image has 2L channels (a batch of 64 images at L = 1000 would be
+        # 25 GB), while a clip's fields beyond its end only repeat its last one.
+        raise UsageError(f"--stack {stack}: at most {MAX_STACK} flow fields per input (each input image has 2L "
+                         "channels, so memory grows with L; TSN uses 5, two-stream networks 10)")
     if modality == "rgb" and stack != 1:
         raise UsageError(f"--stack {stack} is for --modality flow (stacks of flow fields); RGB frames are not stacked")
     sampling = Sampling(fps=fps, num_segments=num_segments)
@@ -443,6 +455,7 @@ def extract(list_path: str | os.PathLike, root: str | os.PathLike, out: str | os
     if not root.is_dir():
         what = "flow folder" if modality == "flow" else "video root"
         raise InputNotFoundError(f"{what} '{root}' is not a folder (--root: the folder the list's paths are relative to)")
+    check_not_input(out, [root, list_path], "--out feature folder")
     flow_settings = open_flow_folder(root) if modality == "flow" else None
     entries = read_list(list_path)
     videos = list(dict.fromkeys(e.path for e in entries))  # a video listed twice is extracted once

@@ -5,7 +5,9 @@ order), on greyscale frames resized to the short side (RAFT: RGB), quantised to 
 one ``.flow.zip`` per video (``pipeline/data/flow_files.py``). Frames are decoded in bounded chunks, so a long or
 high-resolution video never sits in memory whole. Each video is done by one worker process; the parent alone
 appends manifest records, after the worker has renamed the finished file into place, so a kill at any moment
-leaves each video either finished (file and record) or redone on the next run.
+leaves each video either finished (file and record) or redone on the next run. One run writes a folder at a time:
+`--out` (and the `--export-jpg` folder) is locked while it runs, and a second run into it is refused naming the
+holder; no output may be one of the run's inputs.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.data.features import FeatureSettings, SettingsMismatchError
+from pipeline.data.features import FeatureSettings, SettingsMismatchError, folder_lock
 from pipeline.data.flow_files import (DEFAULT_BOUND, FlowFolder, FlowOptions, export_jpg, flow_folder_settings,
                                 jpg_files, read_jpg_folder)
 from pipeline.data import flow_estimation
@@ -31,7 +33,7 @@ from pipeline.data.flow_estimation import (CONTRIB, DEFAULT_BACKEND, DEFAULT_PRE
                                         PRESETS, OpenCVFlow, RaftFlow, build_raft, make_estimator, target_size,
                                         tvl1_available, video_flow)
 from pipeline.data.lists import read_list
-from pipeline.paths import ensure_writable_dir
+from pipeline.paths import check_not_input, ensure_writable_dir
 from pipeline.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, InputNotFoundError, UsageError
 
 # Bytes of decoded RGB frames held at once per worker (a module global, so that tests can shrink the chunks).
@@ -216,6 +218,7 @@ def compute(list_path: str | os.PathLike, root: str | os.PathLike, out: str | os
     root = Path(root)
     if not root.is_dir():
         raise InputNotFoundError(f"video root '{root}' is not a folder (--root)")
+    check_not_input(out, [root, list_path], "--out flow folder")
     variant = None
     if method == "raft":
         variant, _ = build_raft(weights)  # checks the file before any work; workers load it again
@@ -229,6 +232,16 @@ def compute(list_path: str | os.PathLike, root: str | os.PathLike, out: str | os
         if other != video:
             raise UsageError(f"'{other}' and '{video}' in {list_path} would both be stored as "
                              f"'{folder.feature_path(video)}' (the extension is dropped); rename one of them")
+    # One writer per flow folder: a second run would delete this one's files in progress and redo its videos.
+    with folder.lock("flow"):
+        return _compute_locked(folder, videos, root, out, method, preset, short_side, bound, workers, weights,
+                               backend, progress, variant)
+
+
+def _compute_locked(folder: FlowFolder, videos: list[str], root: Path, out, method: str, preset: str,
+                    short_side: int | None, bound: float, workers: int, weights: str | None, backend: str,
+                    progress: bool | None, variant: str | None) -> Summary:
+    """`compute` once it holds the folder's lock."""
     folder.check_settings(make_settings(method, preset, short_side, bound, variant, weights))
     folder.remove_stale_temporaries()
     finished = folder.finished()
@@ -308,7 +321,15 @@ def import_jpg(src: str | os.PathLike, out: str | os.PathLike, bound: float = DE
             folders.append(Path(dirpath))
     if not folders:
         raise UsageError(f"'{src}' holds no flow JPEG folders (x_00001.jpg/y_00001.jpg or flow_x_/flow_y_ names)")
+    check_not_input(out, [src], "--out flow folder")
     folder = FlowFolder(out)
+    with folder.lock("flow --import-jpg"):
+        return _import_locked(folder, src, folders, bound, progress)
+
+
+def _import_locked(folder: FlowFolder, src: Path, folders: list[Path], bound: float,
+                   progress: bool | None) -> Summary:
+    """`import_jpg` once it holds the folder's lock."""
     folder.check_settings(make_settings("jpg", "none", None, bound))
     folder.remove_stale_temporaries()
     names = {d: (d.relative_to(src).as_posix() if d != src else src.name) for d in folders}
@@ -332,21 +353,31 @@ def import_jpg(src: str | os.PathLike, out: str | os.PathLike, bound: float = DE
 
 def export_folder(out: str | os.PathLike, dest: str | os.PathLike, prefix: str = "",
                   progress: bool | None = None) -> Summary:
-    """Writes every finished video of the flow folder ``out`` as JPEGs under ``dest/<video without extension>/``."""
+    """Writes every finished video of the flow folder ``out`` as JPEGs under ``dest/<video without extension>/``.
+
+    Only the files of valid manifest records are read (each inside ``out``, named by its video: a record naming
+    another path is not finished), and JPEGs are written only under ``dest``, which is locked meanwhile."""
     folder = FlowFolder(out)
     if folder.settings is None:
         raise InputNotFoundError(f"'{out}' is not a flow folder (no settings.json); make one with `eleatt flow`")
+    check_not_input(dest, [out], "--export-jpg folder", nested=True)
     records = folder.finished()
-    summary = Summary(total=len(records))
+    unusable = [v for v in folder.manifest_records() if v not in records]
+    summary = Summary(total=len(records) + len(unusable))
+    for video in unusable:  # listed, never read: a damaged file, or a record naming a path outside the folder
+        summary.failed[video] = ("not exported: its flow file is missing or damaged, or its manifest record names "
+                                 "another path than its own (outside the folder, say); rerun `eleatt flow` with it")
     dest = Path(dest)
-    for video, record in tqdm(records.items(), unit="video", desc="export", file=sys.stderr,
-                              disable=True if progress is False else None):
-        stem = record["feature"][:-len(folder.suffix)]
-        try:
-            summary.pairs += export_jpg(folder.root / record["feature"], dest / stem, prefix=prefix)
-            summary.done += 1
-        except (ValueError, OSError) as err:
-            summary.failed[video] = f"{type(err).__name__}: {err}"
+    with folder_lock(dest, "flow --export-jpg", "JPEG export folder", "--export-jpg"):
+        for video, record in tqdm(records.items(), unit="video", desc="export", file=sys.stderr,
+                                  disable=True if progress is False else None):
+            path = folder.record_path(record)  # inside `out`: `finished` kept only such records
+            stem = folder.relative(path)[:-len(folder.suffix)]
+            try:
+                summary.pairs += export_jpg(path, dest / stem, prefix=prefix)
+                summary.done += 1
+            except (ValueError, OSError) as err:
+                summary.failed[video] = f"{type(err).__name__}: {err}"
     return summary
 
 

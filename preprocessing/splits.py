@@ -397,7 +397,9 @@ def scan_ntu(
     if not train and not test:
         raise InputNotFoundError(
             f"no NTU files named SsssCcccPpppRrrrAaaa{suffix} for {benchmark} under '{root}' "
-            "(check --videos; use --suffix .skeleton for skeleton files)"
+            + ("(check --videos, and --suffix for files named otherwise; skeleton files: `eleatt prepare "
+               "ntu-skeleton`)" if flag == "--videos" else
+               f"(check {flag}: the folder holding them, searched recursively)")
         )
     notes = [f"{other} NTU-120-only files (setup > {num_setups} or action > {num_actions}) left out"] if other else []
     return Prepared(

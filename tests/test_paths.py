@@ -11,7 +11,8 @@ import pytest
 
 from pipeline import cli
 from pipeline.data.lists import ListEntry, write_list
-from pipeline.paths import OutputLocationError, atomic_write, ensure_writable_dir
+from pipeline.paths import (OutputIsInputError, OutputLocationError, atomic_path, atomic_write, check_not_input,
+                            ensure_writable_dir, ensure_writable_file)
 from pipeline.evaluation.scores import write_scores
 
 
@@ -56,6 +57,54 @@ def test_output_locations_that_cannot_be_written(tmp_path):
     assert not ensure_writable_dir(tmp_path / "new" / "sub").exists()  # checked, not created: nothing left behind
     assert ensure_writable_dir(tmp_path / "new" / "sub", create=True).is_dir()
     assert list(tmp_path.rglob("*")) == [tmp_path / "file", tmp_path / "new", tmp_path / "new" / "sub"]
+
+
+def test_an_output_that_is_an_input_is_refused_however_it_is_spelled(tmp_path):
+    """Outputs never replace inputs: the same path, another spelling of it, a symbolic link to it, a hard link."""
+    ckpt = tmp_path / "run" / "best.ckpt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"weights")
+    (tmp_path / "link.ckpt").symlink_to(ckpt)
+    os.link(ckpt, tmp_path / "hard.ckpt")
+    for out in (ckpt, tmp_path / "run" / ".." / "run" / "best.ckpt", tmp_path / "link.ckpt", tmp_path / "hard.ckpt"):
+        with pytest.raises(OutputIsInputError, match=r"^--out '.*' is one of the input files \('.*best.ckpt'\): "
+                                                     "writing it would destroy that input; choose another output"):
+            check_not_input(out, [tmp_path / "other.npz", ckpt], "--out")
+    check_not_input(tmp_path / "run" / "model.onnx", [ckpt, None], "--out")  # another file; None: option not given
+    check_not_input(tmp_path / "run" / "sub", [tmp_path / "run"], "--out")  # nested, but not asked about
+    with pytest.raises(OutputIsInputError, match="is inside the input"):
+        check_not_input(tmp_path / "run" / "sub", [tmp_path / "run"], "--export-jpg folder", nested=True)
+    with pytest.raises(OutputIsInputError, match="is a folder holding the input"):
+        check_not_input(tmp_path, [tmp_path / "run"], "--export-jpg folder", nested=True)
+    with pytest.raises(OutputIsInputError, match="one of the input folders"):
+        check_not_input(tmp_path / "run", [tmp_path / "run"], "--out")
+    assert ckpt.read_bytes() == b"weights"
+
+
+def test_a_file_output_that_is_a_folder_is_refused_before_any_work(tmp_path):
+    (tmp_path / "dir").mkdir()
+    for check in (lambda p: ensure_writable_file(p, "--out"), lambda p: atomic_write(p).__enter__(),
+                  lambda p: atomic_path(p).__enter__()):
+        with pytest.raises(OutputLocationError, match=r"'.*dir' is an existing folder, not a file; give a file path"):
+            check(tmp_path / "dir")
+    assert ensure_writable_file(tmp_path / "new" / "f.npz") == tmp_path / "new" / "f.npz"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["dir"]  # nothing written, no temporary left
+
+
+def test_atomic_path_replaces_the_file_only_when_the_writer_finished(tmp_path, umask):
+    umask(0o027)
+    out = tmp_path / "model.pt2"
+    out.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(out) as tmp:
+            assert tmp.parent == tmp_path and tmp.name.endswith(".pt2") and tmp.name.startswith(".eleatt-tmp")
+            tmp.write_bytes(b"half")
+            raise RuntimeError("exporter failed")
+    assert out.read_bytes() == b"old" and sorted(tmp_path.iterdir()) == [out]
+    with atomic_path(out) as tmp:
+        tmp.write_bytes(b"new")
+    assert out.read_bytes() == b"new" and sorted(tmp_path.iterdir()) == [out]
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640
 
 
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes into read-only folders")

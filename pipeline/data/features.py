@@ -12,17 +12,26 @@ so cleaning it up never deletes a user's file) and renamed into place *before* i
 video is finished exactly when its record exists and its file is whole. A run killed at any moment and restarted
 redoes only the videos without a record; a torn last manifest line is ignored. A file damaged since (truncated,
 overwritten, another shape than its record says) is not finished: a rerun redoes it, and loading it raises
-FeatureFileError naming the file and the fix. `FeatureFolder.lock()` keeps a second writer out of a folder.
+FeatureFileError naming the file and the fix. `FeatureFolder.lock()` (`folder_lock`) keeps a second writer out of a
+folder.
+
+Everything read back is untrusted (docs/design.md, "Formats"): settings.json is bounded in size and its values in
+range (`FeatureSettings`), a manifest line that is not a whole JSON record of a string video is skipped (its video
+is redone), and a record's file is the one its video names, inside the folder (`record_path`): a record naming
+another path (`..`, absolute, or a symbolic link out of the folder) is not finished, and nothing outside the folder
+is ever read or written through it.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import socket
 import tempfile
 import time
+import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Mapping
@@ -46,6 +55,14 @@ DTYPES = ("float16", "float32")
 MODALITIES = ("rgb", "flow", "skeleton")
 PRECISIONS = ("32", "bf16", "16")  # the backbone's arithmetic: float32, or bfloat16 / float16 autocast
 SETTINGS_FORMAT = 1  # settings.json's "format"; files without one were written before it (read as legacy)
+# Bounds of what a settings.json (or a checkpoint's copy) may hold: beyond them the file is damaged or hostile.
+SETTINGS_BYTES = 1 << 20  # a settings.json is ~1 KB
+MAX_STACK = 32  # flow fields per flow-stream input (TSN: 5; two-stream networks: 10); 2L input channels
+MAX_IN_CHANS = 2 * MAX_STACK
+MAX_DIM = 1 << 16  # feature size D (timm backbones: up to a few thousand)
+MAX_IMAGE_SIDE = 4096  # the backbone's input image side
+MAX_SEGMENTS = 100_000  # --num-segments
+MAX_FPS = 1000.0  # --fps
 
 
 class FeatureFileError(UsageError):
@@ -114,6 +131,23 @@ class FeatureSettings:
                 raise SettingsFormatError(f"settings {name} must be an integer >= 1, got {value!r}")
         if self.dim is not None and (isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim < 1):
             raise SettingsFormatError(f"settings dim must be an integer >= 1 (or null), got {self.dim!r}")
+        for name, value, limit in (("in_chans", self.in_chans, MAX_IN_CHANS), ("stack", self.stack, MAX_STACK),
+                                   ("dim", self.dim, MAX_DIM)):
+            if value is not None and value > limit:
+                raise SettingsFormatError(f"settings {name} {value} is beyond {limit}, the most this version handles")
+        if self.backbone is not None and not isinstance(self.backbone, str):
+            raise SettingsFormatError(f"settings backbone must be a timm model name (or null), got {self.backbone!r}")
+        if not isinstance(self.weights, str):
+            raise SettingsFormatError(f"settings weights must be 'imagenet', 'none' or a file path, got {self.weights!r}")
+        if self.sampling.fps is not None and self.sampling.fps > MAX_FPS:
+            raise SettingsFormatError(f"settings sampling fps {self.sampling.fps} is beyond {MAX_FPS:g} frames/s")
+        if self.sampling.num_segments is not None and self.sampling.num_segments > MAX_SEGMENTS:
+            raise SettingsFormatError(f"settings sampling num_segments {self.sampling.num_segments} is beyond "
+                                      f"{MAX_SEGMENTS}")
+        if self.data_config is not None:
+            _check_data_config(self.data_config)
+        if not isinstance(self.options, Mapping):
+            raise SettingsFormatError(f"settings options must be an object, got {type(self.options).__name__}")
         # Stored as JSON would give them back (tuples as lists), so a folder's settings equal the ones asked for.
         object.__setattr__(self, "data_config", None if self.data_config is None else _canonical(dict(self.data_config)))
         object.__setattr__(self, "options", _canonical(dict(self.options)))
@@ -198,7 +232,7 @@ class FeatureSettings:
                 if kwargs.get(name) is None:  # legacy files may hold null for these
                     kwargs[name] = default
             return cls(**kwargs)
-        except (SettingsFormatError, ValueError, TypeError, KeyError) as err:
+        except (SettingsFormatError, ValueError, TypeError, KeyError, IndexError, OverflowError) as err:
             raise SettingsFormatError(f"'{source}': bad settings: {err}") from None
 
     def differences(self, other: "FeatureSettings") -> list[str]:
@@ -226,6 +260,45 @@ def _shown(value: Any) -> Any:
     return value.to_json() if isinstance(value, Sampling) else value
 
 
+def number_in(value: Any, low: float = -math.inf, high: float = math.inf) -> bool:
+    """Whether a value read from a file is a finite number (an int or float, not a bool) with low < value < high."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond float's range
+        return False
+    return math.isfinite(value) and low < value < high
+
+
+def _finite_numbers(value: Any, length: tuple[int, int]) -> bool:
+    return (isinstance(value, (list, tuple)) and length[0] <= len(value) <= length[1]
+            and all(number_in(v) for v in value))
+
+
+def _check_data_config(config: Any) -> None:
+    """A backbone data config within range: input_size (C, H, W) of positive integers (C <= MAX_IN_CHANS, sides <=
+    MAX_IMAGE_SIDE), finite mean and positive finite std (when given), a positive finite crop_pct (when given)."""
+    if not isinstance(config, Mapping):
+        raise SettingsFormatError(f"settings data_config must be an object, got {type(config).__name__}")
+    size = config.get("input_size")
+    if size is not None:
+        limits = (MAX_IN_CHANS, MAX_IMAGE_SIDE, MAX_IMAGE_SIDE)
+        if not (isinstance(size, (list, tuple)) and len(size) == 3 and all(
+                isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= m for v, m in zip(size, limits))):
+            raise SettingsFormatError(f"settings data_config input_size must be (C, H, W), C <= {MAX_IN_CHANS}, "
+                                      f"H and W <= {MAX_IMAGE_SIDE}, got {size!r}")
+    for key in ("mean", "std"):
+        if config.get(key) is not None and not _finite_numbers(config[key], (1, MAX_IN_CHANS)):
+            raise SettingsFormatError(f"settings data_config {key} must be a list of finite numbers, got "
+                                      f"{config[key]!r}"[:300])
+    if config.get("std") is not None and min(config["std"]) <= 0:
+        raise SettingsFormatError(f"settings data_config std must be positive, got {config['std']!r}"[:300])
+    crop = config.get("crop_pct")
+    if crop is not None and not number_in(crop, 0, 10.000001):
+        raise SettingsFormatError(f"settings data_config crop_pct must be a number in (0, 10], got {crop!r}")
+
+
 def as_views(features: np.ndarray) -> np.ndarray:
     """Returns stored features as `(V, T, D)`: a `(T, D)` array becomes one view."""
     if features.ndim == 2:
@@ -240,17 +313,51 @@ def _canonical(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True))
 
 
+# What numpy (2.4) raises on a damaged .npy: ValueError for most damage (a header that does not parse included: its
+# SyntaxError becomes a ValueError), EOFError for a file cut in its header, and tokenize's TokenError, which escapes
+# from the header filter numpy applies to format 1.0/2.0 headers that do not parse ("EOF in multi-line statement").
+NPY_ERRORS = (ValueError, OSError, EOFError, tokenize.TokenError)
+
+
+def read_npy_header(f) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) from the header of the .npy file open at `f` (its data not read); ValueError for a file that is
+    not an .npy of format 1.0 or 2.0 (what `np.save` writes for plain arrays)."""
+    version = np.lib.format.read_magic(f)
+    if version not in ((1, 0), (2, 0)):
+        raise ValueError(f"unsupported .npy format version {version}")
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(f)
+    return shape, dtype
+
+
+def npy_layout(path: str | os.PathLike) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of an .npy file whose header accounts for its size exactly, read from the header alone; else
+    ValueError (or one of NPY_ERRORS). Call it before `np.load`: numpy allocates the array its header describes
+    before reading, so a 64-byte file claiming a (2**30, 1024) array would cost what it claims."""
+    with open(path, "rb") as f:
+        shape, dtype = read_npy_header(f)
+        offset = f.tell()
+    if dtype.hasobject:
+        raise ValueError("it holds Python objects")
+    data = math.prod(shape) * dtype.itemsize
+    size = os.stat(path).st_size
+    if size != offset + data:
+        raise ValueError(f"its header describes a {dtype} array of shape {shape} ({offset + data} bytes) but the file "
+                         f"has {size} bytes (truncated or damaged)")
+    return shape, dtype
+
+
 def _read_jsonl(path: Path) -> Iterable[dict]:
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
+    """The records of a manifest/failure file: JSON objects with a string `video`, one a line. Anything else (a
+    line torn by a kill, bytes that are not UTF-8, nesting too deep, numbers too long) is skipped: its video has no
+    valid record and is redone."""
+    with open(path, "rb") as f:
+        for raw in f:
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line torn by a kill: its video has no valid record and is redone
-            if isinstance(record, dict) and "video" in record:
+                record = json.loads(raw.decode("utf-8").strip() or "null")
+            except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                continue
+            if isinstance(record, dict) and isinstance(record.get("video"), str) and record["video"]:
                 yield record
 
 
@@ -258,6 +365,7 @@ class FeatureFolder:
     """A feature folder; `rank` selects this process's manifest/failure shards (None: the unsharded files)."""
 
     suffix = ".npy"  # the per-video file's extension (a flow folder stores `.flow.zip` files)
+    kind = "feature folder"  # in messages
 
     def __init__(self, root: str | os.PathLike, rank: int | None = None):
         self.root = Path(root)
@@ -290,12 +398,16 @@ class FeatureFolder:
             return self._settings
         if not self.settings_path.is_file():
             return None
+        fix = "make the folder again with `eleatt extract`"
+        if self.settings_path.stat().st_size > SETTINGS_BYTES:
+            raise SettingsFormatError(f"'{self.settings_path}' is {self.settings_path.stat().st_size} bytes, not a "
+                                      f"settings file (those are about 1 KB); {fix}")
         try:
             with open(self.settings_path, encoding="utf-8") as f:
                 value = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise SettingsFormatError(f"'{self.settings_path}' is not valid JSON ({err}); make the folder again "
-                                      "with `eleatt extract`") from None
+        except (ValueError, RecursionError) as err:  # JSON and UTF-8 errors, numbers too long, nesting too deep
+            reason = "nested too deep" if isinstance(err, RecursionError) else str(err)[:200]
+            raise SettingsFormatError(f"'{self.settings_path}' is not valid JSON ({reason}); {fix}") from None
         self._settings = FeatureSettings.from_json(value, self.settings_path)
         return self._settings
 
@@ -363,6 +475,23 @@ class FeatureFolder:
     def relative(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
 
+    def record_path(self, record: Mapping[str, Any]) -> Path | None:
+        """The file of a manifest record, or None when the record is not one this folder writes: its `feature` must
+        be the path its `video` is stored at (`feature_path`), and that file must resolve inside the folder (no
+        symbolic link out of it). A manifest is read from disk, so a record naming `../x` or `/etc/x` is damage
+        or an attack: its video counts as not finished, and nothing outside the folder is read through it."""
+        try:
+            path = self.feature_path(record["video"])
+        except (UsageError, KeyError, AttributeError, TypeError):
+            return None
+        if record.get("feature", self.relative(path)) != self.relative(path):
+            return None
+        if path.is_symlink() or path.exists():
+            root = self.root.resolve()
+            if root not in path.resolve().parents:
+                return None
+        return path
+
     # --- records --------------------------------------------------------------------------------------------
     def _shards(self, kind: str) -> list[Path]:
         if not self.root.is_dir():
@@ -376,34 +505,36 @@ class FeatureFolder:
         is the record's (views, frames, dim) with at least one frame, and its size is the header's. This reads the
         first bytes of each file, not the data; a file damaged since its record is thus redone by a rerun.
         """
+        records = self.manifest_records()
+        if verify:
+            records = {v: r for v, r in records.items() if self._whole(r)}
+        else:  # unverified records still name their own file, inside the folder
+            records = {v: r for v, r in records.items() if self.record_path(r) is not None}
+        return records
+
+    def manifest_records(self) -> dict[str, dict]:
+        """video -> its last manifest record, over every shard, as written: not checked against the folder (see
+        `finished`, which keeps only the records of whole files inside the folder)."""
         records: dict[str, dict] = {}
         for shard in self._shards("manifest"):
             for record in _read_jsonl(shard):
                 records[record["video"]] = record
-        if verify:
-            records = {v: r for v, r in records.items() if self._whole(r)}
         return records
 
     def _whole(self, record: dict) -> bool:
         """True when the file of a manifest record is whole and has the record's shape (see `finished`)."""
-        path = self.root / str(record.get("feature", ""))
-        try:
-            with open(path, "rb") as f:
-                version = np.lib.format.read_magic(f)
-                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                               else np.lib.format.read_array_header_2_0)
-                shape, _, dtype = read_header(f)
-                offset = f.tell()
-            size = path.stat().st_size
-        except (OSError, ValueError, EOFError):
+        path = self.record_path(record)
+        if path is None:
             return False
-        if dtype.hasobject or len(shape) not in (2, 3):
+        try:
+            shape, _ = npy_layout(path)
+        except NPY_ERRORS:
+            return False
+        if len(shape) not in (2, 3):
             return False
         views, frames, dim = (1, *shape) if len(shape) == 2 else shape
         expected = (record.get("views", views), record.get("frames", frames), record.get("dim", dim))
-        if (views, frames, dim) != tuple(expected) or frames < 1:
-            return False
-        return size == offset + int(np.prod(shape)) * dtype.itemsize
+        return (views, frames, dim) == tuple(expected) and frames >= 1
 
     def failed(self) -> dict[str, str]:
         """video -> its last error, over every shard, without the videos that are finished (record and file)."""
@@ -490,8 +621,12 @@ class FeatureFolder:
         fix = (f"re-extract it: rerun `eleatt extract` with this list into '{self.root}' (it redoes damaged files), "
                "or delete the file and rerun")
         try:
+            stat = path.stat()
+            key = (path, stat.st_mtime_ns, stat.st_size)
+            if key not in self._finite:  # (a file found whole and finite, unchanged since, needs no second look)
+                npy_layout(path)  # the header against the file's size first: np.load allocates what it says
             features = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as err:
+        except NPY_ERRORS as err:
             raise FeatureFileError(f"feature file '{path}' of '{video}' cannot be read ({load_failure(err)}); "
                                    f"{fix}") from None
         if not check:
@@ -504,8 +639,6 @@ class FeatureFolder:
         elif dim and features.shape[-1] != int(dim):
             problem = f"has feature dimension {features.shape[-1]} but the folder's settings say {dim}"
         else:
-            stat = path.stat()
-            key = (path, stat.st_mtime_ns, stat.st_size)
             if key in self._finite or np.isfinite(features).all():
                 self._finite.add(key)
                 return features
@@ -513,36 +646,10 @@ class FeatureFolder:
             problem = f"holds {bad} non-finite values (NaN/inf)"
         raise FeatureFileError(f"feature file '{path}' of '{video}' {problem}; {fix}")
 
-    @contextlib.contextmanager
     def lock(self, command: str = "a writer"):
         """`with folder.lock("extract"):` holds the folder for this process; a second process is refused at once
-        with FolderLockedError naming the holder (pid, host, command, start time).
-
-        The lock is an flock on `<root>/.eleatt-lock`: the system drops it when its process ends however it ends,
-        so a crashed run never leaves a stale lock. (On file systems without flock, and on Windows, no lock.)
-        """
-        self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / LOCK
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            if fcntl is not None:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    with open(path, encoding="utf-8", errors="replace") as f:
-                        holder = f.read().strip() or "another process"
-                    raise FolderLockedError(
-                        f"feature folder '{self.root}' is being written by {holder}; wait for it to finish (a "
-                        "second run would redo its work), or write into another folder (--out)"
-                    ) from None
-                except OSError:  # no flock on this file system (some network mounts): go on unlocked
-                    pass
-            os.ftruncate(fd, 0)
-            os.write(fd, (f"`eleatt {command}` (pid {os.getpid()} on {socket.gethostname()}, since "
-                          f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n").encode())
-            yield self
-        finally:
-            os.close(fd)  # releases the flock
+        with FolderLockedError naming the holder (pid, host, command, start time). See `folder_lock`."""
+        return folder_lock(self.root, command, self.kind)
 
     def remove_stale_temporaries(self) -> int:
         """Deletes temporary files left by killed writers (only inside `<root>/.eleatt-tmp/`, which holds nothing
@@ -555,6 +662,41 @@ class FeatureFolder:
                     tmp.unlink(missing_ok=True)
                     count += 1
         return count
+
+
+@contextlib.contextmanager
+def folder_lock(root: str | os.PathLike, command: str = "a writer", kind: str = "folder", fix: str = "--out"):
+    """`with folder_lock(root, "flow"):` holds the folder `root` (created if needed) for this process while it writes
+    there; a second process is refused at once with FolderLockedError naming `kind`, the folder and the holder
+    (command, pid, host, start time), and the fix (wait, or the option `fix` naming another folder).
+
+    The lock is an flock on `<root>/.eleatt-lock`: the system drops it when its process ends however it ends, so a
+    crashed run never leaves a stale lock. (On file systems without flock, and on Windows, no lock.) Only a process
+    holds it: threads of one process share it, and several `with` of one process on one folder refuse each other.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                with open(path, "rb") as f:
+                    holder = f.read(400).decode("utf-8", "replace").strip() or "another process"
+                raise FolderLockedError(
+                    f"{kind} '{root}' is being written by {holder}; wait for it to finish (a second run would redo "
+                    f"its work), or write into another folder ({fix})"
+                ) from None
+            except OSError:  # no flock on this file system (some network mounts): go on unlocked
+                pass
+        os.ftruncate(fd, 0)
+        os.write(fd, (f"`eleatt {command}` (pid {os.getpid()} on {socket.gethostname()}, since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n").encode())
+        yield root
+    finally:
+        os.close(fd)  # releases the flock
 
 
 def read_settings(root: str | os.PathLike) -> FeatureSettings:

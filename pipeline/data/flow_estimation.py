@@ -4,6 +4,12 @@
 flow-stream checkpoint computes a new video's flow here with the settings the checkpoint records
 (``FlowOptions``), so both see the same uint8 levels. Estimators: OpenCV DIS (default), Farneback, TV-L1 (contrib)
 on greyscale frames resized to the short side, and torchvision RAFT from a local weights file.
+
+Bounds for any input: frames are scaled up at most to a long side of ``UPSCALE_LONG_SIDE`` x the short side
+(``target_size``), decoded and resized frames are held in chunks of ``DECODE_BYTES`` each, a frame larger than a
+flow file holds (``MAX_FLOW_PIXELS``) or smaller than DIS handles (``DIS_MIN_SIDE``, below which OpenCV fails or
+crashes) is refused with one line naming the video, and an OpenCV error on a video's frames becomes one line naming
+the video (`UsageError`).
 """
 from __future__ import annotations
 
@@ -13,8 +19,8 @@ from typing import Iterator
 
 import numpy as np
 
-from pipeline.data.flow_files import FlowOptions, quantize
-from pipeline.errors import InputNotFoundError, UsageError
+from pipeline.data.flow_files import MAX_FLOW_PIXELS, MAX_FLOW_SIDE, FlowOptions, quantize
+from pipeline.errors import InputNotFoundError, UsageError, load_failure
 
 METHODS = ("dis", "farneback", "tvl1", "raft")
 PRESETS = ("fast", "medium")
@@ -22,8 +28,14 @@ PRESETS = ("fast", "medium")
 # + quantise + write) above 100 pairs/s with 2 workers on a loaded 2-core machine; medium (~140-180) does not.
 DEFAULT_PRESET = "fast"
 DEFAULT_SHORT_SIDE = 256
-# Bytes of decoded RGB frames held at once per worker: bounds the memory of a long or 4K video.
+# Bytes of decoded RGB frames held at once per worker, and of resized frames: bounds the memory of a long or 4K video.
 DECODE_BYTES = 128 * 2**20
+# Scaling a frame up stops at a long side of this many times the short side asked for (1024 px at 256): a video of
+# 4000x16 is not blown up to 64000x256.
+UPSCALE_LONG_SIDE = 4
+# OpenCV's DIS needs frames of at least 12 px a side and crashes (segfault) on frames under 32 px high and a few
+# times wider (measured with opencv-python 5.1 over 12..64 px short sides and 1..64:1 aspect ratios): both sides >= 32.
+DIS_MIN_SIDE = 32
 # Flow reads every frame in order, which PyAV does exactly and about as fast as decord; "auto" would first verify
 # decord on each file (~0.2 s a file under load), which cost up to 3x on 24-frame clips (benchmarks/flow.py --quick).
 DEFAULT_BACKEND = "pyav"
@@ -39,10 +51,17 @@ CONTRIB = "opencv-contrib-python-headless"
 # Estimators: prepared frames in, flow (H, W, 2) float32 pixels out
 # --------------------------------------------------------------------------------------------------------------
 def target_size(height: int, width: int, short_side: int | None) -> tuple[int, int]:
-    """(H, W) after resizing the short side to ``short_side`` (None or 0: unchanged)."""
+    """(H, W) after resizing the short side to ``short_side`` (None or 0: unchanged).
+
+    Scaling up stops where the long side reaches ``UPSCALE_LONG_SIDE * short_side`` (or at the decoded size, when
+    that is already longer): an elongated video keeps its frames within the memory of a 4:1 frame at the short
+    side instead of growing without bound (4000x16 at 256: 4000x16, not 64000x256). Scaling down is never capped.
+    """
     if not short_side or min(height, width) == short_side:
         return height, width
     s = short_side / min(height, width)
+    if s > 1:
+        s = max(1.0, min(s, UPSCALE_LONG_SIDE * short_side / max(height, width)))
     return max(1, round(height * s)), max(1, round(width * s))
 
 
@@ -60,6 +79,7 @@ class OpenCVFlow:
 
         self.cv2 = cv2
         self.method = method
+        self.min_side = DIS_MIN_SIDE if method == "dis" else 1
         if method == "dis":
             self.dis = cv2.DISOpticalFlow_create(
                 {"fast": cv2.DISOPTICAL_FLOW_PRESET_FAST, "medium": cv2.DISOPTICAL_FLOW_PRESET_MEDIUM}[preset])
@@ -116,8 +136,8 @@ def build_raft(weights: str | os.PathLike | None, device: str = "cpu"):
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UsageError(f"RAFT weights '{path}' cannot be read ({type(err).__name__}: {err}); save them with "
+    except Exception as err:  # a pickle, zip or safetensors error: any damaged or foreign file
+        raise UsageError(f"RAFT weights '{path}' cannot be read ({load_failure(err)}); save them with "
                          "torch.save(model.state_dict(), PATH)") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
@@ -182,8 +202,12 @@ def video_flow(path: str | os.PathLike, estimator, short_side: int | None, bound
                backend: str = DEFAULT_BACKEND, decode_bytes: int = DECODE_BYTES) -> Iterator[np.ndarray]:
     """Quantised pairs uint8 (2, h, w) of a video, frame i -> i + 1, decoded in bounded chunks.
 
-    Raises ValueError (``VideoReadError``) for an unreadable video and for one with fewer than 2 frames.
+    Raises ValueError (``VideoReadError``) for an unreadable video and for one with fewer than 2 frames, and
+    UsageError naming the video for frames outside the sizes flow is computed at (see the module's bounds) and for
+    an OpenCV error on its frames.
     """
+    import cv2
+
     from pipeline.data.video import load_frames, probe
 
     path = Path(path)
@@ -192,16 +216,32 @@ def video_flow(path: str | os.PathLike, estimator, short_side: int | None, bound
         raise UsageError(f"'{path}' has {info.num_frames} frame(s): no frame pairs, so no optical flow "
                          "(drop it from the list)")
     size = target_size(info.height, info.width, short_side)
-    chunk = max(2, decode_bytes // (info.height * info.width * 3))
+    at = f"{size[1]}x{size[0]}" + (f" (decoded {info.width}x{info.height}, short side {short_side})"
+                                   if size != (info.height, info.width) else "")
+    if max(size) > MAX_FLOW_SIDE or size[0] * size[1] > MAX_FLOW_PIXELS:
+        raise UsageError(f"'{path}': its frames are {at}, larger than a flow file holds ({MAX_FLOW_PIXELS} pixels, "
+                         f"{MAX_FLOW_SIDE} a side); compute the flow at a smaller --short-side (e.g. 256)")
+    min_side = getattr(estimator, "min_side", 1)
+    if min(size) < min_side:
+        raise UsageError(f"'{path}': its frames are {at}; {getattr(estimator, 'method', 'the method')} needs at least "
+                         f"{min_side}x{min_side} (a frame is scaled up at most to a long side of {UPSCALE_LONG_SIDE} x "
+                         "the short side); use --method farneback for such a video, or drop it from the list")
+    # Both the decoded chunk and its resized images (RAFT: RGB at the target size) stay within decode_bytes.
+    chunk = max(2, decode_bytes // (3 * max(info.height * info.width, size[0] * size[1])))
     previous = None  # the last prepared image of the previous chunk, paired with this chunk's first
     for start in range(0, info.num_frames, chunk):
         frames = load_frames(path, np.arange(start, min(start + chunk, info.num_frames)), backend=backend).numpy()
-        images = estimator.prepare(frames, size)
-        del frames
-        if previous is not None:
-            images.insert(0, previous)
-        for flow in estimator.flows(images):  # (h, w, 2)
-            yield quantize(flow.transpose(2, 0, 1), bound)  # (2, h, w) x, y
+        try:
+            images = estimator.prepare(frames, size)
+            del frames
+            if previous is not None:
+                images.insert(0, previous)
+            for flow in estimator.flows(images):  # (h, w, 2)
+                yield quantize(flow.transpose(2, 0, 1), bound)  # (2, h, w) x, y
+        except cv2.error as err:  # OpenCV's multi-line text: its last line says what went wrong
+            lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+            raise UsageError(f"'{path}': OpenCV failed on its {at} frames ({(lines or ['?'])[-1][:200]}); drop the "
+                             "video from the list, or try another --method") from None
         previous = images[-1]
 
 

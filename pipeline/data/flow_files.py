@@ -14,6 +14,13 @@ pairs/s at 340x256 on one core and takes 1.5-1.9x the bytes of mmaction2's lossy
 flow (``python -m pipeline.benchmarks.flow``). The zip's central directory gives each pair's offset, so reading
 pairs ``indices`` decodes only those PNGs.
 
+**Reading is validated** (a flow file is untrusted input): before any pixel is read, ``meta.json`` must hold values
+in range (a finite bound in (0, 1e4), pairs, a frame size of at most ``MAX_FLOW_PIXELS``, a finite positive fps)
+and the zip must hold exactly ``meta.json`` and the ``pairs`` PNGs, each stored (never compressed: a zip bomb fails
+before inflating anything), unencrypted and no larger than a PNG of that frame size can be; each PNG's header must
+give that size before it is decoded. Memory is bounded by the pairs asked for plus one member. A violation raises
+`FlowFileError` naming the file, the reason and the fix.
+
 **Flow stacks** (the flow stream's input, TSN): for a sampled frame ``t`` the ``L`` pairs ``t .. t+L-1`` (the last
 pair repeated past the end), channels interleaved ``x1, y1, ..., xL, yL``. The network sees flow divided by the
 bound (``normalize_flow``: pixels -> [-1, 1], zero motion ~0), recorded as ``"flow_norm": "bound"``.
@@ -25,6 +32,7 @@ import dataclasses
 import json
 import os
 import re
+import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +40,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from pipeline.data.features import TMP_DIR, FeatureFolder, FeatureSettings, SettingsFormatError
+from pipeline.data.features import TMP_DIR, FeatureFolder, FeatureSettings, SettingsFormatError, number_in
 from pipeline.paths import atomic_write
 from pipeline.errors import InputNotFoundError, UsageError
 
@@ -41,6 +49,7 @@ __all__ = [
     "FLOW_SUFFIX",
     "FlowArray",
     "FlowFile",
+    "FlowFileError",
     "FlowFolder",
     "FlowOptions",
     "FlowWriter",
@@ -61,6 +70,11 @@ __all__ = [
 ]
 
 DEFAULT_BOUND = 20.0
+MAX_BOUND = 1e4  # pixels: a larger bound is damage (1e39 would overflow float32 and dequantize to NaN)
+MAX_FLOW_SIDE = 8192  # the stored frame's height or width, in pixels
+MAX_FLOW_PIXELS = 4096 * 4096  # height x width of a stored frame (a 4K frame is 8.3 M)
+MAX_PAIRS = 10_000_000  # frame pairs in one file (~46 hours at 60 fps)
+META_BYTES = 4096  # meta.json is ~120 bytes
 FLOW_SUFFIX = ".flow.zip"
 FORMAT = "eleatt-flow-png-zip"
 VERSION = 1
@@ -99,6 +113,17 @@ class FlowOptions:
     def __post_init__(self) -> None:
         _check_bound(self.bound)
         object.__setattr__(self, "bound", float(self.bound))
+        checks = (("method", self.method in ("dis", "farneback", "tvl1", "raft", "jpg")),
+                  ("preset", self.preset in ("fast", "medium", "none")),
+                  ("short_side", self.short_side is None or (isinstance(self.short_side, int) and not isinstance(
+                      self.short_side, bool) and 1 <= self.short_side <= MAX_FLOW_SIDE)),
+                  ("format", self.format == FORMAT), ("flow_norm", self.flow_norm == FLOW_NORM),
+                  ("raft", self.raft is None or isinstance(self.raft, str)),
+                  ("weights", self.weights is None or isinstance(self.weights, str)))
+        for name, ok in checks:
+            if not ok:
+                raise UsageError(f"flow option {name} {str(getattr(self, name))[:60]!r} is not one this version "
+                                 f"knows (short_side: 1..{MAX_FLOW_SIDE} or null)")
 
     def to_options(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -116,7 +141,7 @@ class FlowOptions:
                                       f"(known: {sorted(known)}); make the flow folder again with `eleatt flow`")
         try:
             return cls(**options)
-        except (TypeError, ValueError) as err:
+        except (TypeError, ValueError, OverflowError) as err:
             raise SettingsFormatError(f"'{source}': bad flow options: {err}") from None
 
 
@@ -170,9 +195,15 @@ def _png_params() -> list[int]:
 
 def _check_bound(bound: float) -> float:
     bound = float(bound)
-    if not (np.isfinite(bound) and bound > 0):
-        raise UsageError(f"flow bound {bound}: must be a positive number of pixels (default {DEFAULT_BOUND})")
+    if not (np.isfinite(bound) and 0 < bound < MAX_BOUND):
+        raise UsageError(f"flow bound {bound}: must be a positive number of pixels below {MAX_BOUND:g} (default "
+                         f"{DEFAULT_BOUND})")
     return bound
+
+
+class FlowFileError(UsageError):
+    """A flow file that exists but cannot be used: not a zip, damaged, values out of range, members that are not
+    the format's (compressed, encrypted, extra, missing or too large)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -219,7 +250,12 @@ class FlowWriter:
         if q.dtype != np.uint8 or q.ndim != 3 or q.shape[0] != 2:
             raise UsageError(f"a flow pair must be uint8 (2, H, W) (x, y), got {q.dtype} {tuple(q.shape)}")
         if self.shape is None:
-            self.shape = (int(q.shape[1]), int(q.shape[2]))
+            h, w = int(q.shape[1]), int(q.shape[2])
+            if max(h, w) > MAX_FLOW_SIDE or h * w > MAX_FLOW_PIXELS:
+                raise UsageError(f"flow frames of {w}x{h} are larger than a flow file holds (at most "
+                                 f"{MAX_FLOW_PIXELS} pixels, {MAX_FLOW_SIDE} a side); compute the flow at a smaller "
+                                 "size (--short-side)")
+            self.shape = (h, w)
         elif q.shape[1:] != self.shape:
             raise UsageError(f"flow pair {self.pairs} is {q.shape[1]}x{q.shape[2]}, the file's pairs are "
                              f"{self.shape[0]}x{self.shape[1]}")
@@ -255,20 +291,105 @@ def save_flow(path: str | os.PathLike, q: np.ndarray, bound: float = DEFAULT_BOU
             w.add(pair)
 
 
+# What reading a damaged zip can raise besides BadZipFile: a truncated or garbled directory (struct, EOF, seek
+# and decoding errors), an unknown compression method.
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, KeyError, IndexError,
+               OverflowError, NotImplementedError, RuntimeError, struct.error)
+_REDO = "delete it and rerun `eleatt flow` (it resumes)"
+
+
+def _png_bytes(height: int, width: int) -> int:
+    """The most bytes a PNG of one stored pair (8-bit grey, (2H, W)) can take: its rows with their filter bytes,
+    zlib's stored blocks at worst, chunk headers, and room for small ancillary chunks."""
+    return int(2 * height * (width + 1) * 1.01) + 4096
+
+
+def _int_in(meta: dict, key: str, low: int, high: int) -> bool:
+    value = meta.get(key)
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _check_meta(meta: Any, path: Path) -> dict:
+    """meta.json's values within range, or FlowFileError naming the first that is not."""
+    if not isinstance(meta, dict):
+        raise FlowFileError(f"'{path}': meta.json is not a JSON object; {_REDO}")
+    if meta.get("format") != FORMAT or not _int_in(meta, "version", 1, 1 << 30):
+        raise FlowFileError(f"'{path}': not a flow file (format {str(meta.get('format'))[:60]!r}, version "
+                            f"{str(meta.get('version'))[:20]!r}; expected {FORMAT!r}); {_REDO}")
+    if meta["version"] > VERSION:
+        raise FlowFileError(f"'{path}': flow format version {meta['version']} is newer than this version reads "
+                            f"({VERSION}); upgrade eleatt")
+    bound = meta.get("bound")
+    if not number_in(bound, 0, MAX_BOUND):
+        raise FlowFileError(f"'{path}': meta.json bound {str(bound)[:30]} is not a number of pixels in (0, "
+                            f"{MAX_BOUND:g}); {_REDO}")
+    pairs_ok = _int_in(meta, "pairs", 0, MAX_PAIRS)
+    empty = pairs_ok and meta["pairs"] == 0
+    sides_ok = all(_int_in(meta, k, 0 if empty else 1, MAX_FLOW_SIDE) for k in ("height", "width"))
+    if not (pairs_ok and sides_ok) or meta["height"] * meta["width"] > MAX_FLOW_PIXELS:
+        raise FlowFileError(f"'{path}': meta.json pairs {str(meta.get('pairs'))[:30]}, height "
+                            f"{str(meta.get('height'))[:30]}, width {str(meta.get('width'))[:30]} are not counts in "
+                            f"range (pairs <= {MAX_PAIRS}, frames of at most {MAX_FLOW_SIDE} px a side and "
+                            f"{MAX_FLOW_PIXELS} pixels); {_REDO}")
+    fps = meta.get("fps")
+    if fps is not None and not number_in(fps, 0, 1e4):
+        raise FlowFileError(f"'{path}': meta.json fps {str(fps)[:30]} is not a positive frame rate; {_REDO}")
+    return meta
+
+
+def _check_members(zf: zipfile.ZipFile, meta: dict, path: Path) -> None:
+    """The zip holds meta.json and pairs PNGs named 000000.png, ..., each stored, unencrypted, within size."""
+    infos = zf.infolist()
+    pairs, limit = meta["pairs"], _png_bytes(meta["height"], meta["width"])
+    if len(infos) != pairs + 1:
+        raise FlowFileError(f"'{path}' holds {len(infos)} members, but a flow file of {pairs} pairs (its meta.json) "
+                            f"holds {pairs + 1}: meta.json and a PNG per pair; {_REDO}")
+    for info in infos:
+        name = info.filename
+        if name != META and not (len(name) == 10 and name.endswith(".png") and name[:6].isdigit()
+                                 and name[:6].isascii() and int(name[:6]) < pairs):
+            raise FlowFileError(f"'{path}': member {name[:60]!r} is not one of the format's (meta.json, "
+                                f"000000.png .. {pairs - 1:06d}.png); {_REDO}")
+        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+            raise FlowFileError(f"'{path}': member {name!r} is compressed or encrypted; flow files store their "
+                                f"members as they are (a zip bomb is refused before inflating); {_REDO}")
+        if info.file_size != info.compress_size or info.file_size > (META_BYTES if name == META else limit):
+            raise FlowFileError(f"'{path}': member {name!r} declares {info.file_size} bytes, more than a "
+                                f"{'meta.json' if name == META else 'PNG of the frame size'} can take; {_REDO}")
+    if len({info.filename for info in infos}) != len(infos):
+        raise FlowFileError(f"'{path}' names a member twice; {_REDO}")
+
+
 def _open(path: Path) -> tuple[zipfile.ZipFile, dict]:
+    """The open zip and its validated meta.json (see the module's "Reading is validated")."""
     if not path.is_file():
         raise InputNotFoundError(f"flow file '{path}' not found (compute it with `eleatt flow`)")
+    zf = None
     try:
         zf = zipfile.ZipFile(path)
-        meta = json.loads(zf.read(META))
-    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, OSError) as err:
-        raise UsageError(f"'{path}' is not a flow file or is damaged ({err}); delete it and rerun `eleatt flow` "
-                         f"(it resumes)") from None
-    if meta.get("format") != FORMAT or int(meta.get("version", 0)) > VERSION:
-        zf.close()
-        raise UsageError(f"'{path}': unknown flow format {meta.get('format')!r} version {meta.get('version')!r}; "
-                         f"expected {FORMAT!r} version <= {VERSION} (upgrade eleatt)")
-    return zf, meta
+        info = zf.getinfo(META)
+        if info.file_size > META_BYTES or info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+            raise FlowFileError(f"'{path}': its meta.json is compressed, encrypted or {info.file_size} bytes long; "
+                                f"{_REDO}")
+        meta = _check_meta(json.loads(zf.read(META).decode("utf-8")), path)
+        _check_members(zf, meta, path)
+        return zf, meta
+    except FlowFileError:
+        if zf is not None:
+            zf.close()
+        raise
+    except (*_ZIP_ERRORS, RecursionError) as err:  # JSON and UTF-8 errors are ValueErrors
+        if zf is not None:
+            zf.close()
+        reason = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+        raise FlowFileError(f"'{path}' is not a flow file or is damaged ({reason}); {_REDO}") from None
+
+
+def _png_size(png: bytes) -> tuple[int, int, int, int] | None:
+    """(height, width, bit depth, colour type) from a PNG's IHDR chunk, or None when it is not a PNG."""
+    if len(png) < 33 or png[:8] != b"\x89PNG\r\n\x1a\n" or png[12:16] != b"IHDR":
+        return None
+    return int.from_bytes(png[20:24], "big"), int.from_bytes(png[16:20], "big"), png[24], png[25]
 
 
 def flow_info(path: str | os.PathLike) -> dict:
@@ -305,14 +426,26 @@ def load_quantized(path: str | os.PathLike, indices: Sequence[int] | np.ndarray 
         out = np.empty((len(idx), 2, h, w), dtype=np.uint8)
         cv2 = _cv2()
         _png_params()  # the codec's self-test: a broken libpng must not pass for a damaged file
-        decoded: dict[int, np.ndarray] = {}
+        first: dict[int, int] = {}  # pair -> where it was decoded into `out` (a repeat is copied from there)
         for k, i in enumerate(idx.tolist()):
-            if i not in decoded:
-                img = cv2.imdecode(np.frombuffer(zf.read(f"{i:06d}.png"), dtype=np.uint8), cv2.IMREAD_UNCHANGED)
-                if img is None or img.shape != (2 * h, w):
-                    raise UsageError(f"'{path}': flow pair {i} is damaged; delete the file and rerun `eleatt flow`")
-                decoded[i] = img.reshape(2, h, w)
-            out[k] = decoded[i]
+            if i in first:
+                out[k] = out[first[i]]
+                continue
+            damaged = f"'{path}': flow pair {i} is damaged"
+            try:
+                png = zf.read(f"{i:06d}.png")
+            except _ZIP_ERRORS as err:
+                raise FlowFileError(f"{damaged} ({type(err).__name__}: {str(err)[:100]}); {_REDO}") from None
+            if _png_size(png) != (2 * h, w, 8, 0):  # checked before decoding: the header sizes the allocation
+                raise FlowFileError(f"{damaged} (not an 8-bit grey PNG of {2 * h}x{w}); {_REDO}")
+            try:
+                img = cv2.imdecode(np.frombuffer(png, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+            except cv2.error:
+                img = None
+            if img is None or img.shape != (2 * h, w) or img.dtype != np.uint8:
+                raise FlowFileError(f"{damaged} (its PNG data do not decode); {_REDO}")
+            out[k] = img.reshape(2, h, w)
+            first[i] = k
     return out, float(meta["bound"])
 
 
@@ -411,6 +544,7 @@ class FlowFolder(FeatureFolder):
     """A flow folder: the feature-folder layout (settings, manifest, failed) with one ``.flow.zip`` per video."""
 
     suffix = FLOW_SUFFIX
+    kind = "flow folder"
     what, command = "flow", "eleatt flow"
 
     @contextlib.contextmanager
@@ -442,18 +576,19 @@ class FlowFolder(FeatureFolder):
         return self.record(video, **extra)
 
     def _whole(self, record: dict) -> bool:
-        """A flow file is whole when its zip directory reads and holds every pair its record counts (a truncated or
-        overwritten file is redone by a rerun, as the feature folder's .npy checks do)."""
-        path = self.root / str(record.get("feature", ""))
+        """A flow file is whole when its zip directory reads, validates (`_open`: every pair's member, in range)
+        and counts the pairs of its record (a truncated or overwritten file is redone by a rerun, as the feature
+        folder's .npy checks do)."""
+        path = self.record_path(record)
+        if path is None:
+            return False
         try:
             zf, meta = _open(path)
-            with zf:
-                names = set(zf.namelist())
+            zf.close()
         except (OSError, ValueError):
             return False
-        pairs = int(meta.get("pairs", 0))
-        return pairs >= 1 and pairs == int(record.get("pairs", pairs)) and all(
-            f"{i:06d}.png" in names for i in range(pairs))
+        pairs = meta["pairs"]
+        return pairs >= 1 and record.get("pairs", pairs) == pairs
 
     def load(self, video: str, indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:  # type: ignore[override]
         """``load_flow`` of the video's file: float32 ``(N, 2, H, W)`` pixels; a clear error when it is missing."""
@@ -495,6 +630,8 @@ def read_jpg_folder(folder: str | os.PathLike) -> Iterator[np.ndarray]:
     xs, ys = jpg_files(folder)
     shape = None
     for px, py in zip(xs, ys):
+        _check_image_size(px)
+        _check_image_size(py)
         x = cv2.imread(str(px), cv2.IMREAD_GRAYSCALE)
         y = cv2.imread(str(py), cv2.IMREAD_GRAYSCALE)
         if x is None or y is None:
@@ -505,11 +642,26 @@ def read_jpg_folder(folder: str | os.PathLike) -> Iterator[np.ndarray]:
         yield np.stack([x, y])  # (2, H, W)
 
 
+def _check_image_size(path: Path) -> None:
+    """Refuses, from its header alone, an image larger than a stored flow frame may be (a JPEG whose header claims
+    65535x65535 would make the decoder allocate gigabytes)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+    except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError):
+        raise UsageError(f"'{path}' is not a readable JPEG") from None
+    if max(h, w) > MAX_FLOW_SIDE or h * w > MAX_FLOW_PIXELS:
+        raise UsageError(f"'{path}' is {w}x{h}: larger than a flow frame may be (at most {MAX_FLOW_PIXELS} pixels, "
+                         f"{MAX_FLOW_SIDE} a side); resize the flow before importing it")
+
+
 def export_jpg(path: str | os.PathLike, dest: str | os.PathLike, prefix: str = "", quality: int = 95) -> int:
     """Writes a flow file as mmaction2 JPEGs ``dest/{prefix}x_00001.jpg``, ``{prefix}y_00001.jpg``, ...
 
     ``prefix``: ``""`` (``x_00001.jpg``, mmaction2's rawframes) or ``"flow_"`` (denseflow). JPEG is lossy (the
-    levels come back within ~2 at quality 95). Returns the number of pairs written.
+    levels come back within ~2 at quality 95). Each JPEG is written atomically. Returns the number of pairs written.
     """
     if prefix not in ("", "flow_"):
         raise UsageError(f"JPEG prefix {prefix!r}: use '' (x_00001.jpg) or 'flow_' (flow_x_00001.jpg)")
@@ -523,7 +675,8 @@ def export_jpg(path: str | os.PathLike, dest: str | os.PathLike, prefix: str = "
             ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(pair[c]), params)
             if not ok:
                 raise UsageError(f"JPEG encoding failed for pair {i} of '{path}'")
-            (dest / f"{prefix}{name}_{i:05d}.jpg").write_bytes(buf.tobytes())
+            with atomic_write(dest / f"{prefix}{name}_{i:05d}.jpg") as f:
+                f.write(buf.tobytes())
     return len(q)
 
 

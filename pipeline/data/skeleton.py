@@ -35,6 +35,12 @@ NTU_BONES: tuple[tuple[int, int], ...] = tuple((a - 1, b - 1) for a, b in (
 ))
 BODY_INFO_VALUES = 10
 JOINT_VALUES = 12
+# Reading bounds (a file is untrusted): NTU's files are at most a few MB and a few hundred frames; coordinates are
+# metres from the camera. Beyond these a file is damaged, and refused before it costs memory.
+MAX_FILE_BYTES = 32 * 2**20
+MAX_FRAMES = 20_000  # 11 minutes at 30 fps; the joints of 20000 frames take 12 MB
+MAX_BODIES = 64  # per frame
+MAX_COORDINATE = 1e4  # metres
 
 
 class SkeletonFormatError(UsageError):
@@ -91,6 +97,9 @@ def read_skeleton(path: str | os.PathLike, allow_truncated: bool = False) -> Ske
     if not path.is_file():
         raise InputNotFoundError(f"skeleton file '{path}' not found")
     name = str(path)
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise _error(name, None, f"{path.stat().st_size} bytes, more than a skeleton file holds "
+                     f"({MAX_FILE_BYTES // 2**20} MB at most)", "is it an NTU .skeleton file?")
     try:
         text = path.read_text(encoding="ascii")
     except UnicodeDecodeError as err:
@@ -105,22 +114,21 @@ def read_skeleton(path: str | os.PathLike, allow_truncated: bool = False) -> Ske
         pos += 1
         return row
 
-    def count(what: str, limit: int | None = None) -> int:
+    def count(what: str, limit: int) -> int:
         n, s = take()
-        if not s.isdigit() or (limit is not None and int(s) > limit):
-            bound = f" in 0..{limit}" if limit is not None else ""
-            raise _error(name, n, f"expected the {what} (an integer{bound}), got {s[:60]!r}")
+        if not s.isdigit() or len(s) > 12 or int(s) > limit:
+            raise _error(name, n, f"expected the {what} (an integer in 0..{limit}), got {s[:60]!r}")
         return int(s)
 
     if not rows:
         raise _error(name, None, "the file is empty", "re-extract or re-download it")
-    num_frames = count("frame count")
+    num_frames = count("frame count", MAX_FRAMES)
     per_body: dict[str, tuple[list[int], list[np.ndarray]]] = {}
     frame = 0
     truncated = False
     try:
         for frame in range(num_frames):
-            bodies = count("body count of frame %d" % (frame + 1), limit=64)
+            bodies = count("body count of frame %d" % (frame + 1), MAX_BODIES)
             seen: dict[str, int] = {}
             frame_bodies: list[tuple[str, np.ndarray]] = []
             for _ in range(bodies):
@@ -129,7 +137,7 @@ def read_skeleton(path: str | os.PathLike, allow_truncated: bool = False) -> Ske
                 if len(fields) != BODY_INFO_VALUES:
                     raise _error(name, n, f"expected a body line of {BODY_INFO_VALUES} values (body id, clipped "
                                  f"edges, hand states, restricted, lean x/y, tracking state), got {len(fields)}")
-                joints_count = count("joint count")
+                joints_count = count("joint count", 10_000)
                 if joints_count != NUM_JOINTS:
                     raise _error(name, rows[pos - 1][0], f"joint count {joints_count}, expected {NUM_JOINTS} "
                                  "(Kinect v2 skeletons)")
@@ -144,16 +152,18 @@ def read_skeleton(path: str | os.PathLike, allow_truncated: bool = False) -> Ske
                         values = np.array(tokens, dtype=np.float64).reshape(NUM_JOINTS, JOINT_VALUES)
                     except ValueError:
                         values = None
-                if values is None or not np.isfinite(values[:, :3]).all():
+                if values is None or not (np.abs(values[:, :3]) <= MAX_COORDINATE).all():  # NaN fails too
                     for n, s in block:  # find the bad line for the message
                         parts = s.split()
                         try:
-                            ok = len(parts) == JOINT_VALUES and all(math.isfinite(float(p)) for p in parts[:3])
+                            ok = len(parts) == JOINT_VALUES and all(abs(float(p)) <= MAX_COORDINATE
+                                                                    for p in parts[:3])
                         except ValueError:
                             ok = False
                         if not ok:
                             raise _error(name, n, f"expected a joint line of {JOINT_VALUES} numbers (x y z depth "
-                                         f"x/y colour x/y orientation w/x/y/z tracking), got {s[:80]!r}")
+                                         f"x/y colour x/y orientation w/x/y/z tracking; x, y, z finite metres "
+                                         f"within {MAX_COORDINATE:g}), got {s[:80]!r}")
                     raise _error(name, block[0][0], "malformed joint block")  # unreachable in practice
                 body_id = fields[0]
                 k = seen.get(body_id, 0)

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from pipeline.errors import EXIT_OK, EXIT_SOME_FAILED, UsageError
-from pipeline.paths import ensure_writable_dir
+from pipeline.paths import check_not_input, ensure_writable_file
 from pipeline.evaluation.scores import accuracy_summary, read_scores, write_scores
 
 MODES = ("prob", "logit")
@@ -287,13 +287,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     names = list(args.scores)
     out = Path(args.out)
-    if any(Path(p).resolve() == out.resolve() for p in names + list(args.search_weights or [])):
-        raise UsageError(f"--out '{out}' is one of the input files; choose another name for the fused scores")
+    plot = Path(args.plot) if args.plot else out.with_name(f"confusion_{out.stem}.png")
+    inputs = names + list(args.search_weights or [])
+    check_not_input(out, inputs, "--out")  # the fused file never replaces a scores file it reads
     if args.weights is not None and args.search_weights is not None:
         raise UsageError("give either --weights or --search-weights, not both")
-    ensure_writable_dir(out.parent, "folder of --out")  # before the (possibly long) weight search
-    if args.plot and not args.no_plot:
-        ensure_writable_dir(Path(args.plot).parent, "folder of --plot")
+    ensure_writable_file(out, "--out")  # before the (possibly long) weight search
+    if not args.no_plot:
+        check_not_input(plot, [*inputs, out], "--plot")
+        ensure_writable_file(plot, "--plot")
     score_dicts = [read_scores(p) for p in names]  # each names its file when missing or unreadable
     weights = args.weights
     if args.search_weights is not None:
@@ -321,7 +323,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_plot and (fused["labels"] >= 0).any():
         from pipeline.evaluation.plots import confusion_matrix, plot_confusion
 
-        plot = Path(args.plot) if args.plot else out.with_name(f"confusion_{out.stem}.png")
         cm = confusion_matrix(fused["scores"], fused["labels"])
         plot_confusion(cm, plot, None if classes is None else list(map(str, classes)),
                        title=f"fused ({_fmt_weights(fused['weights'].tolist())}, {args.mode}): {int(cm.sum())} videos")

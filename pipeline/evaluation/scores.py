@@ -8,15 +8,22 @@ Imports neither Lightning nor the model, so that evaluation (`pipeline.training.
     classes  unicode (C,)   class names (when known)
 
 Fused scores (`eleatt fuse`) add `weights` float32 (K,) and `inputs` unicode (K,), one per fused file.
+
+A scores file is untrusted input: `read_scores` checks the zip's members against their declared sizes (and every
+array's header against its member) before reading, so memory stays within `4 x the file's size + 64 MB` whatever the
+file claims, and refuses arrays of other types or shapes, non-finite scores and labels outside `-1 .. C - 1`, each
+with one line naming the file and the fix.
 """
 from __future__ import annotations
 
 import os
+import struct
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.features import NPY_ERRORS, read_npy_header
 from pipeline.errors import InputNotFoundError, load_failure, UsageError
 from pipeline.paths import atomic_write
 
@@ -47,23 +54,92 @@ def write_scores(
     return path
 
 
+SLACK_BYTES = 64 * 2**20  # what the arrays of a scores file may take beyond 4 x its size (compressed files)
+_NPZ_ERRORS = (*NPY_ERRORS, zipfile.BadZipFile, zipfile.LargeZipFile, KeyError, IndexError, NotImplementedError,
+               RuntimeError, struct.error)
+
+
+class ScoresFileError(UsageError):
+    """A scores file that cannot be used: not an .npz, damaged, arrays of other types or shapes, NaN scores,
+    labels outside the class range."""
+
+
+def _check_members(zf: zipfile.ZipFile, path: Path) -> None:
+    """Every member is an unencrypted .npy, stored or deflated, whose header's shape fits its declared size, and
+    the declared sizes together stay within 4 x the file's size + SLACK_BYTES (a zip bomb fails before inflating)."""
+    infos = zf.infolist()
+    total = sum(info.file_size for info in infos)
+    if total > 4 * path.stat().st_size + SLACK_BYTES:
+        raise ScoresFileError(f"'{path}' declares {total} bytes of arrays in a {path.stat().st_size}-byte file "
+                              "(a damaged file or a zip bomb); pass a scores file written by eleatt")
+    for info in infos:
+        if (info.flag_bits & 0x1 or info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+                or not info.filename.endswith(".npy")):
+            raise ScoresFileError(f"'{path}': member {info.filename[:60]!r} is not a stored or deflated .npy array")
+        with zf.open(info) as f:
+            shape, dtype = read_npy_header(f)
+            if dtype.hasobject or int(np.prod(shape, dtype=np.float64)) * dtype.itemsize > info.file_size:
+                raise ScoresFileError(f"'{path}': array {info.filename[:-4]!r} claims shape {shape} of {dtype}, more "
+                                      "than its member holds (damaged)")
+
+
+def _check_arrays(scores: dict[str, np.ndarray], path: Path) -> None:
+    """Types and shapes of the arrays, finite scores and labels in range; ScoresFileError naming the first fault."""
+    missing = [key for key in ("videos", "scores", "labels") if key not in scores]
+    if missing:
+        raise ScoresFileError(f"'{path}' is not a scores file: it lacks {', '.join(missing)} (a scores file holds "
+                              "videos, scores, labels and classes)")
+    videos, probs, labels = scores["videos"], scores["scores"], scores["labels"]
+    classes = scores.get("classes")
+    n = len(videos) if videos.ndim == 1 else -1
+    problem = None
+    if videos.ndim != 1 or videos.dtype.kind != "U":
+        problem = f"videos is a {videos.dtype} array of shape {videos.shape}, not (N,) text"
+    elif probs.ndim != 2 or probs.shape[0] != n or probs.shape[1] < 1 or probs.dtype.kind != "f":
+        problem = f"scores is a {probs.dtype} array of shape {probs.shape}, not ({n}, C) floats"
+    elif labels.shape != (n,) or labels.dtype.kind not in "iu":
+        problem = f"labels is a {labels.dtype} array of shape {labels.shape}, not ({n},) integers"
+    elif classes is not None and (classes.shape != (probs.shape[1],) or classes.dtype.kind != "U"):
+        problem = f"classes is a {classes.dtype} array of shape {classes.shape}, not ({probs.shape[1]},) names"
+    if problem:
+        raise ScoresFileError(f"'{path}': {problem}; pass a scores_<stage>.npz written by `eleatt test`/`validate`/"
+                              "`predict` or `eleatt fuse`")
+    bad = int(probs.size - np.isfinite(probs).sum())
+    if bad:
+        raise ScoresFileError(f"'{path}': {bad} of its {probs.shape[0]}x{probs.shape[1]} scores are NaN or infinite "
+                              "(the model that wrote them diverged, or the file is damaged); score the videos again "
+                              "with a checkpoint that gives finite scores")
+    out = (labels < -1) | (labels >= probs.shape[1])
+    if out.any():
+        i = int(np.flatnonzero(out)[0])
+        raise ScoresFileError(f"'{path}': video {str(videos[i])[:80]!r} has label {int(labels[i])}, outside the "
+                              f"{probs.shape[1]} classes (0..{probs.shape[1] - 1}, or -1 for unknown); "
+                              f"{int(out.sum())} labels are out of range: score the list again with the classes.txt "
+                              "the model was trained on")
+
+
 def read_scores(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Reads a scores file (never unpickles); `classes` is absent when the names were unknown.
 
-    A file that is not a scores file (truncated, another format, keys missing) raises ValueError naming it."""
-    if not Path(path).is_file():
+    A file that is not a usable scores file (truncated, another format, keys missing, arrays of other types or
+    shapes, non-finite scores, labels outside -1 .. C - 1) raises ScoresFileError (a ValueError) naming it; memory
+    stays within 4 x the file's size + SLACK_BYTES."""
+    path = Path(path)
+    if not path.is_file():
         raise InputNotFoundError(f"scores file '{path}' not found (`eleatt validate|test|predict` write "
                                 "scores_<stage>.npz into the checkpoint's run folder)")
     try:
+        with zipfile.ZipFile(path) as zf:
+            _check_members(zf, path)
         with np.load(path, allow_pickle=False) as data:
             scores = {key: data[key] for key in data.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
-        raise UsageError(f"'{path}' is not a readable scores file ({load_failure(err)}); pass a "
-                         "scores_<stage>.npz written by `eleatt test`/`validate`/`predict` or `eleatt fuse`") from None
-    missing = [key for key in ("videos", "scores", "labels") if key not in scores]
-    if missing:
-        raise UsageError(f"'{path}' is not a scores file: it lacks {', '.join(missing)} (a scores file holds videos, "
-                         "scores, labels and classes)")
+    except ScoresFileError:
+        raise
+    except _NPZ_ERRORS as err:
+        raise ScoresFileError(f"'{path}' is not a readable scores file ({load_failure(err)}); pass a "
+                              "scores_<stage>.npz written by `eleatt test`/`validate`/`predict` or `eleatt fuse`"
+                              ) from None
+    _check_arrays(scores, path)
     return scores
 
 

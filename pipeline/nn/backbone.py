@@ -18,7 +18,7 @@ import torch
 from timm.data import resolve_data_config
 from timm.models import get_pretrained_cfg, load_state_dict
 from torch import nn
-from pipeline.errors import InputNotFoundError, UsageError
+from pipeline.errors import InputNotFoundError, UsageError, load_failure
 
 __all__ = ["FrameEncoder", "cross_modality_conv", "MissingWeightsError", "resolve_weights", "WEIGHT_FILE_SUFFIXES", "STORED_DTYPES",
            "AUTOCAST_DTYPES"]
@@ -205,7 +205,7 @@ def load_weights_file(model: nn.Module, path: str | os.PathLike, in_chans: int =
         state = load_state_dict(str(path), weights_only=True)
     except Exception as err:  # safetensors / pickle errors carry no file name
         raise UsageError(
-            f"cannot read weights file '{path}' ({type(err).__name__}: {err}); expected a state dict saved with "
+            f"cannot read weights file '{path}' ({load_failure(err)}); expected a state dict saved with "
             "safetensors.torch.save_file or torch.save(model.state_dict())"
         ) from err
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -36,7 +36,7 @@ from pipeline.data.sequences import normalize_features
 from pipeline.errors import EXIT_OK, EXIT_USAGE, UsageError
 from pipeline.nn.classifier import pool_steps
 from pipeline.nn.steps import attention_gate, cell_step, scan_layer
-from pipeline.paths import atomic_write, ensure_writable_dir
+from pipeline.paths import atomic_path, atomic_write, check_not_input, ensure_writable_file
 
 FORMATS = ("onnx", "exported", "torchscript")
 ONNX_OPSET = 17
@@ -311,42 +311,54 @@ def _scripted(module: nn.Module, example: tuple[Tensor, ...]) -> torch.jit.Scrip
     return torch.jit.script(module)
 
 
+def check_outputs(ckpt, out, weights: str | None = None) -> None:
+    """Refuses, before any work, an `out` (or its description `out` + '.json') that is the checkpoint or the backbone
+    weights file being exported, or that is an existing folder (one line each, exit 2)."""
+    inputs = [ckpt, weights if weights and Path(weights).is_file() else None]
+    check_not_input(out, inputs, "--out")
+    check_not_input(Path(f"{out}.json"), inputs, "--out's description file (--out + .json)")
+    ensure_writable_file(out, "--out")
+    ensure_writable_file(Path(f"{out}.json"), "--out's description file (--out + .json)")
+
+
 def export_module(module: nn.Module, info: dict, fmt: str, out: str | Path) -> Path:
-    """Writes the module in `fmt` to `out` (and the description to `out` + '.json'); returns the path."""
+    """Writes the module in `fmt` to `out` (and the description to `out` + '.json'), each atomically (whole or not
+    at all: an export that fails leaves an earlier file at `out` as it was); returns the path."""
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    ensure_writable_file(out, "--out")
     step = isinstance(module, (StepModel, BackboneStepModel))
     with_backbone = "backbone" in info
     example = example_inputs(module, info, batch=2, steps=3)
     inputs, outputs = _names(step, with_backbone)
-    if fmt == "torchscript":
-        _scripted(module, example).save(str(out))
-    elif fmt == "exported":
-        if out.suffix != ".pt2":
-            raise UsageError(f"--out {out}: torch.export programs are saved as .pt2 files; name it {out.stem}.pt2")
-        batch, time = torch.export.Dim("batch"), torch.export.Dim("time")
-        if step:
-            shapes = ({0: batch}, {1: batch}, {1: batch})
+    if fmt == "exported" and out.suffix != ".pt2":
+        raise UsageError(f"--out {out}: torch.export programs are saved as .pt2 files; name it {out.stem}.pt2")
+    with atomic_path(out) as tmp:  # the exporters take a path: written there, then renamed into place
+        if fmt == "torchscript":
+            _scripted(module, example).save(str(tmp))
+        elif fmt == "exported":
+            batch, time = torch.export.Dim("batch"), torch.export.Dim("time")
+            if step:
+                shapes = ({0: batch}, {1: batch}, {1: batch})
+            else:
+                shapes = ({0: batch, 1: time}, {0: batch})
+            with torch.no_grad():
+                program = torch.export.export(module, example, dynamic_shapes=shapes)
+            torch.export.save(program, str(tmp))
         else:
-            shapes = ({0: batch, 1: time}, {0: batch})
-        with torch.no_grad():
-            program = torch.export.export(module, example, dynamic_shapes=shapes)
-        torch.export.save(program, str(out))
-    else:
-        axes = {inputs[0]: {0: "batch"}}
-        if step:
-            axes.update({"h": {1: "batch"}, "c": {1: "batch"}, "probs": {0: "batch"}, "h_out": {1: "batch"},
-                         "c_out": {1: "batch"}})
-        else:
-            axes[inputs[0]][1] = "time"
-            axes.update({"lengths": {0: "batch"}, "probs": {0: "batch"}})
-        with warnings.catch_warnings():
-            # the TorchScript-based exporter is the one that turns the scripted time loop into an ONNX Loop
-            warnings.simplefilter("ignore")
-            torch.onnx.export(_scripted(module, example), example, str(out), dynamo=False, input_names=inputs,
-                              output_names=outputs, dynamic_axes=axes, opset_version=ONNX_OPSET)
+            axes = {inputs[0]: {0: "batch"}}
+            if step:
+                axes.update({"h": {1: "batch"}, "c": {1: "batch"}, "probs": {0: "batch"}, "h_out": {1: "batch"},
+                             "c_out": {1: "batch"}})
+            else:
+                axes[inputs[0]][1] = "time"
+                axes.update({"lengths": {0: "batch"}, "probs": {0: "batch"}})
+            with warnings.catch_warnings():
+                # the TorchScript-based exporter is the one that turns the scripted time loop into an ONNX Loop
+                warnings.simplefilter("ignore")
+                torch.onnx.export(_scripted(module, example), example, str(tmp), dynamo=False, input_names=inputs,
+                                  output_names=outputs, dynamic_axes=axes, opset_version=ONNX_OPSET)
     info = dict(info, format=fmt, input_names=inputs, output_names=outputs)
     with atomic_write(Path(str(out) + ".json"), "w") as f:
         f.write(json.dumps(info, indent=2) + "\n")
@@ -404,6 +416,7 @@ def export_checkpoint(ckpt, out, fmt: str = "onnx", with_backbone: bool = False,
                       weights: str | None = None) -> Path:
     """`eleatt export` from Python: the checkpoint's model in `fmt` at `out` (+ `out`.json); returns `out`."""
     _require_onnx(fmt)
+    check_outputs(ckpt, out, weights)
     module, info = build_models(ckpt, with_backbone=with_backbone, step=step, weights=weights)
     return export_module(module, info, fmt, out)
 
@@ -442,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         print("eleatt export: error: --weights only applies with --with-backbone", file=sys.stderr)
         return EXIT_USAGE
     _require_onnx(args.format)
-    ensure_writable_dir(Path(args.out).parent, "folder of --out")  # before the checkpoint and backbone load
+    check_outputs(args.ckpt, args.out, args.weights)  # before the checkpoint and backbone load
     module, info = build_models(args.ckpt, with_backbone=args.with_backbone, step=args.step, weights=args.weights)
     path = export_module(module, info, args.format, args.out)
     kind = "one-step" if args.step else "whole-sequence"

@@ -33,7 +33,7 @@ import torch
 from pipeline.data.sampling import fps_frames
 from pipeline.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, UsageError
 from pipeline.serving.classify import Prediction, VideoClassifier
-from pipeline.paths import ensure_writable_dir
+from pipeline.paths import check_not_input, ensure_writable_file
 
 # Steps/s for a checkpoint trained on segment sampling (a fixed number of frames per video, whatever its length):
 # a stream has no length to spread segments over, so it samples at a typical rate (override with sample_fps).
@@ -359,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
         print("eleatt classify --stream: error: --topk must be >= 1 and --every > 0", file=sys.stderr)
         return EXIT_USAGE
     if args.plot:  # before the stream, not after it (raises OutputLocationError: one line, exit 2)
-        ensure_writable_dir(Path(args.plot).parent, "folder of --plot")
+        check_not_input(args.plot, [args.stream, args.ckpt, args.weights], "--plot")
+        ensure_writable_file(args.plot, "--plot")
     try:
         container = open_stream(args.stream, args.input_format)
     except SourceError as err:

@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.data.features import NPY_ERRORS, npy_layout
 from pipeline.errors import EXIT_OK, EXIT_SOME_FAILED, InputNotFoundError, load_failure, UsageError
 from pipeline.trained.load import LoadedStream, load_stream
-from pipeline.paths import atomic_write, ensure_writable_dir
+from pipeline.paths import atomic_write, check_not_input, ensure_writable_dir
 
 
 @torch.inference_mode()
@@ -106,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = Path(args.ckpt)
     out = Path(args.out) if args.out else ckpt.resolve().parent / "visualize"
     ensure_writable_dir(out, "--out folder")  # before loading and encoding anything
+    named = Path(args.features if args.features is not None else args.video)
+    stem = named.stem if named.is_file() or named.suffix else named.name
+    outputs = [out / f"{stem}_gates_layer{args.layer}.png", out / f"{stem}_probabilities.png",
+               out / f"{stem}_visualize.npz"]
+    for path in outputs:  # a checkpoint or a video named like one of them is never overwritten
+        check_not_input(path, [ckpt, named, args.weights], "output")
     frames = None
     if args.features is not None:
         stream = load_stream(ckpt)
@@ -113,8 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         if not source.is_file():
             raise InputNotFoundError(f"feature file '{source}' not found (feature folders hold one .npy per video)")
         try:
+            npy_layout(source)  # the header against the file's size first: np.load allocates what it says
             features = np.load(source, allow_pickle=False)
-        except (ValueError, OSError) as err:
+        except NPY_ERRORS as err:
             raise UsageError(f"'{source}' is not a readable .npy feature file ({load_failure(err)})") from None
     else:
         from pipeline.data.video import VideoReadError
@@ -131,23 +139,29 @@ def main(argv: list[str] | None = None) -> int:
         except VideoReadError as err:
             print(f"eleatt visualize: {err}", file=sys.stderr)  # the error names the file
             return EXIT_SOME_FAILED
+    bad = int(np.size(features) - np.isfinite(features).sum()) if np.asarray(features).dtype.kind == "f" else 0
+    if bad:  # a picture of NaNs would pass for one of a model's attention
+        raise UsageError(f"'{source}': {bad} of its {np.size(features)} feature values are NaN or infinite; "
+                         "re-extract the video's features (`eleatt extract`) and visualize again")
     seq = stream.prepare(features)  # (V, T, D)
     gates, probs = gates_and_probabilities(stream.net, seq, args.layer)
+    if not (np.isfinite(gates).all() and np.isfinite(probs).all()):
+        raise UsageError(f"checkpoint '{ckpt}' gives NaN or infinite gates or probabilities on '{source}' (its "
+                         "features are finite): the model diverged; visualize a checkpoint trained without NaNs")
 
     from pipeline.evaluation.plots import plot_attention, plot_probabilities
 
-    stem = source.stem if source.is_file() or source.suffix else source.name
     names = stream.class_names
     if args.label is not None and not 0 <= args.label < len(names):
         raise UsageError(f"--label {args.label}: the checkpoint has {len(names)} classes (0..{len(names) - 1})")
     predicted = names[int(probs[-1].argmax())]
     truth = f", true {names[args.label]}" if args.label is not None else ""
-    gates_png = plot_attention([gates], out / f"{stem}_gates_layer{args.layer}.png", layer=args.layer,
+    gates_png = plot_attention([gates], outputs[0], layer=args.layer,
                                titles=[f"{source.name}: predicted {predicted}{truth}"],
                                frames=[frames] if frames is not None else None)
-    probs_png = plot_probabilities(probs, out / f"{stem}_probabilities.png", class_names=names, true_label=args.label,
+    probs_png = plot_probabilities(probs, outputs[1], class_names=names, true_label=args.label,
                                    title=f"{source.name}: class probabilities after each step")
-    arrays = out / f"{stem}_visualize.npz"
+    arrays = outputs[2]
     with atomic_write(arrays) as f:
         np.savez(f, gates=gates, probs=probs, classes=np.array(names, dtype=np.str_), layer=np.int64(args.layer))
     print(f"{source}: {seq.shape[1]} steps, layer {args.layer} gates {gates.shape[1]} elements "

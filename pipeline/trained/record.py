@@ -17,6 +17,11 @@ A checkpoint of `eleatt fit` holds, besides Lightning's own keys, the record und
 and the weights under `state_dict`: the sequence classifier's as `net.*`, an end-to-end backbone's as `encoder.*`.
 Checkpoints written before the record (hyper-parameters, `data_state`, the data module's own key) read into the
 same record (`TrainedStream.from_checkpoint`), so they keep loading.
+
+A checkpoint is untrusted input: it is loaded weights-only (nothing but plain types and tensors is unpickled), every
+value of the record is checked for type and range (`NETWORK_LIMITS`), and `read_stream` checks the weights against
+the record before any network is built (a record claiming a network far larger than its weights would otherwise
+allocate it) and refuses non-finite weights (which would give NaN probabilities): one line naming the file.
 """
 from __future__ import annotations
 
@@ -35,6 +40,13 @@ RECORD_FORMAT = 1
 NETWORK_KEYS = ("input_size", "num_classes", "cell", "hidden_size", "num_layers", "attention_layers", "dropout",
                 "input_dropout", "proj_size", "pooling")
 NORMALIZE_MODES = ("none", "l2", "standard")
+# (least, most) of the record's integer network values; beyond them a record is damaged (sizes this large would
+# not fit a machine, and a network is built from them).
+NETWORK_LIMITS = {"input_size": (1, 1 << 16), "num_classes": (1, 1 << 20), "hidden_size": (1, 1 << 16),
+                  "num_layers": (1, 64), "proj_size": (0, 1 << 16)}
+CELL_NAMES = ("lstm", "gru", "rnn")
+POOLING_NAMES = ("last", "mean")
+MAX_CLASS_NAME = 1000  # characters
 NET_PREFIX, ENCODER_PREFIX = "net.", "encoder."
 
 
@@ -164,11 +176,14 @@ class TrainedStream:
             value = network.get(key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise StreamRecordError(f"{bad}: network {key} must be a positive integer, got {value!r}")
+        _check_network(network, bad)
         num_classes = network["num_classes"]
         if class_names is None:
             class_names = [f"class_{i}" for i in range(num_classes)]
-        if not isinstance(class_names, (list, tuple)) or not all(isinstance(c, str) for c in class_names):
-            raise StreamRecordError(f"{bad}: class_names must be a list of strings")
+        if not isinstance(class_names, (list, tuple)) or not all(
+                isinstance(c, str) and len(c) <= MAX_CLASS_NAME for c in class_names):
+            raise StreamRecordError(f"{bad}: class_names must be a list of strings (of at most {MAX_CLASS_NAME} "
+                                    "characters)")
         if len(class_names) != num_classes:
             raise StreamRecordError(f"{bad}: {len(class_names)} class names for {num_classes} classes")
         if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1):
@@ -188,8 +203,55 @@ class TrainedStream:
         if encoder is not None:
             if not isinstance(encoder, Mapping) or not isinstance(encoder.get("backbone"), str):
                 raise StreamRecordError(f"{bad}: encoder must name its backbone")
-            encoder = {"backbone": encoder["backbone"], "in_chans": int(encoder.get("in_chans", 3))}
+            in_chans = encoder.get("in_chans", 3)
+            if isinstance(in_chans, bool) or not isinstance(in_chans, int) or not 1 <= in_chans <= 1024:
+                raise StreamRecordError(f"{bad}: encoder in_chans must be an integer in 1..1024, got {in_chans!r}")
+            encoder = {"backbone": encoder["backbone"], "in_chans": in_chans}
         return cls(network, [str(c) for c in class_names], features, num_steps, normalizer, encoder)
+
+
+def _check_network(network: Mapping[str, Any], bad: str) -> None:
+    """The network values a record holds, each of its type and within range (absent ones take the classifier's
+    defaults); StreamRecordError beginning with `bad` otherwise."""
+    for key, (low, high) in NETWORK_LIMITS.items():
+        value = network.get(key, low)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise StreamRecordError(f"{bad}: network {key} must be an integer in {low}..{high}, got {value!r}")
+    layers = network.get("attention_layers")
+    if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int)
+                               or not 0 <= layers <= network.get("num_layers", 1)):
+        raise StreamRecordError(f"{bad}: network attention_layers must be null or an integer in 0..num_layers, got "
+                                f"{layers!r}")
+    for key in ("dropout", "input_dropout"):
+        value = network.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise StreamRecordError(f"{bad}: network {key} must be a number in [0, 1), got {value!r}")
+    for key, names in (("cell", CELL_NAMES), ("pooling", POOLING_NAMES)):
+        if key in network and network[key] not in names:
+            raise StreamRecordError(f"{bad}: network {key} must be one of {names}, got {str(network[key])[:40]!r}")
+
+
+def check_weights(stream: TrainedStream, state_dict: Any, source: str | os.PathLike) -> None:
+    """Before a network is built from `stream`: the state dict is a mapping of tensors, all finite, and the
+    classifier's weights (`net.*`) are at least as many values as the record's network has in its recurrent
+    matrices (num_layers x hidden^2), head (hidden x classes) and input weights (>= input_size): a record claiming a
+    far larger network than its weights is refused instead of built. StreamRecordError naming `source`."""
+    bad = f"'{source}': bad weights"
+    if not isinstance(state_dict, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()):
+        raise StreamRecordError(f"{bad}: the state_dict is not a mapping of names to tensors; the checkpoint is "
+                                "damaged: use the best.ckpt / last.ckpt written by `eleatt fit`")
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise StreamRecordError(f"{bad}: {name} holds NaN or infinite values (training diverged, or the file is "
+                                    "damaged); use a checkpoint from before the divergence")
+    net = stream.network
+    hidden = net.get("hidden_size", 1)
+    need = net.get("num_layers", 1) * hidden * hidden + hidden * net["num_classes"] + net["input_size"]
+    have = sum(v.numel() for k, v in state_dict.items() if k.startswith(NET_PREFIX))
+    if have < need:
+        raise StreamRecordError(f"{bad}: the record describes a network of at least {need} weights but the "
+                                f"checkpoint holds {have}; the checkpoint is damaged or was edited")
 
 
 def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
@@ -203,10 +265,7 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # not a checkpoint, truncated, damaged: pickle, zip and torch errors alike
-        reason = load_failure(err)
-        if "Weights only load failed" in reason:  # torch's advice to unpickle anything is not ours to give
-            reason = "not a PyTorch checkpoint, or one holding arbitrary Python objects"
-        raise UsageError(f"checkpoint '{path}' cannot be loaded ({reason}); pass a "
+        raise UsageError(f"checkpoint '{path}' cannot be loaded ({load_failure(err)}); pass a "
                          "best.ckpt / last.ckpt written by `eleatt fit` (it may be truncated or damaged)") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         what = type(checkpoint).__name__ if not isinstance(checkpoint, dict) else "dict without a state_dict"
@@ -219,7 +278,9 @@ def read_stream(path: str | os.PathLike, map_location: str | torch.device = "cpu
                 ) -> tuple[TrainedStream, dict[str, torch.Tensor]]:
     """A checkpoint file's trained-stream record and its weights (the `state_dict`)."""
     checkpoint = read_checkpoint(path, map_location)
-    return TrainedStream.from_checkpoint(checkpoint, path), checkpoint["state_dict"]
+    stream = TrainedStream.from_checkpoint(checkpoint, path)
+    check_weights(stream, checkpoint["state_dict"], path)
+    return stream, checkpoint["state_dict"]
 
 
 def sub_state(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -151,6 +151,14 @@ def predict_probs(model: nn.Module, feats: np.ndarray, batch_size: int = 256) ->
                                for i in range(0, len(feats), batch_size)])
 
 
+def gate_networks(classes: int, hidden: int, layers: int) -> dict[str, SequenceClassifier]:
+    """The two networks `--gate` compares: the EleAtt-GRU of the recipe ("eleatt") and the same stack without
+    gates ("plain", attention_layers=0), dropout 0.5, on 150-d skeletons."""
+    return {key: SequenceClassifier(FEATURE_DIM, classes, cell="gru", hidden_size=hidden, num_layers=layers,
+                                    attention_layers=gates, dropout=0.5)
+            for key, gates in (("eleatt", None), ("plain", 0))}
+
+
 def gate_benchmark(args: argparse.Namespace) -> int:
     """EleAtt-GRU vs the same GRU without gates on `generated_skeletons`, per seed and on average."""
     informative = INFORMATIVE[:args.informative]
@@ -167,10 +175,9 @@ def gate_benchmark(args: argparse.Namespace) -> int:
         feats, labels = generated_skeletons(args.train + args.test, args.classes, args.steps, informative,
                                             args.pattern, args.amplitude, args.jitter, seed=seed)
         row = []
-        for key, gates in (("eleatt", None), ("plain", 0)):
+        for key in ("eleatt", "plain"):
             torch.manual_seed(seed)
-            model = SequenceClassifier(FEATURE_DIM, args.classes, cell="gru", hidden_size=args.hidden,
-                                       num_layers=args.layers, attention_layers=gates, dropout=0.5)
+            model = gate_networks(args.classes, args.hidden, args.layers)[key]
             train_classifier(model, feats[:args.train], labels[:args.train], args.epochs, args.batch_size, args.lr,
                              seed)
             top1 = float((predict_probs(model, feats[args.train:]).argmax(1) == labels[args.train:]).mean())

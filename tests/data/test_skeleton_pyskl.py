@@ -63,6 +63,16 @@ class RunsAShellCommand:
         return os.system, (f"touch {self.marker}",)
 
 
+class RunsPython:
+    def __init__(self, code):
+        self.code = code
+
+    def __reduce__(self):
+        from numpy.testing._private.utils import runstring
+
+        return runstring, (self.code, {})
+
+
 class MakesAFile:
     def __init__(self, marker):
         self.marker = marker
@@ -81,11 +91,14 @@ def malicious(marker) -> dict[str, bytes]:
         "builtins.eval": eval_call,
         "getattr": pickle.dumps(getattr, protocol=3),
         "a class": pickle.dumps({"cls": RunsAShellCommand}, protocol=4),
+        # numpy itself holds functions that run code: only numpy's array reconstructors are let through
+        "numpy runstring": pickle.dumps(RunsPython(f"open({str(marker)!r}, 'w')"), protocol=2),
+        "numpy.load": b"\x80\x02cnumpy\nload\nX\x08\x00\x00\x00/dev/nul\x85R.",
     }
 
 
 @pytest.mark.parametrize("kind", ["os.system", "os.system (protocol 0)", "builtins.open", "builtins.eval",
-                                  "getattr", "a class"])
+                                  "getattr", "a class", "numpy runstring", "numpy.load"])
 def test_a_pickle_asking_for_anything_else_is_refused_and_nothing_runs(tmp_path, kind):
     marker = tmp_path / "code-ran"
     path = tmp_path / "evil.pkl"

@@ -249,9 +249,25 @@ def test_the_gate_benchmark_prints_a_row_per_seed_and_the_mean(capsys):
 def test_the_streams_benchmark_reports_time_and_disk(capsys):
     from pipeline.benchmarks.skeleton import main
 
-    assert main(["--streams", "--samples", "4", "--steps", "5"]) == 0
+    assert main(["--streams", "--samples", "4", "--steps", "20"]) == 0
     out = capsys.readouterr().out
     rows = {line.split("|")[1].strip(): line.split("|")[2:] for line in out.splitlines() if line.startswith("| ")}
     assert set(rows) >= {"bone", "joint_motion", "bone_motion", "read a stored sample (reference)"}
     assert rows["read a stored sample (reference)"][1].strip() == "1.00"
-    assert rows["bone"][2].strip() == "3.1 KiB"  # a .npy of 5 x 150 float32: 128-byte header + 3000 bytes
+    assert rows["bone"][2].strip() == "11.8 KiB"  # a .npy of 20 x 150 float32: 128-byte header + 12000 bytes
+
+
+def test_the_gate_benchmark_compares_the_same_stack_with_and_without_gates():
+    from pipeline.benchmarks.skeleton import gate_networks
+
+    nets = gate_networks(6, 8, 2)
+
+    def gate_params(net):
+        return sum(p.numel() for n, p in net.named_parameters() if n.rsplit(".", 1)[-1].split("_l")[0]
+                   in ("weight_xa", "weight_ha", "bias_a"))
+
+    assert gate_params(nets["eleatt"]) == 150 * (150 + 8 + 1) + 8 * (8 + 8 + 1)  # D_k (D_k + H + 1) per layer
+    assert gate_params(nets["plain"]) == 0
+    total = {k: sum(p.numel() for p in n.parameters()) for k, n in nets.items()}
+    assert total["eleatt"] - total["plain"] == 150 * 159 + 8 * 17
+    assert all(n.config["cell"] == "gru" and n.config["dropout"] == 0.5 for n in nets.values())

@@ -254,11 +254,12 @@ def test_rotation_is_refused_on_2d_keypoints_and_kept_on_derived_3d_streams(both
     from pipeline.training.feature_data import FeatureDataModule
 
     root, _, _ = both
-    out = root / "from_pyskl"
-    lists = out / "lists" / "cs"
-    for folder in ("features", "features_bone_motion"):  # rotations commute with the streams' differences
-        dm = FeatureDataModule(str(out / folder), train_list=str(lists / "train.txt"), augment="skeleton_rotation")
-        assert dm.train_transform.max_degrees == 35
+    for made_by in ("from_skeleton", "from_pyskl"):  # settings without and with "channels"
+        out = root / made_by
+        for folder in ("features", "features_bone_motion"):  # rotations commute with the streams' differences
+            dm = FeatureDataModule(str(out / folder), train_list=str(out / "lists" / "cs" / "train.txt"),
+                                   augment="skeleton_rotation")
+            assert dm.train_transform.max_degrees == 35
     rng = np.random.default_rng(4)
     anns = [{"frame_dir": f"v{i}", "label": i % 2, "keypoint": rng.uniform(0, 99, (1, 4, 25, 2)).astype(np.float32),
              "keypoint_score": np.ones((1, 4, 25), np.float32), "img_shape": (100, 100)} for i in range(6)]
@@ -270,3 +271,16 @@ def test_rotation_is_refused_on_2d_keypoints_and_kept_on_derived_3d_streams(both
     with pytest.raises(ValueError, match=r"holds x, y, score per joint \(2D keypoints\).*--data.augment none"):
         FeatureDataModule(str(tmp_path / "o" / "features"), train_list=str(tmp_path / "o" / "lists" / "a_b" /
                                                                           "train.txt"), augment="skeleton_rotation")
+
+
+def test_prefix_and_suffix_make_the_list_paths(both, tmp_path, capsys):
+    root, names, _ = both
+    pkl = root / "ntu60_3danno.pkl"
+    out = tmp_path / "o"
+    assert prepare("pyskl", "--annotations", str(pkl), "--out", str(out), "--prefix", "nturgb+d_skeletons/",
+                   "--suffix", ".skel") == 0
+    test = (out / "lists" / "cs" / "test.txt").read_text().splitlines()
+    assert test[0].split()[0] == "nturgb+d_skeletons/S001C001P003R001A001.skel"
+    assert (out / "features" / "nturgb+d_skeletons" / "S001C001P003R001A001.npy").is_file()
+    assert prepare("pyskl", "--annotations", str(pkl), "--out", str(out), "--prefix", "../up") == 2
+    assert "must be a relative folder" in capsys.readouterr().err

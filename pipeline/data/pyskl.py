@@ -33,6 +33,8 @@ from pipeline.errors import InputNotFoundError, UsageError
 
 MAX_BODIES_READ = 64  # M above this is refused (a real file has a few)
 MAX_JOINTS = 256
+MAX_LABEL = 99_999  # a label above is refused: non-NTU class lists are built up to the largest label
+MAX_NAME = 240  # characters of a frame_dir (file names of 255 bytes at most, with the .npy ending)
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+=@,-]*$")  # one component of a frame_dir
 
 
@@ -185,6 +187,8 @@ def _check_frame_dir(name: Any) -> str | None:
     """The reason `name` cannot name a sample (a feature file under the folder), or None."""
     if not isinstance(name, str) or not name:
         return f"frame_dir {name!r} is not a non-empty string"
+    if len(name) > MAX_NAME:
+        return f"frame_dir {name[:40]!r}... is {len(name)} characters long (at most {MAX_NAME})"
     parts = PurePosixPath(name).parts
     if name.startswith("/") or not all(_SAFE_NAME.match(p) and p not in (".", "..") for p in parts):
         return f"frame_dir {name[:80]!r} is not a relative name of letters, digits and _.+=@,- (no '..')"
@@ -206,8 +210,8 @@ def check_annotation(ann: Any, index: int) -> str | None:
     if reason:
         return f"annotation {index}: {reason}"
     label = _integer(ann.get("label"))
-    if label is None or label < 0:
-        return f"{name}: label {ann.get('label')!r} is not an integer >= 0"
+    if label is None or not 0 <= label <= MAX_LABEL:
+        return f"{name}: label {str(ann.get('label'))[:40]} is not an integer in 0..{MAX_LABEL}"
     kp = ann.get("keypoint")
     if not isinstance(kp, np.ndarray) or kp.ndim != 4 or kp.dtype.kind not in "fiu":
         shape = getattr(kp, "shape", None)

@@ -166,7 +166,9 @@ def good(**changes) -> dict:
     ({"frame_dir": "/abs/name"}, "not a relative name"),
     ({"frame_dir": ""}, "not a non-empty string"),
     ({"frame_dir": 7}, "not a non-empty string"),
-    ({"label": -1}, "label -1 is not an integer >= 0"),
+    ({"label": -1}, "label -1 is not an integer in 0..99999"),
+    ({"label": 10**12}, "label 1000000000000 is not an integer in 0..99999"),  # classes.txt would list them all
+    ({"frame_dir": "S" * 241}, "is 241 characters long (at most 240)"),
     ({"label": 1.0}, "label 1.0 is not an integer"),
     ({"label": True}, "label True is not an integer"),
     ({"keypoint": [[1.0]]}, "keypoint is not a numeric"),

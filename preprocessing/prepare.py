@@ -1,8 +1,9 @@
 """`eleatt prepare DATASET ...`: the command that writes train/val/test lists and classes.txt for a dataset.
 
 The list makers live in `preprocessing.splits` (official split files, NTU names, Kinetics CSVs, folders of classes),
-the NTU skeleton features in `preprocessing.skeleton`, the generated dataset in `preprocessing.synthetic`; this
-module only builds the command line over them (so none of them imports another's command).
+the skeleton features (NTU .skeleton files, pyskl annotation files) in `preprocessing.skeleton`, the generated
+dataset in `preprocessing.synthetic`; this module only builds the command line over them (so none of them imports
+another's command).
 """
 from __future__ import annotations
 
@@ -110,6 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "val held out in whole performers. Malformed files are listed and left out (exit 3).")
     add_skeleton_arguments(p)
 
+    from preprocessing.skeleton import add_pyskl_arguments
+
+    p = sub.add_parser("pyskl", help="a pyskl/mmaction2 skeleton annotation file -> skeleton feature folders and lists",
+                       description="pyskl/mmaction2 annotation pickles ({split, annotations}), read by an unpickler "
+                       "that builds only plain data (a file asking for anything else is refused, nothing of it "
+                       "run): the first two bodies per sample, 3D centred as ntu-skeleton does, 2D scaled by the "
+                       "image size; lists from the file's splits, val held out in whole performers (NTU names). "
+                       "Samples that cannot be used are listed and left out (exit 3).")
+    add_pyskl_arguments(p)
+
     from preprocessing.synthetic import add_arguments
 
     p = sub.add_parser("synthetic", help="generate the order-only synthetic dataset (videos + lists)",
@@ -152,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         from preprocessing.skeleton import run
 
         return run(args)
+    if args.dataset == "pyskl":
+        from preprocessing.skeleton import run_pyskl
+
+        return run_pyskl(args)
     if getattr(args, "drop_missing", False) and args.check_root is None:
         print("eleatt prepare: error: --drop-missing needs --check-root DIR", file=sys.stderr)
         return EXIT_USAGE

@@ -11,6 +11,7 @@ w/x/y/z, tracking state). Only x, y, z are kept.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -54,11 +55,20 @@ class Body:
     body_id: str
     frames: np.ndarray
     joints: np.ndarray
+    clean: np.ndarray | None = None  # bool (n,): the frames the noise filter found clean (None: not filtered)
 
     @property
     def motion(self) -> float:
-        """Sum over joints and axes of the position variance over the body's frames (0 for a single frame)."""
-        return float(self.joints.astype(np.float64).var(axis=0).sum()) if len(self.frames) > 1 else 0.0
+        """Sum over joints and axes of the position variance over the body's frames (0 for a single frame); after
+        the noise filter, the lower of that and the same over its clean frames (the dataset authors' rule)."""
+        value = _variance(self.joints)
+        if self.clean is not None and 1 < self.clean.sum() < len(self.clean):
+            value = min(value, _variance(self.joints[self.clean]))
+        return value
+
+
+def _variance(joints: np.ndarray) -> float:
+    return float(joints.astype(np.float64).var(axis=0).sum()) if len(joints) > 1 else 0.0
 
 
 @dataclass
@@ -321,3 +331,148 @@ def write_skeleton(path: str | os.PathLike, frames: list[list[tuple[str, np.ndar
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\r\n".join(lines) + "\r\n", encoding="ascii")  # NTU's files use CRLF
     return path
+
+
+# ----------------------------------------------------------------------------------------------- noise filter
+# The dataset authors' denoising (NTU RGB+D 120, Liu et al. 2019, and their released preprocessing): Kinect also
+# tracks "bodies" that are not people (furniture, reflections). When a file has several bodies, bodies seen in at
+# most NOISE_MAX_FRAMES frames are dropped, then bodies wider than tall: a frame is noisy when the spread of the
+# joints in x exceeds NOISE_SPREAD times their spread in y, and a body with at least NOISE_SPREAD_FRACTION of its
+# frames noisy is dropped; a kept body's motion counts only its frames that are not noisy. Ranking by motion
+# (`select_bodies`) follows, as before.
+NOISE_MAX_FRAMES = 11
+NOISE_SPREAD = 0.8
+NOISE_SPREAD_FRACTION = 0.69754
+
+
+@dataclass
+class NoiseCounts:
+    """What the noise filter did to one file or, summed (`+`), to many: bodies dropped by each rule and the files
+    they came from; `kept_all` counts files where a rule would have dropped every body and was not applied."""
+
+    by_length: int = 0
+    files_by_length: int = 0
+    by_spread: int = 0
+    files_by_spread: int = 0
+    kept_all: int = 0
+
+    def __add__(self, other: "NoiseCounts") -> "NoiseCounts":
+        return NoiseCounts(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+    def summary(self) -> str:
+        text = (f"noise filter: {self.by_length} bodies seen in at most {NOISE_MAX_FRAMES} frames dropped "
+                f"({self.files_by_length} files), {self.by_spread} bodies wider than tall (x spread > {NOISE_SPREAD} "
+                f"x y spread in >= {NOISE_SPREAD_FRACTION:.1%} of their frames) dropped ({self.files_by_spread} files)")
+        return text + (f"; {self.kept_all} files kept bodies a rule would all have dropped" if self.kept_all else "")
+
+
+def noisy_frames(joints: np.ndarray) -> np.ndarray:
+    """joints (n, 25, 3) -> bool (n,): the frames where the joints spread more in x than NOISE_SPREAD times in y."""
+    spread = joints.max(axis=1) - joints.min(axis=1)  # (n, 3)
+    return spread[:, 0] > NOISE_SPREAD * spread[:, 1]
+
+
+def denoise_bodies(skeleton: SkeletonFile) -> tuple[SkeletonFile, NoiseCounts]:
+    """The dataset authors' noise filter (see NOISE_*): returns the file with the noisy bodies left out (each kept
+    body keeps all its frames; its `clean` frames, the ones not noisy, bound its motion) and what was done.
+
+    Files with one body are returned as they are; a rule that would drop every body is not applied to that file.
+    """
+    counts = NoiseCounts()
+    bodies = list(skeleton.bodies)
+    if len(bodies) < 2:
+        return skeleton, counts
+    long_enough = [b for b in bodies if len(b.frames) > NOISE_MAX_FRAMES]
+    if not long_enough:
+        counts.kept_all += 1
+    elif len(long_enough) < len(bodies):
+        counts.by_length, counts.files_by_length = len(bodies) - len(long_enough), 1
+        bodies = long_enough
+    if len(bodies) > 1:
+        noisy = [noisy_frames(b.joints) for b in bodies]
+        people = [(b, n) for b, n in zip(bodies, noisy) if n.mean() < NOISE_SPREAD_FRACTION]
+        if not people:
+            counts.kept_all += 1
+            people = list(zip(bodies, noisy))
+        elif len(people) < len(bodies):
+            counts.by_spread, counts.files_by_spread = len(bodies) - len(people), 1
+        bodies = [dataclasses.replace(b, clean=~n) for b, n in people]
+    return dataclasses.replace(skeleton, bodies=bodies), counts
+
+
+def skeleton_features(path: str | os.PathLike, allow_truncated: bool = False,
+                      denoise: bool = True) -> tuple[np.ndarray, NoiseCounts]:
+    """`load_skeleton` with the dataset authors' noise filter first (`denoise_bodies`): float32 (T, 150) and what
+    the filter did. `denoise=False` gives `load_skeleton`'s array. The stored form of `eleatt prepare
+    ntu-skeleton` (the filter is on unless --no-denoise)."""
+    skeleton = read_skeleton(path, allow_truncated=allow_truncated)
+    counts = NoiseCounts()
+    if denoise:
+        skeleton, counts = denoise_bodies(skeleton)
+    joints, present = select_bodies(skeleton)
+    return centre_and_flatten(joints, present, skeleton.path), counts
+
+
+# ----------------------------------------------------------------------------------------------- streams
+# The streams of the multi-stream ensembles (2s-AGCN, CTR-GCN, pyskl), each derived from the joint sequence:
+#   joint         the stored coordinates;
+#   bone          per joint v, joint v minus its parent in NTU_BONES (the centre joint 21 has no parent: zero);
+#   joint_motion  x[t+1] - x[t] over the stored frames, the last step zero (T steps, aligned with the joints);
+#   bone_motion   the same of the bones.
+# A body absent at t or t+1 (its values all zero) has zero motion at t, not the jump from or to the origin.
+STREAMS = ("joint", "bone", "joint_motion", "bone_motion")
+CENTRE_BONE_JOINT = 20  # 0-based index of NTU joint 21 (the spine at the shoulders), the root of NTU_BONES
+
+
+def _bodies(feats: np.ndarray, joints: int, channels: int) -> np.ndarray:
+    feats = np.asarray(feats)
+    if feats.ndim != 2 or feats.shape[1] % (joints * channels):
+        raise UsageError(f"skeleton features of shape {tuple(feats.shape)} are not (T, bodies x {joints} joints x "
+                         f"{channels} values)")
+    return feats.astype(np.float64).reshape(len(feats), -1, joints, channels)  # (T, B, V, C)
+
+
+def bones(feats: np.ndarray, channels: int = 3, score: bool = False) -> np.ndarray:
+    """Joint sequence float (T, B x 25 x C), body-major -> the bone sequence of the same shape, float32.
+
+    Bone of joint v = joint v - its parent (NTU_BONES) on the coordinates; the centre joint 21 is zero. With
+    `score` (2D keypoints with a confidence as last channel, pyskl's convention), a bone's score is the mean of
+    its two joints' scores.
+    """
+    x = _bodies(feats, NUM_JOINTS, channels)
+    out = np.zeros_like(x)
+    child, parent = (list(v) for v in zip(*NTU_BONES))
+    coords = channels - 1 if score else channels
+    out[:, :, child, :coords] = x[:, :, child, :coords] - x[:, :, parent, :coords]
+    if score:
+        out[:, :, child, coords] = (x[:, :, child, coords] + x[:, :, parent, coords]) / 2
+    return out.reshape(np.shape(feats)).astype(np.float32)
+
+
+def motion(feats: np.ndarray, joints: int = NUM_JOINTS, channels: int = 3, score: bool = False) -> np.ndarray:
+    """Sequence float (T, B x V x C), body-major -> its motion, float32 of the same shape: step t is x[t+1] - x[t],
+    the last step zero; zero where the body is absent (all zero) at t or t+1. With `score`, the last channel of a
+    step is the mean of the two frames' scores."""
+    x = _bodies(feats, joints, channels)
+    out = np.zeros_like(x)
+    present = x.any(axis=(2, 3))  # (T, B)
+    both = (present[:-1] & present[1:])[:, :, None, None]  # (T-1, B, 1, 1)
+    coords = channels - 1 if score else channels
+    out[:-1, ..., :coords] = np.where(both, x[1:, ..., :coords] - x[:-1, ..., :coords], 0.0)
+    if score:
+        out[:-1, ..., coords] = np.where(both[..., 0], (x[1:, ..., coords] + x[:-1, ..., coords]) / 2, 0.0)
+    return out.reshape(np.shape(feats)).astype(np.float32)
+
+
+def derive_stream(feats: np.ndarray, stream: str, joints: int = NUM_JOINTS, channels: int = 3,
+                  score: bool = False) -> np.ndarray:
+    """The `stream` (one of STREAMS) of a joint sequence float (T, B x V x C), float32 of the same shape."""
+    if stream not in STREAMS:
+        raise UsageError(f"skeleton stream {stream!r}: choose one of {', '.join(STREAMS)}")
+    if stream.startswith("bone") and joints != NUM_JOINTS:
+        raise UsageError(f"the {stream} stream needs the NTU {NUM_JOINTS}-joint layout (its bone pairs); these "
+                         f"skeletons have {joints} joints: use the joint and joint_motion streams")
+    if stream == "joint":
+        return np.asarray(feats, dtype=np.float32)
+    base = bones(feats, channels, score) if stream.startswith("bone") else feats
+    return motion(base, joints, channels, score) if stream.endswith("motion") else base

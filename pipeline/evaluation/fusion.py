@@ -195,14 +195,19 @@ def search_weights(val_dicts: Sequence[dict], mode: str = "prob", grid: Sequence
                    names: Sequence[str] | None = None) -> dict:
     """Picks fusion weights on validation scores: the first stream's weight is 1, every later stream's runs over
     `grid` (default 0..3 step 0.25); the best top-1 wins, then mean class accuracy, then the lower negative
-    log-likelihood of the true class, then the earlier weighting.
+    log-likelihood of the true class, then the earlier weighting. Where the full grid would try more than
+    MAX_SEARCH weightings (5 or more streams), every other grid value is dropped until it does not (0..3 step 0.5
+    for 5 and 6 streams).
 
-    Returns {"weights", "top1", "mca", "videos" (labelled videos used), "tried", "missing" (as `align_scores`),
-    "common" (videos in every file)}.
+    Returns {"weights", "top1", "mca", "videos" (labelled videos used), "tried", "grid" (the values searched),
+    "missing" (as `align_scores`), "common" (videos in every file)}.
     """
     names = _names(val_dicts, names)
     if len(val_dicts) < 2:
         raise UsageError("a weight search needs the validation scores of two or more streams")
+    grid = tuple(grid)
+    while len(grid) ** (len(val_dicts) - 1) > MAX_SEARCH and len(grid) > 2:
+        grid = grid[::2]
     tried = len(grid) ** (len(val_dicts) - 1)
     if tried > MAX_SEARCH:
         raise UsageError(f"a grid search over {len(val_dicts)} streams would try {tried} weightings; give --weights")
@@ -220,7 +225,7 @@ def search_weights(val_dicts: Sequence[dict], mode: str = "prob", grid: Sequence
         if best_rank is None or rank > best_rank:
             best, best_rank = weights, rank
     return {"weights": best, "top1": best_rank[0], "mca": best_rank[1], "videos": int(keep.sum()), "tried": tried,
-            "missing": missing, "common": len(keep)}
+            "grid": grid, "missing": missing, "common": len(keep)}
 
 
 def _fmt_weights(weights: Sequence[float]) -> str:
@@ -269,13 +274,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="scores files to fuse, one per stream (e.g. rgb/scores_test.npz flow/scores_test.npz)")
     parser.add_argument("--weights", nargs="+", type=float, default=None, metavar="W",
                         help="one weight per file (default: 1 1.5 for two files, as TSN's RGB : flow; equal "
-                             "otherwise)")
+                             "otherwise); e.g. 2 2 1 1 for skeleton joint, bone, joint-motion, bone-motion scores "
+                             "(pyskl's fixed ensemble)")
     parser.add_argument("--mode", choices=MODES, default="prob",
                         help="prob: weighted mean of probabilities (default); logit: weighted mean of "
                              "log-probabilities, softmaxed back to probabilities")
     parser.add_argument("--search-weights", nargs="+", default=None, metavar="VAL_NPZ",
                         help="validation scores files of the same streams, in the same order: pick the weights "
-                             "on them (first stream 1, the others over 0..3 step 0.25; best top-1, then mca)")
+                             "on them (first stream 1, the others over 0..3 step 0.25, step 0.5 from 5 streams; "
+                             "best top-1, then mca)")
     parser.add_argument("--out", default="fused.npz", help="fused scores file (default fused.npz)")
     parser.add_argument("--plot", default=None,
                         help="confusion matrix PNG of the fusion (default confusion_<out name>.png beside --out)")
@@ -308,8 +315,10 @@ def main(argv: list[str] | None = None) -> int:
         if picked["missing"]:  # a note only: the exit status speaks of the fused (test) files
             _report_missing(picked["missing"], picked["common"], "validation videos")
         weights = picked["weights"]
+        grid = picked["grid"]
+        coarse = f", each over 0..3 step {grid[1] - grid[0]:g}" if len(grid) < len(SEARCH_GRID) else ""
         print(f"picked weights {_fmt_weights(weights)} on validation ({picked['videos']} labelled videos, "
-              f"{picked['tried']} weightings tried): top-1 {picked['top1']:.1%}, mca {picked['mca']:.1%}")
+              f"{picked['tried']} weightings tried{coarse}): top-1 {picked['top1']:.1%}, mca {picked['mca']:.1%}")
     fused = fuse_scores(score_dicts, weights, mode=args.mode, names=names)
     n = len(fused["videos"])
     print(f"fused {n} videos from {len(names)} files (mode {args.mode}, weights "

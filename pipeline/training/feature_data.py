@@ -200,6 +200,10 @@ class FeatureDataModule(ListDataModule):
                 f"{modality} features of dimension {self.feature_dim} with normalize={normalize!r}; use it on a "
                 "skeleton feature folder (`eleatt prepare ntu-skeleton`) with --data.normalize none"
             )
+        channels = self.settings.options.get("channels", "x, y, z") if self.settings is not None else "x, y, z"
+        if channels != "x, y, z":  # 2D keypoints (pyskl files): (x, y, score) per joint is no 3D point
+            raise UsageError(f"augment=skeleton_rotation rotates 3D joints, but '{self.features_dir}' holds "
+                             f"{channels} per joint (2D keypoints); train it with --data.augment none")
         from pipeline.data.skeleton import SkeletonRotation
 
         return SkeletonRotation(rotation_degrees)

@@ -25,6 +25,11 @@ EXPECTED = {
     # skeletons: the paper's 3 x 100 EleAtt-GRU (and the plain GRU, _gru), batch 256, lr 5e-3
     **{f"ntu60_skeleton_{p}{a}{g}": ("ntu60", "gru", 3, 100, 256)
        for p in ("cs", "cv") for a in ("", "_aug") for g in ("", "_gru")},
+    # the derived skeleton streams (bone, joint/bone motion) and NTU 120: the same recipe on other feature folders
+    **{f"ntu60_skeleton_{p}_{s}": ("ntu60", "gru", 3, 100, 256)
+       for p in ("cs", "cv") for s in ("bone", "joint_motion", "bone_motion")},
+    **{f"ntu120_skeleton_{p}{s}": ("ntu120", "gru", 3, 100, 256)
+       for p in ("cs", "cset") for s in ("", "_bone", "_joint_motion", "_bone_motion")},
 }
 
 
@@ -68,6 +73,22 @@ def test_config_parses_with_the_papers_recipe(name, capsys, tmp_path):
         assert (data["augment"], data["rotation_degrees"]) == (
             "skeleton_rotation" if "_aug" in name else "none", 35.0)
         assert (data["num_steps"], data["normalize"]) == (100, "none")
+
+
+@pytest.mark.parametrize("name", sorted(n for n in EXPECTED if "_skeleton_" in n and not n.endswith(("_aug", "_gru"))))
+def test_skeleton_stream_configs_are_the_joint_recipe_on_their_stream_folder(name):
+    """The skeleton streams differ only in their feature folder and lists, so their scores fuse like for like."""
+    bench, _, protocol, *stream = name.split("_")
+    stream = "_".join(stream)
+    joint = yaml.safe_load((CONFIGS / "ntu60_skeleton_cs.yaml").read_text())
+    config = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+    folder = f"features_{stream}" if stream else "features"
+    assert config["data"].pop("features_dir") == f"data/{bench}/skeleton/{folder}"
+    for key in ("train", "val", "test"):
+        assert config["data"].pop(f"{key}_list") == f"data/{bench}/skeleton/lists/{protocol}/{key}.txt"
+        joint["data"].pop(f"{key}_list")
+    joint["data"].pop("features_dir")
+    assert config == joint
 
 
 @pytest.mark.parametrize("dataset", ["ucf101", "hmdb51"])

@@ -21,6 +21,7 @@ LIGHTNING_COMMANDS = {
 
 # name -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
+    "run": ("pipeline.run", "main", "your folder of videos end to end: lists, flow, features, both streams, test, fuse, report (resumable)"),
     "prepare": ("preprocessing.prepare", "main", "write train/val/test lists and classes.txt (official splits, folders, synthetic)"),
     "extract": ("preprocessing.extract", "main", "extract per-frame timm backbone features into a feature folder (resumable)"),
     "flow": ("preprocessing.flow", "main", "compute dense optical flow into a flow folder (resumable); import/export JPEG flow"),

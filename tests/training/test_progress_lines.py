@@ -16,7 +16,9 @@ TINY = str(REPO / "configs" / "tiny.yaml")
 
 
 def test_epoch_line():
-    metrics = {"train/loss_step": 9.0, "train/loss_epoch": 1.23456, "val/top1": 0.5, "val/loss": 2.0, "lr": 0.1}
+    # Lightning keeps a metric logged on step and epoch as <name> (the last step's), <name>_step and <name>_epoch
+    metrics = {"train/loss": 9.0, "train/loss_step": 9.0, "train/loss_epoch": 1.23456, "val/top1": 0.5,
+               "val/loss": 2.0, "lr": 0.1}
     assert epoch_line("rgb", 2, 40, metrics, 2.06) == "rgb epoch 3/40: train/loss 1.2346  val/loss 2.0000  val/top1 0.5000  (2.1 s)"
     assert epoch_line("flow", 0, -1, {}, 0.0) == "flow epoch 1: no metrics logged  (0.0 s)"
 

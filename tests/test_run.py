@@ -96,10 +96,13 @@ def test_a_rerun_resumes_and_other_settings_are_refused(mine):
     out = mine["out"]
     best = (out / "checkpoints" / "rgb" / "best.ckpt").read_bytes()
     state = json.loads((out / "run.json").read_text())
-    assert state["done"][:6] == ["lists", "flow", "extract-rgb", "extract-flow", "filter", "fit-rgb"]
+    assert state["done"][:7] == ["lists", "flow", "extract-rgb", "extract-flow", "filter", "fit-rgb", "fit-flow"]
+    # as if the flow stream's training had been stopped: its stage is not recorded as finished
+    (out / "run.json").write_text(json.dumps({**state, "done": [d for d in state["done"] if d != "fit-flow"]}))
     code, stdout, _ = run_eleatt(mine["argv"])
     assert code == 3
-    assert stdout.count("done in an earlier run (kept)") == 6  # lists, flow, 2 extractions, 2 fits
+    assert stdout.count("done in an earlier run (kept)") == 5  # lists, flow, 2 extractions, the RGB fit
+    assert f"resuming flow from {out / 'checkpoints' / 'flow' / 'last.ckpt'}" in stdout  # its latest epoch
     assert (out / "checkpoints" / "rgb" / "best.ckpt").read_bytes() == best  # not trained again
     assert "4 video(s) left out" in stdout
     code, _, stderr = run_eleatt([*mine["argv"], "--epochs", "3", "--streams", "rgb"])

@@ -61,9 +61,12 @@ def test_drop_missing_leaves_them_out_and_lists_them(tmp_path, capsys):
     # the normaliser saw the kept videos only: values 0, 1, 2 (one per video, 4 steps each)
     mean = dm.normalizer.state_dict()["mean"]
     np.testing.assert_allclose(np.asarray(mean).ravel(), [1.0, 1.0], rtol=1e-5)
+    dm.setup("test")  # a second evaluation (validate after fit): the list as left, said once
+    assert [e.path for e in dm.entries("test_list")] == kept
     err = capsys.readouterr().err
     assert (f"note: train_list '{path / 'train.txt'}': left out 2 of 5 videos without features in '{folder.root}' "
             "(--data.drop_missing): a/gone.mp4 (VideoReadError: boom), b/never.mp4") in err
+    assert err.count("note: test_list") == 1
 
 
 def test_a_list_without_any_features_is_refused_even_with_drop_missing(tmp_path):

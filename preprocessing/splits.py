@@ -1,9 +1,10 @@
 """`eleatt prepare`: official split files, NTU file names, class folders or the generated dataset -> the lists.
 
 Every dataset ends as `train.txt`, `val.txt`, `test.txt`, `all.txt` (the three together, for `eleatt flow` and
-`eleatt extract`) and `classes.txt` in `--out` (the list format of pipeline/data/lists.py). Where the protocol has no validation split, `val.txt` holds `--val-fraction` of the
-training videos, drawn by `--seed` in whole source groups (UCF101 `gNN`, NTU performers, HMDB51/JHMDB source
-videos), so that no source straddles train and val and model selection never looks at the test split.
+`eleatt extract`) and `classes.txt` in `--out` (the list format of pipeline/data/lists.py). Where the protocol has
+no validation split, `val.txt` holds `--val-fraction` of the training videos, drawn by `--seed` in whole source
+groups (UCF101 `gNN`, NTU performers, HMDB51/JHMDB source videos), so that no source straddles train and val and
+model selection never looks at the test split.
 
 Two videos whose outputs would collide (`x.avi` and `x.mp4`: flow and feature files are named by the list path
 without its extension) are refused, naming both (`collisions="drop"`: both left out, listed, exit 3).
@@ -735,8 +736,9 @@ def filter_lists(lists: str | os.PathLike, folders: Sequence[str | os.PathLike],
     """Writes into `out` the lists of `lists` (train/val/test.txt, those present, and classes.txt) without the
     videos that some of `folders` (flow folders and feature folders) has not finished, plus all.txt and
     `problems.jsonl`: one {"video", "stage", "folder", "reason"} per video left out (the first folder, in the order
-    given, that lacks it: the stage that makes it, "flow" or "extract <modality>", and the recorded reason), after the videos `eleatt prepare` left out (the problems.jsonl of
-    `lists`). So every stream trains and is tested on the same videos. Returns the problems written."""
+    given, that lacks it: the stage that makes it, "flow" or "extract <modality>", and the recorded reason), after
+    the videos `eleatt prepare` left out (the problems.jsonl of `lists`). So every stream trains and is tested on
+    the same videos. Returns the problems written."""
     lists, out = Path(lists), Path(out)
     present = [name for name in SPLITS if (lists / f"{name}.txt").is_file()]
     if not present:

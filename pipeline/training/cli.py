@@ -57,6 +57,8 @@ QUIET = (
     r".*LightningCLI's args parameter is intended to run from within Python.*",
     r".*Checkpoint directory .* exists and is not empty.*",
     r".*does not have many workers which may be a bottleneck.*",
+    r".*This DataLoader will create \d+ worker processes in total.*",  # torch's, at every stage of a run: more workers
+    # than cores still work (a config's num_workers is the user's choice)
     r".*callbacks used to create the checkpoint need to be provided.*",
     r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
     r"(?s).*(JsonargparseDeprecationWarning|was deprecated in v4\.).*",  # from Lightning's own jsonargparse calls

@@ -396,7 +396,10 @@ class Pipeline:
         # the report's command for it: `eleatt classify` with these checkpoints and weights
         ckpts = [str(Path(self.layout.run(s)) / "best.ckpt") for s in self.streams]
         fused = ["--weights", *(f"{w:g}" for w in weights)] if len(self.streams) > 1 else []
-        self.ran.append(Step("classify", self.steps["classify"].title, (
+        title = "classify a video with " + (f"every stream (its flow computed as above), fused "
+                                            f"{' : '.join(f'{w:g}' for w in weights)} as picked" if fused else
+                                            "the checkpoint")
+        self.ran.append(Step("classify", title, (
             ("classify", *(str(Path(self.layout.videos) / e.path) for e in picks[:1]), "--ckpt", *ckpts, *fused),)))
         what = "`fuse`" if len(self.streams) > 1 else "`test`"
         return f"top-1 agrees with {what} for {agree} of {len(picks)} videos"
@@ -573,7 +576,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.epochs is not None:
         fit_args += ["--trainer.max_epochs", str(args.epochs)]
     flow_args = ["--short-side", str(args.short_side)] + (["--workers", str(args.workers)] if args.workers else [])
-    options = Options(backbone=args.backbone, weights=args.weights, stack=args.stack, config=config,
+    # a packaged config by its name (as the report shows it, it works from any folder); a file by its full path
+    shown = str(Path(args.train_config).resolve()) if Path(args.train_config).is_file() else args.train_config
+    options = Options(backbone=args.backbone, weights=args.weights, stack=args.stack, config=shown,
                       streams=args.streams, flow_args=tuple(flow_args), fit_args=tuple(fit_args),
                       prepare_args=("--test-fraction", str(args.test_fraction), "--val-fraction",
                                     str(args.val_fraction), "--seed", str(args.seed), "--drop-collisions"))

@@ -169,3 +169,28 @@ def test_the_demo_log_sent_to_a_file_is_short(quick_demo):
     assert len(lines) + 2 * 36 < 150, len(lines)
     for stage in ("val", "test"):  # each metric line names its run
         assert len(re.findall(rf"^{stage}: top1 .* labelled\), run '(rgb|flow)'$", log, re.M)) == 2
+
+
+def test_lists_of_your_own_and_one_stream(mine, tmp_path):
+    """--lists: the given lists (here the first run's filtered ones, without val.txt: one is held out) through
+    prepare's checks; --streams rgb: no flow, no fusion, six stages."""
+    import shutil
+
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    for name in ("train.txt", "test.txt", "classes.txt"):
+        shutil.copy(mine["out"] / "lists-ok" / name, lists / name)
+    argv = ["run", "--videos", str(mine["root"]), "--lists", str(lists), "--out", str(tmp_path / "run"),
+            "--streams", "rgb", "--backbone", "test_resnet", "--weights", "none", "--epochs", "1", "--train-config",
+            "tiny", "--val-fraction", "0.25"]
+    code, stdout, stderr = run_eleatt(argv)
+    assert code == 0, stderr[-2000:]
+    assert re.findall(r"^== \[(\d)/6\] (\w+)", stdout, re.M) == [
+        ("1", "lists"), ("2", "extract"), ("3", "fit"), ("4", "validate"), ("5", "classify"), ("6", "report")]
+    out = tmp_path / "run"
+    given = [e.path for e in read_list(lists / "train.txt")]
+    used = {s: [e.path for e in read_list(out / "lists-ok" / f"{s}.txt")] for s in ("train", "val", "test")}
+    assert sorted(used["train"] + used["val"]) == sorted(given) and used["val"]  # val held out of the given train
+    assert used["test"] == [e.path for e in read_list(lists / "test.txt")]
+    assert not (out / "flow").exists() and not (out / "fused_test.npz").exists() and (out / "report.html").is_file()
+    assert (lists / "train.txt").read_text() == (mine["out"] / "lists-ok" / "train.txt").read_text()  # not rewritten

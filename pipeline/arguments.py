@@ -23,6 +23,10 @@ the command's module is imported) with argparse's behaviour kept where jsonargpa
   option of the group on the command line replaces another one of the group given by the config;
 - `add_subcommands(parser, dest)` stands for argparse's `add_subparsers(dest=...)`, with `.add_parser(name, help=,
   description=)`; `parse_args` returns the chosen subcommand's options with `dest` set to its name, as argparse does.
+
+A `--config` value that names no file is looked up among the packaged configs (`resolve_config`), so that
+`--config flow_dis` or `--config configs/ucf101_rgb.yaml` work outside the checkout; `eleatt configs` lists them
+(`configs_main`).
 """
 from __future__ import annotations
 
@@ -33,6 +37,11 @@ import sys
 from pathlib import Path
 
 PRINT_CONFIG = "--print_config"
+# The configs shipped inside the package (pipeline/configs links to the checkout's configs/), found by name from
+# anywhere: `--config ucf101_rgb`, `--config ucf101_rgb.yaml` or `--config configs/ucf101_rgb.yaml` when no such file
+# exists where the command runs. `eleatt configs` lists them.
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+LIST_HINT = "`eleatt configs` lists the packaged ones"
 CONFIG_HELP = ("YAML file of these options, keyed by their names with '_' for '-' (e.g. short_side: 256); options "
                "after it override it; --print_config prints the settings (as such a file) and exits")
 
@@ -136,7 +145,7 @@ def _reword(parser, text: str, config: str | None):
 
 def _config_problem(text: str, config: str) -> str:
     where = f"--config {config}"
-    for pattern, fix in ((r'File does not exist', "file not found"),
+    for pattern, fix in ((r'File does not exist', f"file not found (and no packaged config of that name: {LIST_HINT})"),
                          (r'Path is not a file', "not a file"),
                          (r'Unexpected config', "not a YAML mapping of options (key: value lines)")):
         if re.search(pattern, text):
@@ -169,6 +178,7 @@ def _parser_class():
         """--config FILE: its problems name the file; a key the command does not know is refused at once."""
 
         def __call__(self, parser, cfg, values, option_string=None):
+            values = resolve_config(values)  # a packaged config by name: --config flow_dis
             parser._reading = values
             try:
                 super().__call__(parser, cfg, values, option_string)
@@ -369,3 +379,75 @@ def add_subcommands(parser, dest: str, required: bool = True, metavar: str | Non
     parser._subcommands = action
     parser._subcommand_dest = dest
     return _Subcommands(parser, action)
+
+
+# -- packaged configs ------------------------------------------------------------------------------------------------
+def packaged_configs() -> dict[str, Path]:
+    """name -> path of every config shipped with the package (`<name>.yaml` in pipeline/configs), sorted by name."""
+    if not PACKAGED_CONFIGS.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(PACKAGED_CONFIGS.glob("*.yaml")) if p.is_file()}
+
+
+def resolve_config(value):
+    """A `--config` value as the file to read: the value itself when such a file (or folder) exists; otherwise the
+    packaged config it names (`ucf101_rgb`, `ucf101_rgb.yaml`, `configs/ucf101_rgb.yaml`); otherwise the value
+    unchanged, so that the parser reports the missing file."""
+    if not isinstance(value, (str, Path)) or not str(value) or Path(value).exists():
+        return value
+    path = Path(value)
+    if path.parent not in (Path("."), Path("configs")):
+        return value  # a path somewhere else is the user's own file
+    found = packaged_configs().get(_config_name(str(value)))
+    return str(found) if found is not None else value
+
+
+def _config_name(value: str) -> str:
+    """`configs/ucf101_rgb.yaml`, `ucf101_rgb.yaml` or `ucf101_rgb` -> `ucf101_rgb`."""
+    name = Path(value).name
+    for suffix in (".yaml", ".yml"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def config_summary(path: Path) -> str:
+    """A packaged config's first comment line (what it is for), without the leading '#'."""
+    try:
+        first = path.read_text(encoding="utf-8").splitlines()[:1]
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return first[0].lstrip("#").strip() if first and first[0].startswith("#") else ""
+
+
+def configs_main(argv: list[str] | None = None) -> int:
+    """`eleatt configs [NAME]`: the packaged configs, one a line with what each is for; with NAME, that config's
+    text (to copy and edit: `eleatt configs ucf101_rgb > mine.yaml`)."""
+    parser = command_parser(
+        prog="eleatt configs", config=False,
+        description="List the configs shipped with eleatt (training configs for `eleatt fit --config NAME`, "
+                    "extraction and flow settings for `eleatt extract|flow --config NAME`), or print one. A "
+                    "--config value that names no file is looked up here by name, so `--config ucf101_rgb` works "
+                    "from any folder.",
+        epilog="exit status: 0 done, 2 unknown name.",
+    )
+    parser.add_argument("name", nargs="?", default=None, help="a config to print (e.g. ucf101_rgb)")
+    args = parser.parse_args(argv)
+    configs = packaged_configs()
+    if args.name is None:
+        if not configs:
+            print(f"eleatt configs: no packaged configs found in {PACKAGED_CONFIGS} (reinstall eleatt)", file=sys.stderr)
+            return 2
+        width = max(len(name) for name in configs)
+        for name, path in configs.items():
+            print(f"{name:<{width}}  {config_summary(path)}")
+        print(f"\n(in {PACKAGED_CONFIGS}; use one by name: eleatt fit --config {next(iter(configs))}; print one "
+              "to edit it: eleatt configs NAME > mine.yaml)")
+        return 0
+    path = configs.get(_config_name(args.name))
+    if path is None:
+        known = ", ".join(configs) or "none"
+        print(f"eleatt configs: error: no packaged config named {args.name!r} (known: {known})", file=sys.stderr)
+        return 2
+    sys.stdout.write(path.read_text(encoding="utf-8"))
+    return 0

@@ -13,7 +13,7 @@ import importlib
 import sys
 
 LIGHTNING_COMMANDS = {
-    "fit": "train an EleAtt classifier on a feature folder (Lightning CLI: --config configs/<name>.yaml)",
+    "fit": "train an EleAtt classifier on a feature folder (Lightning CLI: --config NAME or FILE)",
     "validate": "score a checkpoint on the validation list (writes scores_val.npz and a confusion matrix)",
     "test": "score a checkpoint on the test list (writes scores_test.npz and a confusion matrix)",
     "predict": "score a checkpoint on an unlabelled list (writes scores_predict.npz)",
@@ -21,6 +21,7 @@ LIGHTNING_COMMANDS = {
 
 # name -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
+    "run": ("pipeline.run", "main", "your folder of videos end to end: lists, flow, features, both streams, test, fuse, report (resumable)"),
     "prepare": ("preprocessing.prepare", "main", "write train/val/test lists and classes.txt (official splits, folders, synthetic)"),
     "extract": ("preprocessing.extract", "main", "extract per-frame timm backbone features into a feature folder (resumable)"),
     "flow": ("preprocessing.flow", "main", "compute dense optical flow into a flow folder (resumable); import/export JPEG flow"),
@@ -29,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("pipeline.demo", "main", "run the two-stream pipeline end to end on a generated dataset (make demo)"),
     "export": ("pipeline.serving.export", "main", "export a checkpoint for serving: ONNX, torch.export or TorchScript"),
     "visualize": ("pipeline.serving.visualize", "main", "draw a checkpoint's attention gates and class probabilities over time for one video"),
+    "configs": ("pipeline.arguments", "configs_main", "list the packaged configs (--config NAME finds them from any folder), or print one"),
 }
 
 STREAM_MODULE = "pipeline.serving.streaming"  # `eleatt classify --stream SOURCE ...`

@@ -12,11 +12,11 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.errors import EXIT_OK, EXIT_USAGE
+from pipeline.errors import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
 from pipeline.paths import ensure_writable_dir
 from preprocessing.splits import (
-    NTU_BENCHMARKS, VIDEO_EXTENSIONS, _check_ext, finish, parse_hmdb, parse_kinetics, parse_ucf101, scan_folder,
-    scan_ntu,
+    NTU_BENCHMARKS, PROBLEMS_FILE, VIDEO_EXTENSIONS, _check_ext, filter_lists, finish, parse_hmdb, parse_kinetics,
+    parse_ucf101, print_problems, scan_folder, scan_ntu,
 )
 
 
@@ -40,6 +40,9 @@ def _common(p: argparse.ArgumentParser, val: bool = True, check: bool = True, ex
                        help="report listed videos missing under DIR (exit 3, all listed in <out>/problems.txt)")
         p.add_argument("--drop-missing", action="store_true",
                        help="with --check-root: leave missing videos out of the lists (still exit 3)")
+    p.add_argument("--drop-collisions", action="store_true",
+                   help="leave out videos whose flow and feature files would share a name (x.avi and x.mp4: files "
+                        "are named by the path without its extension), listed, exit 3 (default: refuse, naming them)")
     if ext:
         p.add_argument("--ext", type=str, default=None, metavar="EXT",
                        help="replace the listed files' extension, e.g. .mp4 for re-encoded copies, '' for "
@@ -102,6 +105,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extensions", nargs="+", default=list(VIDEO_EXTENSIONS), metavar="EXT",
                    help="video file extensions taken (default: %(default)s); sub-folders of images count as videos")
     _common(p, check=False, ext=False)
+
+    p = sub.add_parser("filter", help="lists without the videos that failed in flow or extract (all streams alike)",
+                       description="Write train/val/test/all.txt and classes.txt of --lists into --out without the "
+                       "videos that any of --folders (flow folders of `eleatt flow`, feature folders of `eleatt "
+                       "extract`) has not finished, so that every stream trains and is tested on the same videos; "
+                       f"{PROBLEMS_FILE} in --out names each video left out, the folder and the reason. Exit 3 when "
+                       "videos were left out, 0 when none.")
+    p.add_argument("--lists", required=True, type=Path, help="folder of the lists (train.txt, val.txt, test.txt, "
+                                                             "classes.txt)")
+    p.add_argument("--folders", required=True, nargs="+", type=Path, metavar="DIR",
+                   help="the flow and feature folders made from these lists, e.g. data/flow data/features/rgb "
+                        "data/features/flow")
+    p.add_argument("--out", required=True, type=Path, help="folder for the filtered lists (not --lists itself)")
 
     from preprocessing.skeleton import add_arguments as add_skeleton_arguments
 
@@ -167,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         from preprocessing.skeleton import run_pyskl
 
         return run_pyskl(args)
+    if args.dataset == "filter":
+        return _filter(args)
     if getattr(args, "drop_missing", False) and args.check_root is None:
         print("eleatt prepare: error: --drop-missing needs --check-root DIR", file=sys.stderr)
         return EXIT_USAGE
@@ -189,7 +207,16 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         check_root=getattr(args, "check_root", None),
         drop_missing=getattr(args, "drop_missing", False),
+        collisions="drop" if args.drop_collisions else "refuse",
     )
+
+
+def _filter(args: argparse.Namespace) -> int:
+    problems = filter_lists(args.lists, args.folders, args.out)
+    kept = sum(1 for line in (args.out / "all.txt").read_text(encoding="utf-8").splitlines() if line.strip())
+    print(f"eleatt prepare filter: {kept} videos kept, {len(problems)} left out -> {args.out}")
+    print_problems(problems, args.out / PROBLEMS_FILE, "eleatt prepare filter")
+    return EXIT_SOME_FAILED if problems else EXIT_OK
 
 
 if __name__ == "__main__":

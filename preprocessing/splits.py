@@ -1,13 +1,21 @@
 """`eleatt prepare`: official split files, NTU file names, class folders or the generated dataset -> the lists.
 
-Every dataset ends as `train.txt`, `val.txt`, `test.txt` and `classes.txt` in `--out` (the list format of
-pipeline/data/lists.py). Where the protocol has no validation split, `val.txt` holds `--val-fraction` of the
-training videos, drawn by `--seed` in whole source groups (UCF101 `gNN`, NTU performers, HMDB51/JHMDB source
-videos), so that no source straddles train and val and model selection never looks at the test split.
+Every dataset ends as `train.txt`, `val.txt`, `test.txt`, `all.txt` (the three together, for `eleatt flow` and
+`eleatt extract`) and `classes.txt` in `--out` (the list format of pipeline/data/lists.py). Where the protocol has
+no validation split, `val.txt` holds `--val-fraction` of the training videos, drawn by `--seed` in whole source
+groups (UCF101 `gNN`, NTU performers, HMDB51/JHMDB source videos), so that no source straddles train and val and
+model selection never looks at the test split.
+
+Two videos whose outputs would collide (`x.avi` and `x.mp4`: flow and feature files are named by the list path
+without its extension) are refused, naming both (`collisions="drop"`: both left out, listed, exit 3).
+`filter_lists` is the one policy for videos that failed in a stage: the lists of the videos every given folder
+finished, and `problems.jsonl` naming each video left out, the stage and the reason (`eleatt prepare filter`,
+and `eleatt run` between extraction and training).
 """
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import sys
@@ -18,11 +26,14 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from pipeline.data.lists import ListEntry, read_text_lines, write_classes, write_list
-from pipeline.paths import ensure_writable_dir
+from pipeline.data.lists import ListEntry, read_classes, read_list, read_text_lines, write_classes, write_list
+from pipeline.paths import atomic_write, ensure_writable_dir
 
 from pipeline.errors import EXIT_OK, EXIT_SOME_FAILED as EXIT_INCOMPLETE, InputNotFoundError, UsageError
 MAX_LISTED = 20  # problems printed to the terminal; all of them go to a file in --out
+SPLITS = ("train", "val", "test")
+ALL_LIST = "all.txt"  # train, val and test in one list: what `eleatt flow` and `eleatt extract` take
+PROBLEMS_FILE = "problems.jsonl"  # filter_lists: one {"video", "stage", "reason"} a line
 
 # NTU RGB+D cross-subject training performers (Shahroudy et al. 2016; Liu et al. 2019 adds the second row).
 NTU60_TRAIN_SUBJECTS = frozenset({1, 2, 4, 5, 8, 9, 13, 14, 15, 16, 17, 18, 19, 25, 27, 28, 31, 34, 35, 38})
@@ -121,6 +132,57 @@ def _deduplicate(lists: dict[str, list[ListEntry]]) -> tuple[dict[str, list[List
             kept.append(entry)
         out[name] = kept
     return out, problems
+
+
+def output_stem(video: str) -> str:
+    """The name a video's flow and feature files get: its list path without the extension (FeatureFolder's rule,
+    `<dir>/<list path without extension>.npy`), so `c/x.avi`, `c/x.mp4` and a frame folder `c/x` share `c/x`."""
+    return os.path.splitext(PurePosixPath(video.replace("\\", "/")).as_posix())[0]
+
+
+def find_collisions(entries: Iterable[ListEntry]) -> list[list[str]]:
+    """The groups of two or more distinct videos whose outputs would share one name (`output_stem`), in list
+    order."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for entry in entries:
+        paths = groups[output_stem(entry.path)]
+        if entry.path not in paths:
+            paths.append(entry.path)
+    return [paths for paths in groups.values() if len(paths) > 1]
+
+
+def drop_collisions(prepared: Prepared) -> list[tuple[str, str]]:
+    """Leaves every video of a colliding group out of `prepared`'s lists, adds a problem line for each and
+    returns (video, reason) pairs."""
+    lists = [prepared.train, prepared.test] + ([prepared.val] if prepared.val is not None else [])
+    groups = find_collisions(e for entries in lists for e in entries)
+    dropped: list[tuple[str, str]] = []
+    for paths in groups:
+        for path in paths:
+            others = " and ".join(repr(p) for p in paths if p != path)
+            dropped.append((path, f"its flow and feature files would have the name of {others} "
+                                  f"('{output_stem(path)}', the path without its extension): rename one to keep both"))
+    gone = {video for video, _ in dropped}
+    prepared.train = [e for e in prepared.train if e.path not in gone]
+    prepared.test = [e for e in prepared.test if e.path not in gone]
+    if prepared.val is not None:
+        prepared.val = [e for e in prepared.val if e.path not in gone]
+    prepared.problems += [f"{video}: left out: {reason}" for video, reason in dropped]
+    return dropped
+
+
+def refuse_collisions(prepared: Prepared) -> None:
+    """A UsageError naming the first pair of videos whose outputs would collide, and the fixes."""
+    lists = [prepared.train, prepared.test] + ([prepared.val] if prepared.val is not None else [])
+    groups = find_collisions(e for entries in lists for e in entries)
+    if groups:
+        first = groups[0]
+        more = f" ({len(groups) - 1} more such groups)" if len(groups) > 1 else ""
+        raise UsageError(
+            f"videos {' and '.join(repr(p) for p in first)} would share their flow and feature files "
+            f"('{output_stem(first[0])}': outputs are named by the path without its extension){more}; rename one of "
+            "them, or pass --drop-collisions to leave such videos out (listed in problems.txt, exit 3)"
+        )
 
 
 def _require_file(path: Path, what: str, fix: str) -> Path:
@@ -558,10 +620,18 @@ def finish(
     seed: int = 0,
     check_root: Path | None = None,
     drop_missing: bool = False,
+    collisions: str = "refuse",
 ) -> int:
-    """Holds out validation (when the protocol has none), checks the videos, writes the four files, prints the
-    summary. Returns the exit code: 0, or 3 when inputs were skipped or videos are missing (each listed)."""
+    """Holds out validation (when the protocol has none), checks the videos, writes the five files, prints the
+    summary. Returns the exit code: 0, or 3 when inputs were skipped or videos are missing (each listed).
+    `collisions`: "refuse" two videos whose outputs would share one name (UsageError naming both), or "drop"
+    them (listed, exit 3)."""
     p = prepared
+    left_out: list[tuple[str, str]] = []  # (video, reason) of the videos left out of the lists
+    if collisions == "drop":
+        left_out += drop_collisions(p)
+    else:
+        refuse_collisions(p)
     if p.problems and not p.train and not p.test:  # every input failed: say which and why, not "0 videos"
         print(f"eleatt prepare {p.title}: none of the inputs could be used; nothing written to {out}", file=sys.stderr)
         for line in p.problems[:MAX_LISTED]:
@@ -591,6 +661,7 @@ def finish(
         if n_missing and drop_missing:
             gone = {name: set(paths) for name, paths in missing.items()}
             train, val, test = ([e for e in lists[n] if e.path not in gone[n]] for n in ("train", "val", "test"))
+            left_out += [(path, f"missing under {check_root}") for paths in missing.values() for path in paths]
             notes.append(f"{n_missing} missing videos left out of the lists (--drop-missing)")
         elif n_missing:
             notes.append(f"{n_missing} listed videos missing under {check_root} (kept; --drop-missing leaves them out)")
@@ -604,6 +675,7 @@ def finish(
     ensure_writable_dir(out, "--out")
     for name, entries in lists.items():
         write_list(out / f"{name}.txt", entries)
+    write_list(out / ALL_LIST, _union(lists.values()))
     write_classes(out / "classes.txt", p.classes)
 
     print(f"eleatt prepare {p.title}: {len(p.classes)} classes")
@@ -611,10 +683,12 @@ def finish(
         labelled = sum(e.label >= 0 for e in entries)
         extra = "" if labelled == len(entries) else f"  ({len(entries) - labelled} unlabeled, -1)"
         print(f"  {name + '.txt':<12}{len(entries):>8} videos{extra}")
+    print(f"  {ALL_LIST:<12}{len(_union(lists.values())):>8} videos  (train, val and test: for flow and extract)")
     print(f"  {'classes.txt':<12}{len(p.classes):>8} names")
     for note in notes:
         print(f"  note: {note}")
     print(f"  written to {out}")
+    write_problems(out / PROBLEMS_FILE, [{"video": v, "stage": "prepare", "reason": r} for v, r in left_out])
     report = out / "problems.txt"
     report.unlink(missing_ok=True)  # a stale report from an earlier run would mislead
     if problems:
@@ -627,3 +701,115 @@ def finish(
         print(f"  (all {len(problems)} listed in {report})", file=sys.stderr)
         return EXIT_INCOMPLETE
     return EXIT_OK
+
+
+def _union(lists: Iterable[list[ListEntry]]) -> list[ListEntry]:
+    """The entries of several lists in order, each video once."""
+    seen: dict[str, ListEntry] = {}
+    for entries in lists:
+        for entry in entries:
+            seen.setdefault(entry.path, entry)
+    return list(seen.values())
+
+
+# --------------------------------------------------------------------------------------------------- filtering
+def _finished_in(folder: Path) -> tuple[str, set[str], dict[str, str]]:
+    """(the stage that makes it: "flow" or "extract <modality>", videos finished, {video: reason} of those that
+    failed) of a flow folder or a feature folder."""
+    from pipeline.data.features import FeatureFolder
+    from pipeline.data.flow_files import FlowFolder
+
+    if not folder.is_dir():
+        raise InputNotFoundError(f"folder '{folder}' not found (give the flow and feature folders the lists were "
+                                 "processed into: `eleatt flow --out` and `eleatt extract --out`)")
+    plain = FeatureFolder(folder)
+    settings = plain.settings
+    if settings is None:
+        raise InputNotFoundError(f"'{folder}' has no settings.json: not a flow folder or a feature folder (made "
+                                 "by `eleatt flow` or `eleatt extract`)")
+    if settings.modality == "flow" and not settings.backbone:
+        flow = FlowFolder(folder)
+        return "flow", set(flow.finished()), flow.failed()
+    return f"extract {settings.modality}", set(plain.finished()), plain.failed()
+
+
+def filter_lists(lists: str | os.PathLike, folders: Sequence[str | os.PathLike], out: str | os.PathLike
+                 ) -> list[dict]:
+    """Writes into `out` the lists of `lists` (train/val/test.txt, those present, and classes.txt) without the
+    videos that some of `folders` (flow folders and feature folders) has not finished, plus all.txt and
+    `problems.jsonl`: one {"video", "stage", "folder", "reason"} per video left out (the first folder, in the order
+    given, that lacks it: the stage that makes it, "flow" or "extract <modality>", and the recorded reason), after
+    the videos `eleatt prepare` left out (the problems.jsonl of `lists`). So every stream trains and is tested on
+    the same videos. Returns the problems written."""
+    lists, out = Path(lists), Path(out)
+    present = [name for name in SPLITS if (lists / f"{name}.txt").is_file()]
+    if not present:
+        raise InputNotFoundError(f"'{lists}' holds none of {', '.join(n + '.txt' for n in SPLITS)} (the lists "
+                                 "`eleatt prepare` writes)")
+    if out.resolve() == lists.resolve():
+        raise UsageError(f"--out '{out}' is the folder of the lists it reads; write the filtered lists into another "
+                         "folder (e.g. a sibling named lists-ok)")
+    entries = {name: read_list(lists / f"{name}.txt") for name in present}
+    classes = read_classes(lists / "classes.txt") if (lists / "classes.txt").is_file() else None
+    states = [(str(folder), *_finished_in(Path(folder))) for folder in folders]
+    problems = read_problems(lists / PROBLEMS_FILE)
+    left_out = {p["video"] for p in problems}
+    for entry in _union(entries.values()):
+        if entry.path in left_out:
+            continue
+        for folder, stage, finished, failed in states:
+            if entry.path not in finished:
+                reason = failed.get(entry.path) or f"no output in '{folder}' (never processed: rerun that stage)"
+                problems.append({"video": entry.path, "stage": stage, "folder": folder, "reason": reason})
+                left_out.add(entry.path)
+                break
+    ensure_writable_dir(out, "--out")
+    kept = {name: [e for e in entries[name] if e.path not in left_out] for name in present}
+    for name in present:
+        write_list(out / f"{name}.txt", kept[name])
+    write_list(out / ALL_LIST, _union(kept.values()))
+    if classes is not None:
+        write_classes(out / "classes.txt", classes)
+    write_problems(out / PROBLEMS_FILE, problems, keep_empty=True)
+    return problems
+
+
+def write_problems(path: Path, problems: Sequence[dict], keep_empty: bool = False) -> None:
+    """problems.jsonl: one {"video", "stage", "reason"} a line; none: an empty file (`keep_empty`) or no file (a
+    stale one removed)."""
+    if not problems and not keep_empty:
+        path.unlink(missing_ok=True)
+        return
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(p, sort_keys=True) + "\n" for p in problems)
+
+
+def read_problems(path: str | os.PathLike) -> list[dict]:
+    """The records of a problems.jsonl (`filter_lists`); a missing file is no problems."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(read_text_lines(path, "problems file", "one JSON record a line"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise UsageError(f"{path}:{number}: not a JSON record; delete the file and rerun the stage that "
+                             "writes it") from None
+        if not isinstance(record, dict) or not isinstance(record.get("video"), str):
+            raise UsageError(f"{path}:{number}: a record without a video; delete the file and rerun")
+        records.append(record)
+    return records
+
+
+def print_problems(problems: Sequence[dict], path: str | os.PathLike, command: str) -> None:
+    """On stderr: how many videos were left out, the first MAX_LISTED with stage and reason, and the file."""
+    if not problems:
+        return
+    print(f"{command}: {len(problems)} video(s) left out of every stream (all listed in {path}):", file=sys.stderr)
+    for p in problems[:MAX_LISTED]:
+        print(f"  {p['video']}: {p.get('stage', '?')}: {p.get('reason', '')}", file=sys.stderr)
+    if len(problems) > MAX_LISTED:
+        print(f"  ... and {len(problems) - MAX_LISTED} more", file=sys.stderr)

@@ -88,23 +88,26 @@ def order_features(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def quick_demo(tmp_path_factory) -> dict:
-    """`eleatt demo --quick` run once per session in-process: {"out", "data", "session", "run", "flow_run",
-    "features", "flow_features", "stdout"}. The session folder holds the fused scores and the report; "run" and
-    "flow_run" are the RGB and flow run folders in it (best.ckpt, scores_val.npz, scores_test.npz); "features" and
-    "flow_features" their feature folders."""
-    import contextlib
-    import io
-
-    from pipeline.demo import main as demo_main
+    """`eleatt demo --quick` run once per session, as a user runs it with its output sent to a file (stdout and
+    stderr together, not a terminal): {"out", "data", "session", "run", "flow_run", "features", "flow_features",
+    "stdout" (the log)}. The session folder holds the fused scores and the report; "run" and "flow_run" are the RGB
+    and flow run folders in it (best.ckpt, scores_val.npz, scores_test.npz); "features" and "flow_features" their
+    feature folders."""
+    import subprocess
+    import sys
 
     out = tmp_path_factory.mktemp("quick_demo")
-    buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
-        code = demo_main(["--quick", "--out", str(out)])
-    assert code == 0, buffer.getvalue()[-2000:]
+    log = out / "demo.log"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    with open(log, "w") as f:
+        done = subprocess.run([sys.executable, "-m", "pipeline", "demo", "--quick", "--out", str(out / "demo")],
+                              cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=900)
+    text = log.read_text()
+    assert done.returncode == 0, text[-2000:]
+    out = out / "demo"
     sessions = sorted((out / "checkpoints").iterdir())
     assert len(sessions) == 1
     features = {p.name.split("-", 1)[0]: p for p in (out / "features").iterdir()}
     return {"out": out, "data": out / "data", "session": sessions[0], "run": sessions[0] / "rgb",
             "flow_run": sessions[0] / "flow", "features": features["rgb"], "flow_features": features["flow2"],
-            "stdout": buffer.getvalue()}
+            "stdout": text}

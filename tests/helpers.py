@@ -43,3 +43,54 @@ def image_is_blank(path: str | os.PathLike) -> bool:
 
     pixels = np.asarray(matplotlib.image.imread(path))
     return bool(np.all(pixels == pixels.reshape(-1, pixels.shape[-1])[0]))
+
+
+def write_rotated_video(path: str | os.PathLike, frames: np.ndarray, degrees: int = 90, fps: int = 12) -> None:
+    """A lossless H.264 .mp4 of uint8 (T, H, W, 3) `frames` stored as given, with a display matrix that rotates them
+    by `degrees` counter-clockwise (a phone's portrait video stored landscape). Shown as FFmpeg shows it, frame t is
+    `np.rot90(frames[t], degrees // 90)`. Needs PyAV's `set_display_rotation` (PyAV 14+)."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264rgb", rate=fps)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "rgb24"
+        stream.options = {"qp": "0", "preset": "ultrafast"}
+        stream.set_display_rotation(degrees)
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+ROTATED_FRAMES = dict(name="grow", index=77)  # the rotated video's frames: render_video(name, video_seed(0, name, i))
+
+
+def make_video_folder(root: Path, per_class: int = 4, frames: int = 12, size: int = 32, bad: bool = True) -> dict:
+    """A folder of class sub-folders of your own videos, as `eleatt run` takes it: `per_class` generated videos in
+    each of grow, shrink and brighten; with `bad`, also a damaged file (the first half of a video), a one-frame
+    video, `brighten/twin.avi` beside `brighten/twin.mp4`, and a video stored landscape with a 90-degree display
+    rotation. Returns {"root", "damaged", "one_frame", "twins", "rotated", "rotated_frames" (as stored)}."""
+    from preprocessing.synthetic import render_video, video_seed, write_lossless_video
+
+    for name in ("grow", "shrink", "brighten"):
+        for k in range(per_class):
+            write_lossless_video(root / name / f"{name}_{k}.mp4", render_video(name, video_seed(0, name, k), frames, size))
+    out = {"root": root}
+    if not bad:
+        return out
+    data = (root / "grow" / "grow_0.mp4").read_bytes()
+    (root / "grow" / "damaged.mp4").write_bytes(data[: len(data) // 2])
+    write_lossless_video(root / "shrink" / "one_frame.mp4", render_video("shrink", video_seed(0, "shrink", 99), frames,
+                                                                         size)[:1])
+    write_lossless_video(root / "brighten" / "twin.mp4", render_video("brighten", video_seed(0, "brighten", 50),
+                                                                      frames, size))
+    write_lossless_video(root / "brighten" / "twin.avi", render_video("brighten", video_seed(0, "brighten", 51),
+                                                                      frames, size))
+    stored = render_video(ROTATED_FRAMES["name"], video_seed(0, ROTATED_FRAMES["name"], ROTATED_FRAMES["index"]),
+                          frames, size)[:, :, size // 8: size - size // 8]  # taller than wide: (T, size, 3/4 size)
+    write_rotated_video(root / "grow" / "rotated.mp4", stored)
+    out.update(damaged="grow/damaged.mp4", one_frame="shrink/one_frame.mp4",
+               twins=("brighten/twin.avi", "brighten/twin.mp4"), rotated="grow/rotated.mp4", rotated_frames=stored)
+    return out

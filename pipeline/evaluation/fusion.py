@@ -25,6 +25,7 @@ SEARCH_GRID = tuple(np.arange(0, 3.0 + 1e-9, 0.25).round(2).tolist())  # weights
 MAX_SEARCH = 50_000  # weightings tried at most (13 ** (K - 1) grows fast with the number of streams)
 EPS = 1e-12  # floor of a probability before its log: float32 softmax outputs can round to 0
 SHOWN = 5  # names listed per missing-videos report
+FEW_VALIDATION = 30  # a weight search on fewer labelled validation videos than this is mostly chance: said so
 
 
 def default_weights(count: int) -> list[float]:
@@ -228,6 +229,19 @@ def search_weights(val_dicts: Sequence[dict], mode: str = "prob", grid: Sequence
             "grid": grid, "missing": missing, "common": len(keep)}
 
 
+def search_warnings(picked: dict, names: Sequence[str]) -> list[str]:
+    """What a user must know about picked weights (`search_weights`' result): a stream the fusion now ignores
+    (weight 0), and a pick made on too few labelled validation videos to mean much."""
+    warnings = [f"the search gave {name} weight 0: the fused scores ignore that stream (on these validation videos "
+                "it never helped); check it, or fix the weights with --weights"
+                for name, weight in zip(names, picked["weights"]) if weight == 0]
+    if picked["videos"] < FEW_VALIDATION:
+        warnings.append(f"weights picked on only {picked['videos']} labelled validation videos (fewer than "
+                        f"{FEW_VALIDATION}): the choice is mostly chance; prefer --weights "
+                        f"{' '.join(f'{w:g}' for w in default_weights(len(names)))} or a larger validation list")
+    return warnings
+
+
 def _fmt_weights(weights: Sequence[float]) -> str:
     return " : ".join(f"{w:g}" for w in weights)
 
@@ -319,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         coarse = f", each over 0..3 step {grid[1] - grid[0]:g}" if len(grid) < len(SEARCH_GRID) else ""
         print(f"picked weights {_fmt_weights(weights)} on validation ({picked['videos']} labelled videos, "
               f"{picked['tried']} weightings tried{coarse}): top-1 {picked['top1']:.1%}, mca {picked['mca']:.1%}")
+        for warning in search_warnings(picked, args.search_weights):
+            print(f"eleatt fuse: warning: {warning}", file=sys.stderr)
     fused = fuse_scores(score_dicts, weights, mode=args.mode, names=names)
     n = len(fused["videos"])
     print(f"fused {n} videos from {len(names)} files (mode {args.mode}, weights "

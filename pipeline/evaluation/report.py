@@ -23,6 +23,9 @@ from pipeline.evaluation.plots import confusion_matrix, plot_confusion, plot_cur
 from pipeline.errors import InputNotFoundError, UsageError
 
 
+REPRODUCE = "Reproduce, stage by stage"
+
+
 @dataclass
 class Stream:
     """One row of the report: a name ("RGB", "flow", "fused"), the scores file of the test list, and the run folder
@@ -82,6 +85,7 @@ def write_report(
     title: str = "EleAtt run report",
     intro: str = "",
     images: list[tuple[str, str | os.PathLike]] | None = None,
+    left_out: list[dict] | None = None,
 ) -> Path:
     """Writes `<out>/report.html` and `<out>/report.md` (and the PNGs they show) and returns the HTML path.
 
@@ -91,6 +95,8 @@ def write_report(
     attention: the attention picture (a PNG; copied beside the report when it lies elsewhere).
     commands: (stage, command line) pairs that reproduce each stage on a real dataset.
     images: more (caption, PNG) pairs shown at the end.
+    left_out: the videos left out of every stream ({"video", "stage", "reason"}, e.g. `eleatt run`'s
+        problems.jsonl), listed after the table.
     """
     if not streams:
         raise UsageError("write_report needs at least one stream")
@@ -148,19 +154,32 @@ def write_report(
     table = [[r.name, _percent(r.top1), _percent(r.topk), _percent(r.mca), str(r.videos or ""), r.note]
              for r in [*rows, chance]]
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    _write_markdown(out / "report.md", title, intro, stamp, header, table, figures, commands or [])
+    left = [(str(p.get("video", "")), str(p.get("stage", "")), str(p.get("reason", ""))) for p in left_out or []]
+    _write_markdown(out / "report.md", title, intro, stamp, header, table, figures, commands or [], left)
     path = out / "report.html"
-    _write_html(path, out, title, intro, stamp, header, table, figures, commands or [])
+    _write_html(path, out, title, intro, stamp, header, table, figures, commands or [], left)
     return path
 
 
-def _write_markdown(path: Path, title, intro, stamp, header, table, figures, commands) -> None:
+LEFT_OUT = "Videos left out"
+LEFT_OUT_NOTE = "left out of every stream's training and test, each with the stage where it failed and why:"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _write_markdown(path: Path, title, intro, stamp, header, table, figures, commands, left=()) -> None:
     lines = [f"# {title}", "", f"_written {stamp}_", ""]
     if intro:
         lines += [intro, ""]
     lines += ["## Accuracy on the test list", "", "| " + " | ".join(header) + " |",
               "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in table]
+    if left:
+        lines += ["", f"## {LEFT_OUT}", "", f"{len(left)} video(s) {LEFT_OUT_NOTE}", "", "| video | stage | reason |",
+                  "|---|---|---|"]
+        lines += [f"| {_cell(v)} | {_cell(s)} | {_cell(r)} |" for v, s, r in left]
     heading = None
     for section, caption, name in figures:
         if section != heading:
@@ -168,14 +187,14 @@ def _write_markdown(path: Path, title, intro, stamp, header, table, figures, com
             heading = section
         lines += ["", f"![{caption}]({name})", "", f"_{caption}_"]
     if commands:
-        lines += ["", "## Reproduce on a real dataset", ""]
+        lines += ["", f"## {REPRODUCE}", ""]
         for stage, command in commands:
             lines += [f"{stage}:", "", "```bash", command, "```", ""]
     with atomic_write(path, "w") as f:
         f.write("\n".join(lines).rstrip() + "\n")
 
 
-def _write_html(path: Path, out: Path, title, intro, stamp, header, table, figures, commands) -> None:
+def _write_html(path: Path, out: Path, title, intro, stamp, header, table, figures, commands, left=()) -> None:
     e = html.escape
     parts = [
         "<!DOCTYPE html>", "<html><head><meta charset='utf-8'>", f"<title>{e(title)}</title>",
@@ -193,6 +212,11 @@ def _write_html(path: Path, out: Path, title, intro, stamp, header, table, figur
     for row in table:
         parts.append("<tr>" + "".join(f"<td>{e(cell)}</td>" for cell in row) + "</tr>")
     parts.append("</table>")
+    if left:
+        parts.append(f"<h2>{e(LEFT_OUT)}</h2><p>{len(left)} video(s) {e(LEFT_OUT_NOTE)}</p><table>"
+                     "<tr><th>video</th><th>stage</th><th>reason</th></tr>")
+        parts += [f"<tr><td>{e(v)}</td><td>{e(s)}</td><td>{e(r)}</td></tr>" for v, s, r in left]
+        parts.append("</table>")
     heading = None
     for section, caption, name in figures:
         if section != heading:
@@ -202,7 +226,7 @@ def _write_html(path: Path, out: Path, title, intro, stamp, header, table, figur
         parts.append(f"<figure><img alt='{e(name)}' src='data:image/png;base64,{data}'>"
                      f"<figcaption>{e(caption)} ({e(name)})</figcaption></figure>")
     if commands:
-        parts.append("<h2>Reproduce on a real dataset</h2>")
+        parts.append(f"<h2>{e(REPRODUCE)}</h2>")
         for stage, command in commands:
             parts.append(f"<p>{e(stage)}:</p><pre>{e(command)}</pre>")
     parts.append("</body></html>")

@@ -9,8 +9,13 @@ Checkpoints are loaded with weights-only semantics (no arbitrary unpickling).
 A run folder stays whole across a resume: last.ckpt is rewritten at the end of every epoch (whatever the monitored
 metric did), `fit --ckpt_path <run>/last.ckpt` (or `--ckpt_path last` with the run's config.yaml or --run_name)
 continues in the same folder, and metrics.csv keeps the rows of the epochs before the resume. The config.yaml saved
-in a run folder starts a fresh run beside it when given to `fit` again. The run folder itself (which folder, its
-checkpoint callbacks and metrics logger) is `pipeline.training.run_folder`; this module is the CLI and its reports.
+in a run folder starts a fresh run beside it when given to `fit` again, and is what `validate`/`test`/`predict
+--ckpt_path <run>/best.ckpt` read when given no --config (the run's own data paths and settings). `--config NAME`
+finds a packaged config by name (`eleatt configs` lists them). The run folder itself (which folder, its checkpoint
+callbacks and metrics logger) is `pipeline.training.run_folder`; this module is the CLI and its reports.
+
+Written to a file or a pipe, a run prints one line per epoch naming the run (`pipeline.training.progress`) instead
+of Lightning's progress bars, and evaluations print their own lines without Lightning's metric tables.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from typing import Optional
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from pipeline.arguments import LIST_HINT, resolve_config
 from pipeline.training.feature_data import FeatureDataModule
 from pipeline.errors import (
     EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, InputNotFoundError, InterruptWatch, is_user_error, usage_error,
@@ -34,6 +40,7 @@ from pipeline.errors import (
 )
 from pipeline.trained.record import read_checkpoint
 from pipeline.training.module import EleAttClassifier
+from pipeline.training.progress import EpochLines, on_terminal
 from pipeline.training.run_folder import (
     DEFAULT_ROOT, RUN_DIR_ENV, BestCheckpoint, LastCheckpoint, RunMetricsLogger, checkpoint_epoch, choose_run_dir,
     named_checkpoint, refuse_taken, run_checkpoints,
@@ -50,10 +57,15 @@ QUIET = (
     r".*LightningCLI's args parameter is intended to run from within Python.*",
     r".*Checkpoint directory .* exists and is not empty.*",
     r".*does not have many workers which may be a bottleneck.*",
+    r".*This DataLoader will create \d+ worker processes in total.*",  # torch's, at every stage of a run: more workers
+    # than cores still work (a config's num_workers is the user's choice)
     r".*callbacks used to create the checkpoint need to be provided.*",
     r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
     r"(?s).*(JsonargparseDeprecationWarning|was deprecated in v4\.).*",  # from Lightning's own jsonargparse calls
 )
+
+
+LIGHTNING_LOGGERS = ("pytorch_lightning", "lightning_fabric")
 
 
 class _NoTips(logging.Filter):
@@ -74,6 +86,50 @@ class _SaveFitConfig(SaveConfigCallback):
             self.config["ckpt_path"] = None
             self.config["run_name"] = None
             super().setup(trainer, pl_module, stage)
+
+
+def _option_value(args: list[str], flag: str) -> str | None:
+    """The last value given to `flag` (`--flag V` or `--flag=V`) in `args`, or None."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def _config_file(value: str) -> str:
+    """A --config value as a file: as given when it exists, else the packaged config of that name; a name that is
+    neither is refused here, naming where the packaged configs are listed (YAML text given inline passes)."""
+    resolved = resolve_config(value)
+    if resolved == value and not Path(value).exists() and not any(c in value for c in ":{}\n"):
+        raise InputNotFoundError(f"--config {value}: no such file, and no packaged config of that name "
+                                 f"({LIST_HINT}; give a file path or one of their names)")
+    return str(resolved)
+
+
+def resolve_arguments(args: list[str] | None) -> list[str]:
+    """The command line with each --config resolved to a file (`--config ucf101_rgb` finds the packaged config),
+    and an evaluation (`validate|test|predict --ckpt_path <run>/best.ckpt`) given no --config reading the run's own
+    `config.yaml` (the data paths and settings it was trained with)."""
+    args = list(sys.argv[1:] if args is None else args)
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--config" and i + 1 < len(args):
+            out += [arg, _config_file(args[i + 1])]
+            i += 2
+            continue
+        out.append("--config=" + _config_file(arg.split("=", 1)[1]) if arg.startswith("--config=") else arg)
+        i += 1
+    if out and out[0] in EVALUATIONS and _option_value(out, "--config") is None:
+        ckpt = _option_value(out, "--ckpt_path")
+        saved = Path(ckpt).parent / "config.yaml" if ckpt else None
+        if saved is not None and Path(ckpt).is_file() and saved.is_file():
+            out[1:1] = ["--config", str(saved)]
+    return out
 
 
 def is_end_to_end(args: list[str] | None) -> bool:
@@ -123,6 +179,7 @@ class EleAttCLI(LightningCLI):
         self.ckpt_epoch: int | None = None  # the epoch --ckpt_path ends (read before Lightning loads it)
         self.interrupted = False
         _last_cli[0] = self
+        args = resolve_arguments(args)
         self.end_to_end = is_end_to_end(args)
         if self.end_to_end:
             from pipeline.training.clip_data import VideoDataModule
@@ -226,8 +283,20 @@ class EleAttCLI(LightningCLI):
             monitor = self.model.hparams.monitor if validated else None  # no validation: best = latest
             callbacks += run_checkpoints(self.run_dir, monitor, self.model.monitor_mode)
         callbacks.append(_InterruptNote(self))
+        # Progress bars on a terminal only; written to a file or a pipe, one line per epoch naming the run.
+        bar = trainer_cfg.get("enable_progress_bar")
+        if bar is None and not on_terminal():
+            bar = kwargs["enable_progress_bar"] = False
+        if fitting and bar is False and not dry_run:
+            callbacks.append(EpochLines(self.run_dir.name))
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if subcommand in ("validate", "test") and not on_terminal():
+            kwargs["verbose"] = False  # Lightning's metric table; `_report` prints the metrics, naming the run
+        return kwargs
 
     def _loggers(self) -> list:
         resumed = self.config[self.subcommand].get("ckpt_path") is not None
@@ -260,7 +329,10 @@ class EleAttCLI(LightningCLI):
         if path is None or not self.trainer.is_global_zero:  # fast_dev_run, no videos, or not rank 0
             return
         scores = read_scores(path)
-        lines = [f"{stage}: {len(scores['videos'])} videos, scores: {path}"]
+        run = self.run_dir.name if self.run_dir is not None else path.parent.name
+        settings = getattr(self.datamodule, "settings", None)
+        kind = f" ({settings.modality} features)" if getattr(settings, "modality", None) else ""
+        lines = [f"{stage}: run '{run}'{kind}, {len(scores['videos'])} videos, scores: {path}"]
         summary = accuracy_summary(scores["scores"], scores["labels"])
         if summary is None:
             lines.append(f"{stage}: no labelled videos, so no metrics")
@@ -268,7 +340,8 @@ class EleAttCLI(LightningCLI):
             # From the file, not the logged metrics: under DDP the distributed sampler pads the shares with
             # repeated videos, which the logged metrics count twice and the scores file holds once.
             labelled = int((scores["labels"] >= 0).sum())
-            lines.append(f"{stage}: " + "  ".join(f"{k} {v:.4f}" for k, v in summary.items()) + f"  ({labelled} labelled)")
+            lines.append(f"{stage}: " + "  ".join(f"{k} {v:.4f}" for k, v in summary.items())
+                         + f"  ({labelled} labelled), run '{run}'")
             from pipeline.evaluation.plots import confusion_matrix, plot_confusion
 
             classes = [str(c) for c in scores["classes"]] if "classes" in scores else None
@@ -276,7 +349,7 @@ class EleAttCLI(LightningCLI):
                 confusion_matrix(scores["scores"], scores["labels"]), path.with_name(f"confusion_{stage}.png"),
                 classes, title=f"{stage}: top-1 {summary['top1']:.3f} ({labelled} videos)",
             )
-            lines.append(f"{stage}: confusion matrix: {png}")
+            lines[0] += f", confusion matrix: {png}"
         print("\n".join(lines))
 
     def after_validate(self) -> None:
@@ -291,10 +364,17 @@ class EleAttCLI(LightningCLI):
 
 @contextlib.contextmanager
 def quiet_lightning():
-    """Silences the Lightning warnings and tips in QUIET for the duration (warning filters are restored after)."""
+    """Silences the Lightning warnings and tips in QUIET for the duration (warning filters are restored after), and,
+    when the output is not a terminal, Lightning's informational lines (devices available, seed set, checkpoint
+    restored): a log file keeps one line per epoch and the reports."""
     lightning_log = logging.getLogger("pytorch_lightning.utilities.rank_zero")
     no_tips = _NoTips()
     lightning_log.addFilter(no_tips)
+    levels = {}
+    if not on_terminal():
+        for name in LIGHTNING_LOGGERS:
+            levels[name] = logging.getLogger(name).level
+            logging.getLogger(name).setLevel(max(logging.WARNING, levels[name]))
     try:
         with warnings.catch_warnings():
             for pattern in QUIET:
@@ -302,6 +382,8 @@ def quiet_lightning():
             yield
     finally:
         lightning_log.removeFilter(no_tips)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 _last_cli: list = [None]  # the CLI of the current call, for the note printed on Ctrl-C

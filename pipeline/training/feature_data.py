@@ -5,11 +5,13 @@ from settings.json, classes.txt and at most one feature file), so the CLI links 
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Callable, Literal
 
 import numpy as np
 import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_only
 import torch
 from torch.utils.data import DataLoader
 
@@ -20,6 +22,11 @@ from pipeline.errors import InputNotFoundError, UsageError
 
 class MissingFeaturesError(InputNotFoundError):
     """Videos of a list have no feature file in the feature folder."""
+
+
+@rank_zero_only
+def _note(text: str) -> None:
+    print(f"note: {text}", file=sys.stderr, flush=True)
 
 
 class ListDataModule(pl.LightningDataModule):
@@ -134,6 +141,9 @@ class FeatureDataModule(ListDataModule):
         augment: a training-time augmentation set from the config: none, or skeleton_rotation (a random rotation
             of every joint about x, y and z within +-rotation_degrees; skeleton feature folders, normalize none).
         rotation_degrees: the largest rotation of skeleton_rotation, per axis (the paper's 35).
+        drop_missing: leave out (and list, on stderr) the videos of a list that have no features in the folder
+            (their extraction failed: a damaged or too short video), instead of refusing the run. Each stream
+            drops its own; for two streams on exactly the same videos, see `eleatt prepare filter`.
     """
 
     def __init__(
@@ -155,6 +165,7 @@ class FeatureDataModule(ListDataModule):
         eval_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         augment: Literal["none", "skeleton_rotation"] = "none",
         rotation_degrees: float = 35.0,
+        drop_missing: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["train_transform", "eval_transform"])
@@ -177,6 +188,8 @@ class FeatureDataModule(ListDataModule):
         self.eval_transform = eval_transform
         self.normalize_max_videos = normalize_max_videos
         self.normalizer = FeatureNormalizer(normalize)
+        self.drop_missing = bool(drop_missing)
+        self.dropped: dict[str, list[str]] = {}  # list name -> the videos left out (drop_missing)
 
         self.settings: FeatureSettings | None = self.folder.settings
         # The plain-dict form, linked into the model's hyper-parameters (checkpoints stay weights-only loadable).
@@ -222,17 +235,50 @@ class FeatureDataModule(ListDataModule):
         )
 
     # -- stages ------------------------------------------------------------------------------------------------------
-    def _check_features(self, name: str) -> None:
+    def _check_features(self, name: str) -> list[ListEntry]:
+        """The entries of list `name` that have features: all of them, or (drop_missing) those left after the
+        others are dropped and listed; without drop_missing, missing features refuse the run, naming each file,
+        why it is missing, and the two fixes as commands."""
         entries = self.entries(name)
         missing = self.folder.missing([e.path for e in entries])
-        if missing:
-            shown = "\n  ".join(str(self.folder.feature_path(v)) for v in missing[:20])
-            more = f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else ""
-            raise MissingFeaturesError(
-                f"{len(missing)} of {len(entries)} videos of {name} '{self.list_paths[name]}' have no "
-                f"features in '{self.features_dir}':\n  {shown}{more}\n(extract them with `eleatt extract --list "
-                f"{self.list_paths[name]} --out {self.features_dir}`, or drop them from the list)"
-            )
+        if not missing:
+            return entries
+        failed = self.folder.failed()
+        if self.drop_missing and len(missing) < len(entries):
+            gone = set(missing)
+            self._lists[name] = kept = [e for e in entries if e.path not in gone]
+            self.dropped[name] = missing
+            _note(f"{name} '{self.list_paths[name]}': left out {len(missing)} of {len(entries)} videos without "
+                  f"features in '{self.features_dir}' (--data.drop_missing): "
+                  + ", ".join(f"{v} ({failed[v]})" if v in failed else v for v in missing[:5])
+                  + (f", ... and {len(missing) - 5} more" if len(missing) > 5 else ""))
+            return kept
+        lines = [f"{self.folder.feature_path(v)}" + (f"  (extraction failed: {failed[v]})" if v in failed else "")
+                 for v in missing[:20]]
+        more = f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else ""
+        if len(missing) == len(entries):
+            fix = f"extract them first:\n  {self._extract_command(name)}"
+        else:
+            fix = (f"leave them out: add --data.drop_missing true to this command (each stream drops its own; "
+                   f"`eleatt prepare filter` writes lists without the videos any stream lacks), or extract them "
+                   f"(a video that failed fails again until it is replaced):\n  {self._extract_command(name)}")
+        raise MissingFeaturesError(
+            f"{len(missing)} of {len(entries)} videos of {name} '{self.list_paths[name]}' have no "
+            f"features in '{self.features_dir}':\n  " + "\n  ".join(lines) + f"{more}\nTo go on, {fix}"
+        )
+
+    def _extract_command(self, name: str) -> str:
+        """The `eleatt extract` command that makes this folder's missing features, with its recorded settings;
+        VIDEOS stands for the folder the list's paths are relative to (a flow folder for flow features)."""
+        s = self.settings
+        flow = s is not None and s.modality == "flow"
+        parts = ["eleatt extract"] + ([f"--modality flow --stack {s.stack}"] if flow else [])
+        root = "FLOW_DIR" if flow else "VIDEOS"
+        parts.append(f"--list {self.list_paths[name]} --root {root} --out {self.features_dir}")
+        if s is not None and s.backbone:
+            parts.append(f"--backbone {s.backbone} --weights {s.weights}")
+        where = "the flow folder the features were made from" if flow else "the folder the list's paths start from"
+        return " ".join(parts) + f"   ({root}: {where})"
 
     def _entries(self, name: str, stage: str) -> list[ListEntry]:
         if name not in self.list_paths:
@@ -241,14 +287,14 @@ class FeatureDataModule(ListDataModule):
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
-            train = self._entries("train_list", stage)
+            self._entries("train_list", stage)
+            train = self._check_features("train_list")
             unlabelled = [e.path for e in train if e.label < 0]
             if unlabelled:
                 raise UsageError(
                     f"train_list '{self.list_paths['train_list']}' has {len(unlabelled)} videos without a label "
                     f"(-1), e.g. {unlabelled[0]!r}; training needs labels"
                 )
-            self._check_features("train_list")
             if not self.normalizer.ready:
                 self._fit_normalizer(train)
             self.datasets["train"] = FeatureSequenceDataset(
@@ -261,8 +307,8 @@ class FeatureDataModule(ListDataModule):
             self.datasets[{"validate": "val", "test": "test", "predict": "predict"}[stage]] = self._eval_dataset(name, stage)
 
     def _eval_dataset(self, name: str, stage: str) -> FeatureSequenceDataset:
-        entries = self._entries(name, stage)
-        self._check_features(name)
+        self._entries(name, stage)
+        entries = self._check_features(name)
         return FeatureSequenceDataset(
             self.folder, entries, self.num_steps, train=False, normalizer=self.normalizer, transform=self.eval_transform
         )

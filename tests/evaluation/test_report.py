@@ -200,3 +200,21 @@ def test_visualize_help(capsys):
     assert "--ckpt" in text and "--features" in text and "--video" in text and "--layer" in text
     assert eleatt(["--help"]) == 0
     assert "visualize" in capsys.readouterr().out
+
+
+def test_the_videos_left_out_are_listed(tmp_path):
+    from pipeline.evaluation.scores import write_scores
+
+    labels = np.array([0, 1, 1])
+    write_scores(tmp_path / "s.npz", ["a", "b", "c"], np.eye(2, dtype=np.float32)[labels], labels, ["x", "y"])
+    left = [{"video": "c/bad|name.mp4", "stage": "flow", "reason": "VideoReadError: broken"},
+            {"video": "d/one.mp4", "stage": "prepare", "reason": "twin <of> d/one.avi"}]
+    html_path = write_report(tmp_path / "out", [Stream("RGB", tmp_path / "s.npz")], left_out=left)
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    section = markdown.split("## Videos left out\n", 1)[1].split("\n## ", 1)[0]
+    assert section.splitlines()[1] == "2 video(s) left out of every stream's training and test, each with the stage " \
+                                      "where it failed and why:"
+    assert "| c/bad\\|name.mp4 | flow | VideoReadError: broken |" in section
+    assert "<td>twin &lt;of&gt; d/one.avi</td>" in html_path.read_text()
+    write_report(tmp_path / "none", [Stream("RGB", tmp_path / "s.npz")])
+    assert "left out" not in (tmp_path / "none" / "report.md").read_text()

@@ -184,7 +184,7 @@ def video_flow(path: str | os.PathLike, estimator, short_side: int | None, bound
 
     Raises ValueError (``VideoReadError``) for an unreadable video and for one with fewer than 2 frames.
     """
-    from pipeline.data.video import load_frames, probe
+    from pipeline.data.video import VideoReadError, load_frames, probe
 
     path = Path(path)
     info = probe(path)
@@ -200,8 +200,16 @@ def video_flow(path: str | os.PathLike, estimator, short_side: int | None, bound
         del frames
         if previous is not None:
             images.insert(0, previous)
-        for flow in estimator.flows(images):  # (h, w, 2)
-            yield quantize(flow.transpose(2, 0, 1), bound)  # (2, h, w) x, y
+        try:
+            for flow in estimator.flows(images):  # (h, w, 2)
+                yield quantize(flow.transpose(2, 0, 1), bound)  # (2, h, w) x, y
+        except Exception as err:  # OpenCV refuses what this video gives it (a 1x1 video): name the video
+            if type(err).__module__.split(".")[0] != "cv2":
+                raise
+            reason = next((line.split("error: ", 1)[-1] for line in str(err).splitlines() if "error:" in line),
+                          str(err).strip())
+            raise VideoReadError(f"{path}: OpenCV cannot compute optical flow on its {size[1]}x{size[0]} frames "
+                                 f"({reason.strip()}); drop it from the list, or give a larger --short-side") from None
         previous = images[-1]
 
 

@@ -145,3 +145,36 @@ def test_flow_command_lists_the_hanging_video_and_finishes_the_rest(videos, tmp_
     assert sorted(p.name for p in out.glob("*.flow.zip")) == ["a.flow.zip", "b.flow.zip"]
     assert children() == [], "no decoding process may outlive the command"
     assert took < FLOOR + 15, took  # the deadline plus a few seconds (helper starts and the two good videos)
+
+
+def test_a_hanging_video_is_skipped_by_end_to_end_clips(videos):
+    """End-to-end training and evaluation read clips through the same guard: the stuck video is skipped with its
+    reason, the others come through."""
+    from pipeline.data.lists import ListEntry
+    from pipeline.training.clip_data import VideoClipDataset, collate_clips
+
+    cfg = dict(input_size=(3, 16, 16), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=1.0,
+               interpolation="bilinear", crop_mode="center")
+    entries = [ListEntry("a.mp4", 0), ListEntry("hang.mp4", 1), ListEntry("b.mp4", 0)]
+    data = VideoClipDataset(videos, entries, cfg, num_segments=4, train=False, backend="misbehaving")
+    start = time.monotonic()
+    batch = collate_clips([data[i] for i in range(3)])
+    assert time.monotonic() - start < FLOOR + 5
+    assert batch["videos"] == ["a.mp4", "b.mp4"] and batch["feats"].shape == (2, 1, 4, 3, 16, 16)
+    [(video, reason)] = batch["skipped"]
+    assert video == "hang.mp4" and "decoding did not finish in 2 s" in reason
+
+
+def test_a_stream_file_source_reads_under_the_deadline(videos):
+    from pipeline.serving.streaming import FileSource, SourceError, decode_frames
+
+    good = FileSource(str(videos / "a.mp4"), block=3, backend="misbehaving")
+    got = list(decode_frames(good, chunk=2))
+    np.testing.assert_array_equal(np.concatenate([g[0] for g in got]), frames_of(0))
+    assert [len(g[0]) for g in got] == [2, 1, 2, 1, 2] and got[0][2] == 12.0  # blocks of 3, chunks of 2; its rate
+    np.testing.assert_allclose(np.concatenate([g[1] for g in got]), np.arange(T) / 12)
+    stuck = FileSource(str(videos / "hang.mp4"), backend="misbehaving")
+    with pytest.raises(SourceError, match=r"stream source '.*hang\.mp4': decoding failed after 0 frames \(decoding "
+                                          r"did not finish in 2 s"):
+        list(decode_frames(stuck))
+    assert children() == []

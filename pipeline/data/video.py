@@ -493,7 +493,7 @@ def _stat(path: Path) -> os.stat_result:
 def _open(path: Path) -> av.container.InputContainer:
     try:
         return av.open(str(path), mode="r")
-    except av.FFmpegError as e:
+    except Exception as e:  # av.FFmpegError, and PyAV's other errors on odd containers (metadata it cannot decode)
         raise VideoReadError(f"{path}: not a video FFmpeg can read ({_reason(e)}); check that it is a complete video "
                              f"file (re-download or re-encode it)") from None
 

@@ -565,7 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="32, or bf16 / 16 autocast of the network (default 32; recorded in the settings)")
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone (pays off on long runs)")
     p.add_argument("--backend", choices=[b for b in backend_names() if b != "rawframes"], default="auto",
-                   help="video decoder (default auto: PyAV, or torchcodec/decord for dense reads where verified)")
+                   help="video decoder (default auto: PyAV, or torchcodec/decord for dense reads where verified); "
+                        "a read that does not finish within its deadline fails that video (floor: "
+                        "ELEATT_DECODE_TIMEOUT seconds, default 60)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 

@@ -385,7 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes computing flow, one video each at a time (default min(2, CPUs))")
     p.add_argument("--weights", help="--method raft: a local torchvision raft_large/raft_small state dict")
     p.add_argument("--backend", choices=[b for b in backend_names() if b != "rawframes"], default=DEFAULT_BACKEND,
-                   help="video decoder (default pyav: exact frames, no per-file decord check)")
+                   help="video decoder (default pyav: exact frames, no per-file check); a read that does not finish "
+                        "within its deadline fails that video (floor: ELEATT_DECODE_TIMEOUT seconds, default 60)")
     p.add_argument("--import-jpg", metavar="DIR", help="import the JPEG flow folders under DIR into --out "
                                                        "(x_00001.jpg/y_00001.jpg or flow_x_/flow_y_; --bound is theirs)")
     p.add_argument("--export-jpg", metavar="DIR", help="export every video of the flow folder --out as JPEGs "

@@ -23,12 +23,14 @@ on long files. A thread cannot stop C code that holds the GIL; a process can be 
   when their thread's process dies (Linux: ``PR_SET_PDEATHSIG``), and by ``shutdown()``, which commands call when
   they end; they ignore Ctrl-C (the caller handles it, and a read interrupted by it kills its helper).
 
-Errors raised in the helper come back as the same project error with the same message; anything else there is a
-bug and comes back as a RuntimeError carrying the helper's traceback.
+The helper runs functions named ``"module:function"`` (``pipeline.data.video``'s in-process probe and read), so this
+module imports nothing of the decoding itself. Errors raised there come back as the same project error with the same
+message; anything else there is a bug and comes back as a RuntimeError carrying the helper's traceback.
 """
 from __future__ import annotations
 
 import atexit
+import importlib
 import math
 import mmap
 import os
@@ -45,10 +47,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import InputNotFoundError, UsageError
+from pipeline.errors import UsageError
 
-__all__ = ["DEFAULT_MAX_MB", "DEFAULT_TIMEOUT", "enabled", "max_read_bytes", "read_deadline", "probe_deadline",
-           "run_load", "run_probe", "shutdown", "timeout_floor"]
+__all__ = ["DEFAULT_MAX_MB", "DEFAULT_TIMEOUT", "call", "check_read_size", "enabled", "max_read_bytes", "probe_deadline",
+           "read_deadline", "shutdown", "timeout_floor"]
 
 ENV_TIMEOUT = "ELEATT_DECODE_TIMEOUT"
 ENV_MAX_MB = "ELEATT_DECODE_MAX_MB"
@@ -313,73 +315,73 @@ def shutdown() -> None:
     _local.__dict__.pop("helper", None)
 
 
-def clear_remote_cache() -> None:
-    """Empties the caches of this thread's helper, if one runs (``video.clear_cache``)."""
+def clear_remote_cache(target: str) -> None:
+    """Runs ``target`` (a cache reset, ``"module:function"``) in this thread's helper, if one runs."""
     helper = getattr(_local, "helper", None)
     if helper is not None and helper.owner == os.getpid() and helper.alive():
-        _call(helper, ("clear",), Path("."), timeout_floor() or DEFAULT_TIMEOUT, 0, "cache reset")
+        call(target, (), Path("."), timeout_floor() or DEFAULT_TIMEOUT, "cache reset", UsageError)
 
 
-def _call(helper: _Helper, message: tuple, path: Path, deadline: float, nbytes: int, what: str) -> object:
-    from pipeline.data.video import VideoReadError
+def call(target: str, args: tuple, path: Path, deadline: float, what: str, error: type,
+         shape: tuple | None = None, pos: np.ndarray | None = None) -> object:
+    """Runs ``target`` (``"module:function"``) with ``args`` in this thread's helper within ``deadline`` seconds and
+    returns its result, or, with ``shape``, the uint8 array of that shape it returned, gathered at ``pos`` (rows).
 
+    A deadline passed, a helper that dies or outgrows its memory bound, or one that cannot start: the helper is
+    killed and ``error`` (a project error type) is raised naming ``path``. A project error raised there is raised
+    here, of the same type with the same message; anything else there is a bug: RuntimeError with its traceback."""
+    helper = _started(path, error)
+    nbytes = math.prod(shape) if shape is not None else 0
     try:
-        reply = helper.request(message, deadline, nbytes, what)
+        reply = helper.request(("call", target, args, shape), deadline, nbytes, what)
     except TimeoutError:
         helper.kill()
-        raise VideoReadError(f"{path}: decoding did not finish in {deadline:.0f} s (the deadline of this {what}; "
-                             f"the file may be damaged or crafted, or the machine overloaded); check the file (re-encode "
-                             f"it), or raise the floor with {ENV_TIMEOUT}=SECONDS") from None
+        raise error(f"{path}: decoding did not finish in {deadline:.0f} s (the deadline of this {what}; the file may "
+                    f"be damaged or crafted, or the machine overloaded); check the file (re-encode it), or raise the "
+                    f"floor with {ENV_TIMEOUT}=SECONDS") from None
     except _Died as e:
         helper.kill()
-        raise VideoReadError(f"{path}: {e}; re-encode the file (ffmpeg -i IN -c:v libx264 OUT.mp4), or read it with "
-                             f"backend='pyav'") from None
+        raise error(f"{path}: {e}; re-encode the file (ffmpeg -i IN -c:v libx264 OUT.mp4), or read it with "
+                    f"backend='pyav'") from None
     except BaseException:  # Ctrl-C while waiting: the helper's state is unknown
         helper.kill()
         raise
     status, *rest = reply
     if status == "ok":
-        return rest[0]
+        return helper.frames(shape, pos) if shape is not None else rest[0]
     if status == "user":
-        kind, message_text = rest
-        raise {"VideoReadError": VideoReadError, "InputNotFoundError": InputNotFoundError}.get(kind, UsageError)(
-            message_text)
+        module, name, text = rest
+        raise _user_error(module, name)(text)
     raise RuntimeError(f"decoding {path} raised in the decoding process (a bug; please report it):\n{rest[0]}")
 
 
-def _started(path: Path) -> _Helper:
-    """This thread's helper; a VideoReadError naming ``path`` when none can be started."""
-    from pipeline.data.video import VideoReadError
+def _user_error(module: str, name: str) -> type:
+    """The project error type a helper raised (UsageError where it cannot be imported here)."""
+    from pipeline.errors import UserError
 
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return UsageError
+    return cls if isinstance(cls, type) and issubclass(cls, UserError) else UsageError
+
+
+def _started(path: Path, error: type) -> _Helper:
+    """This thread's helper; ``error`` naming ``path`` when none can be started."""
     try:
         return _helper()
     except (_Died, TimeoutError, OSError) as e:
         reason = str(e) or f"it did not say it was ready within {START_TIMEOUT:.0f} s"
-        raise VideoReadError(f"{path}: the decoding process could not be started ({reason}); see the lines above, "
-                             f"or set {ENV_TIMEOUT}=off to decode in this process") from None
+        raise error(f"{path}: the decoding process could not be started ({reason}); see the lines above, or set "
+                    f"{ENV_TIMEOUT}=off to decode in this process") from None
 
 
-def run_probe(path: Path, fps: float | None, size: int = 0):
-    """``video.probe`` in this thread's helper."""
-    return _call(_started(path), ("probe", str(path), fps), path, probe_deadline(size), 0, "probe")
-
-
-def run_load(path: Path, wanted: np.ndarray, idx: np.ndarray, backend: str, plugin: str | None, info) -> np.ndarray:
-    """``video.load_frames`` in this thread's helper: frames ``wanted`` (sorted, distinct, in range) decoded there,
-    returned in the order of ``idx``; ``info`` is the file's ``probe``."""
-    from pipeline.data.video import VideoReadError
-
-    shape = (len(wanted), info.height, info.width, 3)
-    nbytes = math.prod(shape)
-    bound = max_read_bytes()
+def check_read_size(path: Path, count: int, height: int, width: int, error: type) -> None:
+    """Refuses, before decoding, a read of ``count`` frames of ``height x width`` RGB above ``max_read_bytes()``."""
+    nbytes, bound = count * height * width * 3, max_read_bytes()
     if nbytes > bound:
-        raise VideoReadError(f"{path}: reading {len(wanted)} frames of {info.width}x{info.height} needs "
-                             f"{nbytes >> 20} MB, more than one read may take ({bound >> 20} MB, {ENV_MAX_MB}); "
-                             f"read fewer frames at a time")
-    helper = _started(path)
-    deadline = read_deadline(int(wanted[-1]), info.height, info.width)
-    _call(helper, ("load", str(path), wanted, backend, plugin, shape), path, deadline, nbytes, "read")
-    return helper.frames(shape, np.searchsorted(wanted, idx))
+        raise error(f"{path}: reading {count} frames of {width}x{height} needs {nbytes >> 20} MB, more than one read "
+                    f"may take ({bound >> 20} MB, {ENV_MAX_MB}); read fewer frames at a time")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -400,13 +402,17 @@ def _die_with_parent() -> None:
         pass
 
 
+def _resolve(target: str):
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def _serve(read_fd: int, write_fd: int, buffer_fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's to handle
     parent = os.getppid()
     _die_with_parent()
     if os.getppid() != parent:  # the caller died before the line above
         os._exit(1)
-    from pipeline.data import video
     from pipeline.errors import UserError
 
     recv_conn = Connection(read_fd, writable=False)
@@ -414,41 +420,28 @@ def _serve(read_fd: int, write_fd: int, buffer_fd: int) -> None:
     send_conn.send(("ok", os.getpid()))
     while True:
         try:
-            message = recv_conn.recv()
+            _, target, args, shape = recv_conn.recv()
         except (EOFError, OSError):
             return
-        op = message[0]
+        result = None
         try:
-            if op == "probe":
-                _, path, fps = message
-                result = video._probe_local(Path(path), fps)
-            elif op == "load":
-                _, path, wanted, backend, plugin, shape = message
-                frames = video._load_local(Path(path), wanted, backend, plugin)
-                if frames.shape != shape:
-                    raise video.VideoReadError(f"{path}: changed while it was read (frames of shape {frames.shape}, "
-                                               f"expected {shape}); run again")
+            result = _resolve(target)(*args)
+            if shape is not None:  # frames: into the shared buffer the caller sized
+                if not isinstance(result, np.ndarray) or result.dtype != np.uint8 or result.shape != tuple(shape):
+                    raise UsageError(f"{args[0]}: changed while it was read (frames of shape "
+                                     f"{getattr(result, 'shape', None)}, expected {tuple(shape)}); run again")
                 nbytes = math.prod(shape)
                 with mmap.mmap(buffer_fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as mm:
                     out = np.frombuffer(mm, dtype=np.uint8, count=nbytes).reshape(shape)
-                    out[...] = frames
+                    out[...] = result
                     del out
-                del frames
                 result = None
-            elif op == "clear":
-                with video._lock:
-                    for cache in (video._index_cache, video._decord_ok, video._torchcodec_ok, video._info_cache,
-                                  video._tc_decoders):
-                        cache.clear()
-                    video._no_seek.clear()
-                result = None
-            else:
-                raise ValueError(f"unknown request {op!r}")
             reply = ("ok", result)
         except UserError as e:
-            reply = ("user", type(e).__name__, str(e))
+            reply = ("user", type(e).__module__, type(e).__qualname__, str(e))
         except Exception:
             reply = ("bug", traceback.format_exc())
+        result = None  # the frames, written: free them before waiting
         try:
             send_conn.send(reply)
         except (OSError, ValueError):

@@ -217,7 +217,15 @@ def clear_cache() -> None:
         _tc_decoders.clear()
     from pipeline.data import decode_guard
 
-    decode_guard.clear_remote_cache()
+    decode_guard.clear_remote_cache("pipeline.data.video:_clear_local")
+
+
+def _clear_local() -> None:
+    """``clear_cache`` of this process only (the decoding process runs it)."""
+    with _lock:
+        for cache in (_index_cache, _decord_ok, _torchcodec_ok, _info_cache, _tc_decoders):
+            cache.clear()
+        _no_seek.clear()
 
 
 def close_readers() -> None:
@@ -347,12 +355,17 @@ def probe(path: str | Path, fps: float | None = None) -> VideoInfo:
     guarded = decode_guard.enabled()  # checks the setting on every call
     path = Path(path)
     if path.is_dir():
-        return decode_guard.run_probe(path, fps) if guarded else _rawframe_info(path, fps)
+        if guarded:
+            return decode_guard.call("pipeline.data.video:_probe_local", (path, fps), path,
+                                     decode_guard.probe_deadline(0), "probe", VideoReadError)
+        return _rawframe_info(path, fps)
     st = _stat(path)
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     info = _lookup(_info_cache, key)
     if info is None:
-        info = decode_guard.run_probe(path, fps, st.st_size) if guarded else _probe_local(path, fps)
+        info = (decode_guard.call("pipeline.data.video:_probe_local", (path, fps), path,
+                                  decode_guard.probe_deadline(st.st_size), "probe", VideoReadError)
+                if guarded else _probe_local(path, fps))
         _remember(_info_cache, key, info)
     return info
 
@@ -401,7 +414,12 @@ def load_frames(
     wanted = np.unique(idx)  # sorted, distinct
     if len(wanted) == 0:
         return torch.empty((0, info.height, info.width, 3), dtype=torch.uint8)
-    return torch.from_numpy(decode_guard.run_load(path, wanted, idx, backend, _PLUGINS.get(backend), info))
+    decode_guard.check_read_size(path, len(wanted), info.height, info.width, VideoReadError)
+    frames = decode_guard.call("pipeline.data.video:_load_local", (path, wanted, backend, _PLUGINS.get(backend)), path,
+                               decode_guard.read_deadline(int(wanted[-1]), info.height, info.width), "read",
+                               VideoReadError, shape=(len(wanted), info.height, info.width, 3),
+                               pos=np.searchsorted(wanted, idx))
+    return torch.from_numpy(frames)
 
 
 def _probe_local(path: Path, fps: float | None = None) -> VideoInfo:

@@ -178,3 +178,27 @@ def test_a_stream_file_source_reads_under_the_deadline(videos):
                                           r"did not finish in 2 s"):
         list(decode_frames(stuck))
     assert children() == []
+
+
+def test_end_to_end_training_clips_skip_a_hanging_video_too(videos):
+    from pipeline.data.lists import ListEntry
+    from pipeline.training.clip_data import VideoClipDataset
+
+    cfg = dict(input_size=(3, 16, 16), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=1.0,
+               interpolation="bilinear", crop_mode="center")
+    data = VideoClipDataset(videos, [ListEntry("hang.mp4", 1), ListEntry("a.mp4", 0)], cfg, num_segments=4,
+                            train=True, backend="misbehaving")
+    clip, reason = data._read(0, np.random.default_rng(0))
+    assert clip is None and "decoding did not finish in 2 s" in reason
+    clip, reason = data._read(1, np.random.default_rng(0))
+    assert reason is None and clip.shape == (4, 3, 16, 16)
+
+
+def test_a_variable_frame_rate_file_streams_by_its_times(tmp_path):
+    from pipeline.serving.streaming import FileSource, decode_frames
+    from tests.data.test_video import VFR_MS, write_vfr
+
+    source = FileSource(str(write_vfr(tmp_path / "vfr.mkv", VFR_MS)), block=4)
+    got = list(decode_frames(source, chunk=10))
+    assert [g[2] for g in got] == [None, None, None]  # no rate: the stream samples by timestamps
+    np.testing.assert_allclose(np.concatenate([g[1] for g in got]), np.array(VFR_MS) / 1000, atol=1e-9)

@@ -21,38 +21,11 @@ from PIL import Image
 
 from pipeline.data import video as V
 from pipeline.data.video import VideoInfo, VideoReadError, load_frames, probe
+from tests.data.video_files import FPS, LOSSLESS, VFR_MS, H, T, W, make_frames, write_rotated, write_vfr, write_video
 
-T, H, W, FPS = 30, 48, 64, 10
 BACKENDS = ["pyav", "decord", "torchcodec", "auto"]
-# (container, codec, pixel format, options): RGB-lossless, keyframe every 6 frames so that seeking is exercised.
-LOSSLESS = {
-    "mp4": ("libx264rgb", "rgb24", {"qp": "0", "x264-params": "keyint=6:min-keyint=6:scenecut=0"}),
-    "mkv": ("ffv1", "bgr0", {"g": "6"}),
-    "avi": ("ffv1", "bgr0", {"g": "6"}),  # AVI: no presentation timestamps, always decoded sequentially
-}
+
 ORDER = [29, 0, 7, 7, 13, 6, 12, 28, 1, 29, 5]  # out of order, repeats, both ends
-
-
-def make_frames(num_frames: int = T) -> np.ndarray:
-    """uint8 (T, H, W, 3): smooth patterns that move with t, so every frame differs from its neighbours."""
-    y, x = np.mgrid[0:H, 0:W]
-    return np.stack([np.stack([(x * 4 + t * 7) % 256, (y * 5 + t * 3) % 256, ((x + y) * 2 + t * 11) % 256], -1)
-                     for t in range(num_frames)]).astype(np.uint8)
-
-
-def write_video(path: Path, frames: np.ndarray, container: str = "mkv", **open_options) -> Path:
-    codec, pix_fmt, options = LOSSLESS[container]
-    with av.open(str(path), "w", options=open_options) as c:
-        stream = c.add_stream(codec, rate=FPS)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
-        stream.options = dict(options)
-        stream.codec_context.gop_size = 6
-        for f in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                c.mux(packet)
-        for packet in stream.encode():
-            c.mux(packet)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -478,3 +451,164 @@ def test_a_one_pixel_video_is_read_and_its_flow_refused_by_name(tmp_path):
     with pytest.raises(VideoReadError, match=r"dot\.mkv: OpenCV cannot compute optical flow on its 1x1 frames \(.*"
                                              r"width or height >= 12"):
         list(video_flow(path, OpenCVFlow("dis", "fast"), None, 20.0))
+
+
+def test_decode_benchmark_summary_by_hand():
+    """The summary of hand-made rows: exact or not per file and backend, sparse (segments) and dense (all) times,
+    and the worst auto sparse read against the faster of decord and forward."""
+    from pipeline.benchmarks.decode import format_summary
+
+    def row(video, mode, backend, ms, wrong=0):
+        return dict(video=video, mode=mode, backend=backend, frames=8, ms=ms, best_ms=ms, fps=1, wrong=wrong, note="")
+
+    rows = [row("a.mp4", "segments", "decord", 10.0, wrong=2), row("a.mp4", "segments", "forward", 20.0),
+            row("a.mp4", "segments", "auto", 11.0), row("a.mp4", "train", "decord", 40.0),
+            row("a.mp4", "train", "forward", 30.0), row("a.mp4", "train", "auto", 36.0),
+            row("a.mp4", "all", "auto", 100.0), row("a.mp4", "all", "decord", 90.0),
+            dict(row("b.avi", "segments", "decord", None), note="cannot open it")]
+    lines = [line.split() for line in format_summary(rows).splitlines()[2:]]
+    assert lines[:4] == [["a.mp4", "decord", "NO", "(2", "wrong)", "10.0", "90.0"],
+                         ["a.mp4", "forward", "yes", "20.0", "-"],
+                         ["a.mp4", "auto", "yes", "11.0", "100.0"],
+                         ["b.avi", "decord", "fails:", "cannot", "open", "it", "-", "-"]]
+    # auto: 11/10 = 1.10x on segments, 36/30 = 1.20x on train: the worst is train
+    assert format_summary(rows).splitlines()[-1] == ("worst auto sparse read: 1.20x the faster of decord and forward "
+                                                     "(a.mp4, train; target <= 1.1x)")
+
+
+# --- display rotation --------------------------------------------------------------------------------------------------
+
+# (degrees counter-clockwise as av writes them, mirrored) -> the displayed frame from the stored one. Written by hand
+# from what the ffmpeg command line (which applies the display matrix) shows for such files: 90 -> np.rot90 once
+# (counter-clockwise), -90 -> three times, 180 -> twice, a mirror alone -> flipped left-right, 90 mirrored -> turned
+# once, then flipped left-right.
+ROTATIONS = {
+    (90, False): lambda f: np.rot90(f, 1, axes=(1, 2)),
+    (-90, False): lambda f: np.rot90(f, 3, axes=(1, 2)),
+    (180, False): lambda f: f[:, ::-1, ::-1],
+    (0, True): lambda f: f[:, :, ::-1],
+    (90, True): lambda f: np.rot90(f, 1, axes=(1, 2))[:, :, ::-1],
+}
+# what probe reports for them: (rotation, mirrored)
+REPORTED = {(90, False): (90, False), (-90, False): (270, False), (180, False): (180, False), (0, True): (0, True),
+            (90, True): (90, True)}
+
+
+@pytest.fixture(scope="module")
+def rotated(tmp_path_factory) -> dict[tuple, Path]:
+    out = tmp_path_factory.mktemp("rotated")
+    return {(deg, mir, ext): write_rotated(out / f"r{deg}_{int(mir)}.{ext}", make_frames(), deg, mir)
+            for (deg, mir) in ROTATIONS for ext in ("mp4", "mkv")}
+
+
+@pytest.mark.parametrize("turn", list(ROTATIONS), ids=lambda t: f"{t[0]}{'m' if t[1] else ''}")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_backend_applies_the_display_rotation(rotated, turn, backend):
+    needs(backend)
+    expected = ROTATIONS[turn](make_frames())  # (T, H', W', 3) as displayed
+    for ext in ("mp4", "mkv"):
+        path = rotated[(*turn, ext)]
+        info = probe(path)
+        assert (info.height, info.width) == expected.shape[1:3]
+        assert (info.rotation, info.mirrored) == REPORTED[turn]
+        if backend == "decord":  # decord turns such files its own (wrong) way: refused, never a wrong frame
+            with pytest.raises(VideoReadError, match=r"decord mis-decodes videos with a display rotation \(this one "
+                                                     rf"is turned {REPORTED[turn][0]} degrees"):
+                load_frames(path, ORDER, backend)
+            continue
+        np.testing.assert_array_equal(load_frames(path, ORDER, backend).numpy(), expected[ORDER])
+        np.testing.assert_array_equal(load_frames(path, np.arange(T), backend).numpy(), expected)
+
+
+def test_the_per_file_checks_compare_like_with_like_on_rotated_files(rotated, inprocess):
+    """torchcodec passes its check on a rotated lossless file (its frames and the reference are compared before the
+    rotation, its own turn undone), decord is not tried there, and auto's dense reads come out displayed."""
+    path = rotated[(90, True, "mp4")]
+    index, key = V._index(path)
+    assert index.orient == (1, True) and (index.height, index.width) == (H, W)
+    assert not V._passes("decord", path, index, key)
+    if V.torchcodec_available():
+        assert V._passes("torchcodec", path, index, key)
+    np.testing.assert_array_equal(load_frames(path, np.arange(T)).numpy(), ROTATIONS[(90, True)](make_frames()))
+
+
+def test_a_rotation_that_is_not_a_quarter_turn_is_refused(tmp_path):
+    path = tmp_path / "tilted.mp4"
+    codec, pix_fmt, options = LOSSLESS["mp4"]
+    with av.open(str(path), "w") as c:
+        stream = c.add_stream(codec, rate=FPS)
+        stream.width, stream.height, stream.pix_fmt = W, H, pix_fmt
+        stream.options = dict(options)
+        stream.set_display_rotation(30)
+        for f in make_frames(3):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(packet)
+        for packet in stream.encode():
+            c.mux(packet)
+    with pytest.raises(VideoReadError, match=r"tilted\.mp4: its display matrix turns frames by -30\.0 degrees"):
+        probe(path)
+
+
+# --- variable frame rate -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ext", ["mkv", "mp4"])
+def test_variable_frame_rate_video_reports_its_times(tmp_path, ext):
+    from pipeline.data.sampling import Sampling
+
+    path = write_vfr(tmp_path / f"vfr.{ext}", VFR_MS)
+    info = probe(path)
+    assert info.num_frames == 10
+    np.testing.assert_allclose(info.times, np.array(VFR_MS) / 1000, atol=1e-9)
+    assert info.fps == pytest.approx(9 / 0.78)  # the mean rate, not the nominal 30
+    # 10 frames/s: the frame shown at 0, 0.1, ..., 0.8 s is 0, 2, 2, 3, 6, 6, 6, 7, 9 (each once)
+    assert Sampling(fps=10).indices(info.num_frames, info.fps, info.times).tolist() == [0, 2, 3, 6, 7, 9]
+    np.testing.assert_array_equal(load_frames(path, [9, 3]).numpy(), make_frames(10)[[9, 3]])
+    # an evenly spaced file has no times, and its nominal rate
+    assert probe(write_vfr(tmp_path / f"cfr.{ext}", [0, 40, 80, 120, 160])).times is None
+
+
+def test_views_sample_a_variable_frame_rate_video_by_its_times(tmp_path):
+    from pipeline.data.features import FeatureSettings
+    from pipeline.data.sampling import Sampling
+    from pipeline.data.views import video_views
+
+    path = write_vfr(tmp_path / "vfr.mkv", VFR_MS)
+    cfg = dict(input_size=(3, 16, 16), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=1.0,
+               interpolation="bilinear", crop_mode="center")
+    settings = FeatureSettings(modality="rgb", data_config=cfg, in_chans=3, sampling=Sampling(fps=10), views="center")
+    chunks = list(video_views(path, settings))
+    assert sum(c.views.shape[1] for c in chunks) == 6 and chunks[0].total == 6
+    assert chunks[0].source.fps == pytest.approx(9 / 0.78)
+
+
+# --- torchcodec ---------------------------------------------------------------------------------------------------------
+
+def test_torchcodec_on_the_shared_videos_is_exact_or_refused(shared_data, inprocess):
+    """Every real test video: torchcodec's frames are the sequential reference's, or its per-file check refuses it
+    (and auto then reads the file with PyAV, exactly)."""
+    needs("torchcodec")
+    refused = []
+    for path in sorted((shared_data / "videos").iterdir()):
+        index, key = V._index(path)
+        n = index.num_frames
+        asked = np.unique(np.r_[0, n - 1, np.random.default_rng(0).integers(0, n, 10), V._probe_positions(index)])
+        if index.height * index.width > 1280 * 720:
+            asked = asked[asked < 120]  # the 1080p clip: its first 4 s
+        ref = dict(enumerate(sequential(path, asked.tolist())))
+        ref = {i: ref[k] for k, i in enumerate(sorted(set(asked.tolist())))}
+        if not V._passes("torchcodec", path, index, key):
+            refused.append(path.name)
+            continue
+        got = V._decode_torchcodec(path, index, asked, key)
+        assert_same_frames(V._orient(got, index.orient), asked.tolist(), ref, f"{path.name} [torchcodec]")
+    assert "test.mp4" not in refused  # it is exact on plain H.264 MP4
+    assert {"test.avi", "S001C001P001R001A001_rgb.avi"} <= set(refused)  # AVI: no presentation timestamps
+
+
+def test_torchcodec_missing_is_named(lossless, monkeypatch, inprocess):
+    monkeypatch.setattr(V, "_torchcodec_module", False)
+    monkeypatch.setattr(V, "_torchcodec_missing", "the torchcodec package is not installed")
+    with pytest.raises(VideoReadError, match=r"clip\.mp4: backend 'torchcodec' cannot be used: the torchcodec package "
+                                             r"is not installed; pip install 'eleatt\[torchcodec\]'"):
+        load_frames(lossless["mp4"], [0], "torchcodec")
+    np.testing.assert_array_equal(load_frames(lossless["mp4"], np.arange(T)).numpy(), make_frames())  # auto: decord/PyAV

@@ -21,7 +21,7 @@ from PIL import Image
 
 from pipeline.data import video as V
 from pipeline.data.video import VideoInfo, VideoReadError, load_frames, probe
-from tests.data.video_files import FPS, LOSSLESS, VFR_MS, H, T, W, make_frames, write_rotated, write_vfr, write_video
+from tests.data.video_files import FPS, LOSSLESS, VFR_MS, H, T, W, make_frames, write_vfr, write_video
 
 BACKENDS = ["pyav", "decord", "torchcodec", "auto"]
 
@@ -497,7 +497,7 @@ REPORTED = {(90, False): (90, False), (-90, False): (270, False), (180, False): 
 @pytest.fixture(scope="module")
 def rotated(tmp_path_factory) -> dict[tuple, Path]:
     out = tmp_path_factory.mktemp("rotated")
-    return {(deg, mir, ext): write_rotated(out / f"r{deg}_{int(mir)}.{ext}", make_frames(), deg, mir)
+    return {(deg, mir, ext): write_video(out / f"r{deg}_{int(mir)}.{ext}", make_frames(), ext, deg, mir)
             for (deg, mir) in ROTATIONS for ext in ("mp4", "mkv")}
 
 
@@ -533,18 +533,7 @@ def test_the_per_file_checks_compare_like_with_like_on_rotated_files(rotated, in
 
 
 def test_a_rotation_that_is_not_a_quarter_turn_is_refused(tmp_path):
-    path = tmp_path / "tilted.mp4"
-    codec, pix_fmt, options = LOSSLESS["mp4"]
-    with av.open(str(path), "w") as c:
-        stream = c.add_stream(codec, rate=FPS)
-        stream.width, stream.height, stream.pix_fmt = W, H, pix_fmt
-        stream.options = dict(options)
-        stream.set_display_rotation(30)
-        for f in make_frames(3):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                c.mux(packet)
-        for packet in stream.encode():
-            c.mux(packet)
+    path = write_video(tmp_path / "tilted.mp4", make_frames(3), "mp4", rotation=30)
     with pytest.raises(VideoReadError, match=r"tilted\.mp4: its display matrix turns frames by -30\.0 degrees"):
         probe(path)
 

@@ -23,37 +23,24 @@ def make_frames(num_frames: int = T) -> np.ndarray:
                      for t in range(num_frames)]).astype(np.uint8)
 
 
-def write_video(path: Path, frames: np.ndarray, container: str = "mkv", **open_options) -> Path:
+def write_video(path: Path, frames: np.ndarray, container: str = "mkv", rotation: int = 0, mirrored: bool = False,
+                **open_options) -> Path:
+    """A lossless video; ``rotation``/``mirrored``: a display matrix in its container (what phones write for portrait
+    video), as av writes it (degrees counter-clockwise, then mirrored left-right)."""
     codec, pix_fmt, options = LOSSLESS[container]
     with av.open(str(path), "w", options=open_options) as c:
         stream = c.add_stream(codec, rate=FPS)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
         stream.options = dict(options)
         stream.codec_context.gop_size = 6
+        if rotation or mirrored:
+            stream.set_display_rotation(rotation, hflip=mirrored)
         for f in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
                 c.mux(packet)
         for packet in stream.encode():
             c.mux(packet)
     return path
-
-
-def write_rotated(path: Path, frames: np.ndarray, degrees: int, mirrored: bool) -> Path:
-    """A lossless video whose container carries a display matrix (what phones write for portrait video)."""
-    codec, pix_fmt, options = LOSSLESS[path.suffix[1:]]
-    with av.open(str(path), "w") as c:
-        stream = c.add_stream(codec, rate=FPS)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
-        stream.options = dict(options)
-        stream.codec_context.gop_size = 6
-        stream.set_display_rotation(degrees, hflip=mirrored)
-        for f in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                c.mux(packet)
-        for packet in stream.encode():
-            c.mux(packet)
-    return path
-
 
 
 VFR_MS = [0, 40, 80, 300, 320, 340, 360, 700, 740, 780]  # presentation times: bursts at 25 frames/s and gaps

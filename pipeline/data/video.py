@@ -835,12 +835,13 @@ def _dense_backend(path: Path, index: _Index, key: tuple, num_wanted: int) -> tu
 
 def _passes(name: str, path: Path, index: _Index, key: tuple) -> bool:
     """Whether the random-access backend ``name`` is installed, suits this file, and has passed the per-file check
-    (``_verify``, run once per file and cached). decord: files up to ``DECORD_MAX_PIXELS`` without a display matrix.
+    (``_verify``, run once per file and cached). decord: files up to ``DECORD_MAX_PIXELS`` (its reader refuses files
+    with a display matrix).
     torchcodec: files whose packets carry presentation timestamps (``_Index.seekable``), by which it identifies
     frames; on AVI files (decode-order counters) it returns the frame before, where its check may not look."""
     decode, verdicts = _DENSE[name]
     if name == "decord":
-        if _decord() is None or index.height * index.width > DECORD_MAX_PIXELS or index.orient != (0, False):
+        if _decord() is None or index.height * index.width > DECORD_MAX_PIXELS:  # (its reader refuses rotated files)
             return False
     elif _torchcodec() is None or not index.seekable:
         return False

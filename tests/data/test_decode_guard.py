@@ -104,6 +104,11 @@ def test_memory_bounds(videos, monkeypatch):
 
 def test_ctrl_c_while_waiting_kills_the_helper(videos):
     load_frames(videos / "a.mp4", [0], "misbehaving")
+    [helper] = children()
+    os.kill(helper, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole process group: the helper ignores it
+    time.sleep(0.5)
+    assert children() == [helper]
+    np.testing.assert_array_equal(load_frames(videos / "a.mp4", [4], "misbehaving").numpy(), frames_of(0)[[4]])
     timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
     with pytest.raises(KeyboardInterrupt):
@@ -202,3 +207,31 @@ def test_a_variable_frame_rate_file_streams_by_its_times(tmp_path):
     got = list(decode_frames(source, chunk=10))
     assert [g[2] for g in got] == [None, None, None]  # no rate: the stream samples by timestamps
     np.testing.assert_allclose(np.concatenate([g[1] for g in got]), np.array(VFR_MS) / 1000, atol=1e-9)
+
+
+def test_the_clip_data_module_stops_its_decoding_process_at_teardown(videos):
+    from pipeline.training.clip_data import VideoDataModule
+
+    dm = VideoDataModule(str(videos), test_list=str(videos / "list.txt"), backbone="resnet18", frame_size=16,
+                         num_segments=2, num_workers=0, backend="misbehaving")
+    dm.setup("test")
+    assert dm.datasets["test"][0]["video"] == "a.mp4" and len(children()) == 1
+    dm.teardown("test")
+    assert children() == []
+
+
+def test_extract_command_lists_the_hanging_video_and_finishes_the_rest(videos, tmp_path, capsys):
+    from preprocessing.extract import main
+
+    out = tmp_path / "features"
+    start = time.monotonic()
+    code = main(["--list", str(videos / "list.txt"), "--root", str(videos), "--out", str(out), "--backbone",
+                 "test_resnet", "--weights", "none", "--device", "cpu", "--workers", "0", "--no-progress",
+                 "--backend", "misbehaving"])
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert code == 3, text
+    assert "hang.mp4" in text and "decoding did not finish in 2 s" in text
+    assert sorted(p.name for p in out.glob("*.npy")) == ["a.npy", "b.npy"]
+    assert children() == [], "no decoding process may outlive the command"
+    assert time.monotonic() - start < FLOOR + 30

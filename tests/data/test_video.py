@@ -601,3 +601,17 @@ def test_torchcodec_missing_is_named(lossless, monkeypatch, inprocess):
                                              r"is not installed; pip install 'eleatt\[torchcodec\]'"):
         load_frames(lossless["mp4"], [0], "torchcodec")
     np.testing.assert_array_equal(load_frames(lossless["mp4"], np.arange(T)).numpy(), make_frames())  # auto: decord/PyAV
+
+
+def test_the_per_file_check_reads_a_frame_between_keyframes_alone(lossless, inprocess):
+    """A backend exact when it reads from the start (the probes: keyframes and the frames after them) but one frame
+    early when a read starts between keyframes (torchcodec on AVI files) fails the check; an exact one passes."""
+    path, frames = lossless["mp4"], make_frames()
+    index, key = V._index(path)
+    assert index.key_index.tolist() == [0, 6, 12, 18, 24] and V._probe_positions(index).tolist() == [6, 7, 18, 19, 24, 25]
+
+    def early_when_alone(p, i, wanted, k):
+        return frames[wanted - 1] if len(wanted) == 1 else frames[wanted]  # the lone read: frame 15 -> 14
+
+    assert V._verify(path, index, key, lambda p, i, wanted, k: frames[wanted])
+    assert not V._verify(path, index, key, early_when_alone)

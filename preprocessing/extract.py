@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from pipeline.data.features import MAX_STACK, PRECISIONS, FeatureFolder, FeatureSettings, SettingsMismatchError
 from pipeline.data.flow_files import FlowFile, FlowFolder, FlowOptions, flow_data_config
+from pipeline.data.video import backend_names, close_readers
 from pipeline.data.views import DECODE_CHUNK, video_views
 from pipeline.data.lists import read_list
 from pipeline.data.sampling import Sampling
@@ -513,7 +514,10 @@ def extract(list_path: str | os.PathLike, root: str | os.PathLike, out: str | os
                               pin_memory=accelerator in ("cuda", "gpu"))
             writer = FeatureWriter(out, progress=progress)
             trainer.callbacks.append(writer)
-            trainer.predict(EncoderModule(encoder, spec, compile=compile), return_predictions=False)
+            try:
+                trainer.predict(EncoderModule(encoder, spec, compile=compile), return_predictions=False)
+            finally:
+                close_readers()  # this process's decoding processes (DataLoader workers stop their own)
             stats = writer.stats
 
         after = FeatureFolder(out).finished()
@@ -573,7 +577,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=tuple(PRECISIONS), default="32",
                    help="32, or bf16 / 16 autocast of the network (default 32; recorded in the settings)")
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone (pays off on long runs)")
-    p.add_argument("--backend", choices=("auto", "decord", "pyav"), default="auto", help="video decoder (default auto)")
+    p.add_argument("--backend", choices=[b for b in backend_names() if b != "rawframes"], default="auto",
+                   help="video decoder (default auto: PyAV, or torchcodec/decord for dense reads where verified); "
+                        "a read that does not finish within its deadline fails that video (floor: "
+                        "ELEATT_DECODE_TIMEOUT seconds, default 60)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 

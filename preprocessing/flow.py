@@ -33,6 +33,7 @@ from pipeline.data.flow_estimation import (CONTRIB, DEFAULT_BACKEND, DEFAULT_PRE
                                         PRESETS, OpenCVFlow, RaftFlow, build_raft, make_estimator, target_size,
                                         tvl1_available, video_flow)
 from pipeline.data.lists import read_list
+from pipeline.data.video import backend_names
 from pipeline.paths import check_not_input, ensure_writable_dir
 from pipeline.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, InputNotFoundError, UsageError
 
@@ -300,6 +301,9 @@ def _compute_locked(folder: FlowFolder, videos: list[str], root: Path, out, meth
     finally:
         bar.close()
         summary.seconds = time.perf_counter() - start
+        from pipeline.data.video import close_readers
+
+        close_readers()  # this process's decoding processes (pool workers stop their own)
     # Videos that failed before this run and were not retried (none: every unfinished one is retried) stay listed.
     return summary
 
@@ -411,8 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="processes computing flow, one video each at a time (default min(2, CPUs))")
     p.add_argument("--weights", help="--method raft: a local torchvision raft_large/raft_small state dict")
-    p.add_argument("--backend", choices=("auto", "decord", "pyav"), default=DEFAULT_BACKEND,
-                   help="video decoder (default pyav: exact frames, no per-file decord check)")
+    p.add_argument("--backend", choices=[b for b in backend_names() if b != "rawframes"], default=DEFAULT_BACKEND,
+                   help="video decoder (default pyav: exact frames, no per-file check); a read that does not finish "
+                        "within its deadline fails that video (floor: ELEATT_DECODE_TIMEOUT seconds, default 60)")
     p.add_argument("--import-jpg", metavar="DIR", help="import the JPEG flow folders under DIR into --out "
                                                        "(x_00001.jpg/y_00001.jpg or flow_x_/flow_y_; --bound is theirs)")
     p.add_argument("--export-jpg", metavar="DIR", help="export every video of the flow folder --out as JPEGs "

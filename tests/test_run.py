@@ -110,7 +110,6 @@ def test_a_rerun_resumes_and_other_settings_are_refused(mine):
     assert stderr.count("\n") == 1 and "--epochs 2 (asked now: 3)" in stderr and "--streams rgb,flow (asked now: rgb)" in stderr
 
 
-@pytest.mark.xfail(reason="display rotation lands with the decode branch", strict=False)
 @pytest.mark.parametrize("backend", ["pyav", "decord"])
 def test_the_rotated_video_comes_out_in_display_orientation(mine, backend):
     """The video stored 24 wide x 32 high with a 90-degree display matrix is shown 32 x 24: FFmpeg (and a player)

@@ -14,8 +14,8 @@ from typing import Any, Literal, Mapping
 import numpy as np
 from pipeline.errors import UsageError
 
-__all__ = ["Pad", "PAD_POLICIES", "segment_indices", "clip_indices", "fps_indices", "fps_frames", "sequence_indices",
-           "Sampling"]
+__all__ = ["Pad", "PAD_POLICIES", "segment_indices", "clip_indices", "fps_indices", "fps_frames", "fps_times",
+           "sequence_indices", "Sampling"]
 
 Pad = Literal["loop", "repeat_last"]
 PAD_POLICIES: tuple[str, ...] = ("loop", "repeat_last")
@@ -119,12 +119,16 @@ def clip_indices(
     return np.ascontiguousarray(idx, dtype=np.int64).reshape(-1)
 
 
-def fps_indices(num_frames: int, src_fps: float, target_fps: float | None = None) -> np.ndarray:
+def fps_indices(num_frames: int, src_fps: float, target_fps: float | None = None,
+                times: np.ndarray | None = None) -> np.ndarray:
     """All frames resampled to ``target_fps``: the frame shown at each time ``k / target_fps`` of the video.
 
     ``target_fps`` None or 0 keeps every frame; a target at or above ``src_fps`` also keeps every frame
     (frames are never duplicated to raise the rate). Otherwise returns
     ``ceil(num_frames * target_fps / src_fps)`` indices ``floor(k * src_fps / target_fps)``, strictly increasing.
+
+    ``times``: for a variable-frame-rate video (``VideoInfo.times``), each frame's presentation time in seconds from
+    the first; the rule then reads them instead of a rate (:func:`fps_times`).
 
     Returns:
         int64 ``(T',)``, strictly increasing, values in ``[0, num_frames)``.
@@ -134,6 +138,8 @@ def fps_indices(num_frames: int, src_fps: float, target_fps: float | None = None
         return np.arange(num_frames, dtype=np.int64)
     if not (isinstance(target_fps, (int, float, np.number)) and math.isfinite(target_fps) and target_fps > 0):
         raise UsageError(f"target_fps must be a positive number (or None/0 for all frames), got {target_fps!r}")
+    if times is not None:
+        return fps_times(times, target_fps, num_frames)
     if not (isinstance(src_fps, (int, float, np.number)) and math.isfinite(src_fps) and src_fps > 0):
         raise UsageError(
             f"src_fps must be a positive number, got {src_fps!r} (the video reports no usable frame rate; "
@@ -156,6 +162,28 @@ def fps_frames(end: int, src_fps: float, target_fps: float, first_step: int = 0)
     stop = math.floor(end / step) + 2  # past the last step whose frame can come before `end` (kept by the filter)
     idx = np.floor(np.arange(first_step, max(stop, first_step), dtype=np.float64) * step + 1e-9).astype(np.int64)
     return idx[idx < end]
+
+
+def fps_times(times: np.ndarray, target_fps: float, num_frames: int | None = None) -> np.ndarray:
+    """:func:`fps_indices` from presentation times: the frame shown at each step time ``k / target_fps``, that is
+    the last frame whose time is at or before it, for the step times before the video ends (the last frame's time
+    plus its neighbour's duration); each frame once (a frame shown at several step times is not repeated).
+    On evenly spaced times ``i / src_fps`` this is :func:`fps_frames`'s ``floor(k * src_fps / target_fps)``.
+
+    Returns:
+        int64, strictly increasing, values in ``[0, len(times))``.
+    """
+    t = np.asarray(times, dtype=np.float64).reshape(-1)
+    if num_frames is not None and len(t) != num_frames:
+        raise UsageError(f"{len(t)} frame times for {num_frames} frames; probe the video again")
+    if len(t) == 0 or not np.isfinite(t).all() or (np.diff(t) <= 0).any():
+        raise UsageError("frame times must be finite, strictly increasing seconds; probe the video again")
+    t = t - t[0]
+    end = t[-1] + (t[-1] - t[-2] if len(t) > 1 else 1.0 / float(target_fps))  # when the last frame stops showing
+    # The 1e-9 keeps a step time that equals a frame time (0.3 s at 10 fps) from landing on the frame before.
+    steps = np.arange(math.ceil(end * target_fps - 1e-9), dtype=np.float64) / float(target_fps)
+    shown = np.searchsorted(t, steps + 1e-9, side="right") - 1
+    return np.unique(shown).astype(np.int64)
 
 
 def sequence_indices(
@@ -217,10 +245,11 @@ class Sampling:
             return cls()
         raise UsageError(f"sampling mode {mode!r} is not one of 'all', 'fps', 'segments'")
 
-    def indices(self, num_frames: int, src_fps: float) -> np.ndarray:
-        """int64 `(T,)` indices in `[0, num_frames)` of a source with `num_frames` frames at `src_fps`."""
+    def indices(self, num_frames: int, src_fps: float, times: np.ndarray | None = None) -> np.ndarray:
+        """int64 `(T,)` indices in `[0, num_frames)` of a source with `num_frames` frames at `src_fps` (for a
+        variable-frame-rate source, `times`: each frame's time in seconds, which fps sampling then follows)."""
         if self.mode == "fps":
-            return fps_indices(num_frames, src_fps, self.fps)
+            return fps_indices(num_frames, src_fps, self.fps, times)
         if self.mode == "segments":
             return segment_indices(num_frames, self.num_segments, train=False)
         return np.arange(_check_count("num_frames", num_frames), dtype=np.int64)

@@ -28,10 +28,12 @@ DECODE_CHUNK = 64
 
 @dataclass(frozen=True)
 class SourceInfo:
-    """What sampling needs to know of a source: its length in items (frames) and their rate."""
+    """What sampling needs to know of a source: its length in items (frames) and their rate (for a
+    variable-frame-rate video, the mean rate, and `times`: each frame's time in seconds, which fps sampling follows)."""
 
     num_frames: int
     fps: float
+    times: np.ndarray | None = None
 
 
 @dataclass
@@ -60,7 +62,8 @@ def open_source(path: str | os.PathLike | FlowFile | FlowArray, settings: Featur
     """
     if settings.modality == "rgb":
         info = probe(path)
-        return SourceInfo(int(info.num_frames), float(info.fps)), lambda idx: load_frames(path, idx, backend=backend)
+        return (SourceInfo(int(info.num_frames), float(info.fps), info.times),
+                lambda idx: load_frames(path, idx, backend=backend))
     if settings.modality == "flow":
         source = path if isinstance(path, (FlowFile, FlowArray)) else FlowFile(path)
         if source.pairs < 1:
@@ -89,7 +92,7 @@ def video_views(path: str | os.PathLike | FlowFile | FlowArray, settings: Featur
     if settings.data_config is None:
         raise UsageError("settings without a data_config cannot make backbone views (no backbone recorded)")
     info, read = open_source(path, settings, backend)
-    indices = settings.sampling.indices(info.num_frames, info.fps)  # (T,)
+    indices = settings.sampling.indices(info.num_frames, info.fps, info.times)  # (T,)
     total = int(len(indices))
     per_yield = max(1, chunk // settings.num_views)
     for d0 in range(0, total, chunk):

@@ -23,6 +23,7 @@ import torch
 
 from pipeline.data.features import SettingsFormatError
 from pipeline.data.flow_files import FlowArray, FlowOptions
+from pipeline.data.video import backend_names, close_readers
 from pipeline.data.views import DECODE_CHUNK, video_views
 from pipeline.data.transforms import eval_views
 from pipeline.devices import resolve_device
@@ -286,8 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print one JSON object a line instead of a table")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     parser.add_argument("--batch-size", type=int, default=64, help="frames per backbone call (default 64)")
-    parser.add_argument("--backend", default="auto", choices=("auto", "decord", "pyav", "rawframes"),
-                        help="video decoding backend (default auto: decord where exact, else PyAV; the flow of a "
+    parser.add_argument("--backend", default="auto", choices=backend_names(),
+                        help="video decoding backend (default auto: PyAV, or torchcodec/decord for dense reads where "
+                             "checked exact on the file; the flow of a "
                              "flow-stream checkpoint is computed from PyAV's frames, as `eleatt flow` does)")
     parser.add_argument("--flow-weights", default=None, metavar="PATH",
                         help="a flow-stream checkpoint whose flow was computed with RAFT: the local RAFT weights file")
@@ -319,14 +321,17 @@ def main(argv: list[str] | None = None) -> int:
                              device=args.device, batch_size=args.batch_size, backend=args.backend,
                              flow_weights=args.flow_weights)
     failed = []
-    for video in args.videos:
-        pred = model(video, topk=args.topk)
-        if args.json:
-            print(json.dumps(pred.to_json()), flush=True)
-        else:
-            _print_table(pred)
-        if not pred.ok:
-            failed.append(pred)
+    try:
+        for video in args.videos:
+            pred = model(video, topk=args.topk)
+            if args.json:
+                print(json.dumps(pred.to_json()), flush=True)
+            else:
+                _print_table(pred)
+            if not pred.ok:
+                failed.append(pred)
+    finally:
+        close_readers()  # the decoding process of this command
     if failed:
         print(f"eleatt classify: {len(failed)} of {len(args.videos)} videos could not be classified:", file=sys.stderr)
         for pred in failed:

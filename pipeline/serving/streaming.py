@@ -223,9 +223,50 @@ def _reason(err: BaseException) -> str:
     return getattr(err, "strerror", None) or str(err) or type(err).__name__
 
 
+class FileSource:
+    """A video file as a stream source: read through `pipeline.data.video` (the decoding process with its deadline,
+    the display rotation, exact frames) in blocks of `block` frames; each frame's time from the file's index (its
+    own time for a variable-frame-rate file, which then streams by timestamps)."""
+
+    def __init__(self, path: str, block: int = 32, backend: str = "auto") -> None:
+        from pipeline.data.video import VideoReadError, probe
+
+        self.name = path
+        self.block = block
+        self.backend = backend
+        try:
+            self.info = probe(path)
+        except VideoReadError as err:
+            reason = str(err).split(": ", 1)[-1]
+            raise SourceError(f"stream source '{path}' cannot be opened ({reason})") from None
+        info = self.info
+        self.fps = None if info.times is not None or not info.fps else float(info.fps)
+        self.times = (info.times if info.times is not None else
+                      np.arange(info.num_frames) / info.fps if info.fps else np.full(info.num_frames, np.nan))
+
+    def blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray, float]]:
+        """(frames uint8 (t, H, W, 3), times (t,), decode seconds) for consecutive blocks of frames."""
+        from pipeline.data.video import VideoReadError, load_frames
+
+        n = self.info.num_frames
+        for start in range(0, n, self.block):
+            stop = min(start + self.block, n)
+            began = time.perf_counter()
+            try:
+                frames = load_frames(self.name, np.arange(start, stop), self.backend).numpy()
+            except VideoReadError as err:
+                raise SourceError(f"stream source '{self.name}': decoding failed after {start} frames "
+                                  f"({str(err).split(': ', 1)[-1]})") from None
+            yield frames, self.times[start:stop], time.perf_counter() - began
+
+    def close(self) -> None:
+        pass
+
+
 def open_stream(source: str, input_format: str | None = None, timeout: float = 10.0):
-    """Opens a file, a camera (/dev/videoN: FFmpeg's v4l2 input) or a URL (rtsp://, http://, file:, pipe:, ...)
-    with PyAV; returns the container. Raises SourceError with the reason and the fix."""
+    """Opens a file (a `FileSource`: decoded under the deadline of `pipeline.data.decode_guard`, in display
+    orientation), a camera (/dev/videoN: FFmpeg's v4l2 input) or a URL (rtsp://, http://, file:, pipe:, ...) with
+    PyAV (the container). Raises SourceError with the reason and the fix."""
     import av
 
     is_url = "://" in source or source.startswith(("pipe:", "file:"))
@@ -238,6 +279,8 @@ def open_stream(source: str, input_format: str | None = None, timeout: float = 1
                               "(/dev/video0) or a URL (rtsp://..., http://..., file:...)")
         if path.is_dir():
             raise SourceError(f"stream source '{source}' is a folder; pass a video file, a camera or a URL")
+        if path.is_file():
+            return FileSource(source)
     try:
         container = av.open(source, mode="r", format=input_format, timeout=timeout if is_url else None)
     except (av.FFmpegError, OSError) as err:
@@ -254,6 +297,11 @@ def open_stream(source: str, input_format: str | None = None, timeout: float = 1
 def decode_frames(container, chunk: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray, float | None, float]]:
     """Decodes the first video stream incrementally: yields (frames uint8 (t, H, W, 3) RGB, timestamps (t,) s,
     the stream's frame rate or None, decode seconds) for up to `chunk` frames at a time."""
+    if isinstance(container, FileSource):
+        for frames, stamps, spent in container.blocks():
+            for s in range(0, len(frames), chunk):
+                yield frames[s:s + chunk], stamps[s:s + chunk], container.fps, spent if s == 0 else 0.0
+        return
     import av
 
     stream = container.streams.video[0]
@@ -424,6 +472,10 @@ def main(argv: list[str] | None = None) -> int:
         code = EXIT_SOME_FAILED
     finally:
         container.close()
+        if isinstance(container, FileSource):
+            from pipeline.data.video import close_readers
+
+            close_readers()
     elapsed = time.perf_counter() - wall
     times_arr = np.asarray(times, dtype=np.float64)
     probs_arr = np.stack(probs) if probs else np.zeros((0, len(names)), np.float32)

@@ -12,8 +12,9 @@ dicts carry the keys `EleAttClassifier`'s steps read (`feats`, `lengths`, `label
 
 A video that cannot be read is never silent and never ends an epoch: it is logged with its path and reason, counted
 in the batch's `skipped` list (the model logs the count), and in training replaced by another random video of the
-list; in evaluation it is left out of the batch (and so out of the scores file). Readers are opened per call inside
-each DataLoader worker (`load_frames` keeps none), so forked workers never share a decoder.
+list; in evaluation it is left out of the batch (and so out of the scores file); so is one whose decoding does not finish
+within its deadline (the decoding process is killed). Readers are opened per call inside each DataLoader worker's
+decoding process (`load_frames` keeps none), so forked workers never share a decoder.
 
 Frame geometry and normalisation come from the backbone's timm data config, resolved here from the backbone's name
 (plain data: `pipeline.data` imports nothing from `pipeline.nn`); `frame_size` overrides the input size (e.g. 112
@@ -35,7 +36,7 @@ from pipeline.data.lists import ListEntry
 from pipeline.data.sampling import Sampling, segment_indices
 from pipeline.data.views import video_views
 from pipeline.data.transforms import VIEW_COUNTS, eval_views, hflip, train_clip_transform
-from pipeline.data.video import VideoReadError, load_frames, probe
+from pipeline.data.video import VideoReadError, close_readers, load_frames, probe
 from pipeline.errors import InputNotFoundError, UsageError
 
 log = logging.getLogger(__name__)
@@ -208,7 +209,9 @@ class VideoDataModule(ListDataModule):
         eval_batch_size: evaluation videos per batch (default: batch_size); each brings V views.
         num_workers: DataLoader processes decoding and transforming.
         pin_memory: DataLoader pin_memory (on for GPUs).
-        backend: video decoding backend (auto, pyav, decord, rawframes).
+        backend: video decoding backend (auto, pyav, decord, torchcodec, rawframes). Every read runs in a decoding
+            process under a deadline (`pipeline.data.decode_guard`, ELEATT_DECODE_TIMEOUT): a video whose decoding
+            hangs is skipped like an unreadable one, and the epoch goes on.
     """
 
     collate_fn = staticmethod(collate_clips)
@@ -233,7 +236,7 @@ class VideoDataModule(ListDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 2,
         pin_memory: bool = False,
-        backend: Literal["auto", "pyav", "decord", "rawframes"] = "auto",
+        backend: Literal["auto", "pyav", "decord", "torchcodec", "rawframes"] = "auto",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -277,6 +280,9 @@ class VideoDataModule(ListDataModule):
         return VideoClipDataset(self.video_root, self.entries(name), self.data_config, hp.num_segments, train=train,
                                 views=hp.views, augment=hp.augment, modality=hp.modality,
                                 flow_length=hp.flow_length, backend=hp.backend)
+
+    def teardown(self, stage: str) -> None:
+        close_readers()  # this process's decoding processes (DataLoader workers stop their own when they end)
 
     def setup(self, stage: str) -> None:
         if stage == "fit":

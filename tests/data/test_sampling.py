@@ -215,3 +215,29 @@ def test_fps_frames_continues_the_rule_from_any_step(src, target):
             taken += new.tolist()
             k += len(new)
         np.testing.assert_array_equal(taken, whole)
+
+
+def test_fps_times_picks_the_frame_shown_at_each_step_time():
+    from pipeline.data.sampling import Sampling, fps_times
+
+    # bursts at 25 frames/s with gaps: at 0, 0.1, ..., 0.8 s the frames shown are 0, 2, 2, 3, 6, 6, 6, 7, 9
+    times = [0.0, 0.04, 0.08, 0.3, 0.32, 0.34, 0.36, 0.7, 0.74, 0.78]
+    assert fps_times(times, 10).tolist() == [0, 2, 3, 6, 7, 9]
+    assert fps_times(times, 5).tolist() == [0, 2, 6, 9]  # at 0, 0.2, 0.4, 0.6, 0.8 s: 0, 2, 6, 6, 9
+    assert fps_times(np.array(times) + 5.0, 10).tolist() == [0, 2, 3, 6, 7, 9]  # from the first frame's time
+    # the video ends when its last frame stops showing (0.78 + 0.04 s): no step at 0.9 s
+    assert fps_times(times, 100).tolist() == list(range(10))  # above every local rate: each frame once
+    assert fps_indices(10, 12.8, 10, times=np.array(times)).tolist() == [0, 2, 3, 6, 7, 9]
+    assert Sampling(fps=10).indices(10, 12.8, np.array(times)).tolist() == [0, 2, 3, 6, 7, 9]
+    assert Sampling().indices(10, 12.8, np.array(times)).tolist() == list(range(10))  # all frames: times unused
+    with pytest.raises(ValueError, match="strictly increasing"):
+        fps_times([0.0, 0.1, 0.1], 10)
+    with pytest.raises(ValueError, match="3 frame times for 4 frames"):
+        fps_indices(4, 10, 5, times=np.array([0.0, 0.1, 0.2]))
+
+
+@pytest.mark.parametrize("src, target, n", [(30, 10, 100), (29.97, 7, 301), (25, 10, 97), (24, 9.5, 200), (30, 45, 20)])
+def test_fps_times_on_even_times_is_the_rate_rule(src, target, n):
+    from pipeline.data.sampling import fps_times
+
+    np.testing.assert_array_equal(fps_times(np.arange(n) / src, target), fps_indices(n, src, target))

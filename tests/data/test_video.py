@@ -1,5 +1,9 @@
 """pipeline.data.video: exact frames on generated lossless videos, accuracy against sequential decoding on the real
-videos in ../shared/data/videos (h265 where decord is wrong, AV1 it cannot open), bad inputs, raw-frame folders."""
+videos in ../shared/data/videos (h265 where decord is wrong, AV1 it cannot open), display rotation, variable frame
+rates, torchcodec, bad inputs, raw-frame folders.
+
+Tests that reach into the decoding internals (monkeypatched constants and functions, the caches) run them in this
+process (`inprocess`: ELEATT_DECODE_TIMEOUT=off); the others go through the decoding process as commands do."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,38 +21,11 @@ from PIL import Image
 
 from pipeline.data import video as V
 from pipeline.data.video import VideoInfo, VideoReadError, load_frames, probe
+from tests.data.video_files import FPS, LOSSLESS, VFR_MS, H, T, W, make_frames, write_vfr, write_video
 
-T, H, W, FPS = 30, 48, 64, 10
-BACKENDS = ["pyav", "decord", "auto"]
-# (container, codec, pixel format, options): RGB-lossless, keyframe every 6 frames so that seeking is exercised.
-LOSSLESS = {
-    "mp4": ("libx264rgb", "rgb24", {"qp": "0", "x264-params": "keyint=6:min-keyint=6:scenecut=0"}),
-    "mkv": ("ffv1", "bgr0", {"g": "6"}),
-    "avi": ("ffv1", "bgr0", {"g": "6"}),  # AVI: no presentation timestamps, always decoded sequentially
-}
+BACKENDS = ["pyav", "decord", "torchcodec", "auto"]
+
 ORDER = [29, 0, 7, 7, 13, 6, 12, 28, 1, 29, 5]  # out of order, repeats, both ends
-
-
-def make_frames(num_frames: int = T) -> np.ndarray:
-    """uint8 (T, H, W, 3): smooth patterns that move with t, so every frame differs from its neighbours."""
-    y, x = np.mgrid[0:H, 0:W]
-    return np.stack([np.stack([(x * 4 + t * 7) % 256, (y * 5 + t * 3) % 256, ((x + y) * 2 + t * 11) % 256], -1)
-                     for t in range(num_frames)]).astype(np.uint8)
-
-
-def write_video(path: Path, frames: np.ndarray, container: str = "mkv", **open_options) -> Path:
-    codec, pix_fmt, options = LOSSLESS[container]
-    with av.open(str(path), "w", options=open_options) as c:
-        stream = c.add_stream(codec, rate=FPS)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
-        stream.options = dict(options)
-        stream.codec_context.gop_size = 6
-        for f in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                c.mux(packet)
-        for packet in stream.encode():
-            c.mux(packet)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +42,18 @@ def _fresh_cache():
     V.clear_cache()
 
 
+@pytest.fixture
+def inprocess(monkeypatch):
+    """Decode in this process, where monkeypatches and the caches are visible."""
+    monkeypatch.setenv("ELEATT_DECODE_TIMEOUT", "off")
+
+
 def needs(backend: str) -> None:
     if backend == "decord" and not V.decord_available():
         pytest.skip("decord is not installed on this platform")
+    if backend == "torchcodec" and not V.torchcodec_available():
+        pytest.skip(f"torchcodec cannot be used here ({V._torchcodec_missing}); pip install 'eleatt[torchcodec]' "
+                    "and apt-get install ffmpeg")
 
 
 def sequential(path: Path, indices=None) -> np.ndarray:
@@ -100,7 +86,7 @@ def assert_same_frames(got: np.ndarray, asked: list[int], ref: dict[int, np.ndar
 
 @pytest.mark.parametrize("container", list(LOSSLESS))
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_lossless_frames_are_exact(lossless, container, backend, monkeypatch):
+def test_lossless_frames_are_exact(lossless, container, backend, monkeypatch, inprocess):
     needs(backend)
     monkeypatch.setattr(V, "SEEK_MIN_SKIP", 1)  # seek wherever a keyframe lies between targets
     if container != "avi":  # MP4/MKV: every PyAV read must be served by pts-matched seeking, never the fallback
@@ -116,15 +102,26 @@ def test_lossless_frames_are_exact(lossless, container, backend, monkeypatch):
     assert load_frames(path, [], backend).shape == (0, H, W, 3)
     key = V._index(path)[1]
     assert key not in V._no_seek, "pts-matched seeking hit a mismatch on a well-formed file"
-    if backend == "auto" and V.decord_available():
+    if backend == "auto" and V.torchcodec_available() and container != "avi":  # the first dense backend: used
+        assert V._torchcodec_ok[key] is True, "torchcodec is exact on this file; auto should use it"
+    elif backend == "auto" and V.decord_available():
         assert V._decord_ok[key] is True, "decord is exact on this file; auto should use it"
+
+
+@pytest.mark.parametrize("container", list(LOSSLESS))
+def test_lossless_frames_through_the_decoding_process(lossless, container):
+    path, frames = lossless[container], make_frames()
+    assert probe(path) == VideoInfo(num_frames=T, fps=float(FPS), height=H, width=W)
+    np.testing.assert_array_equal(load_frames(path, ORDER).numpy(), frames[ORDER])
+    np.testing.assert_array_equal(load_frames(path, np.arange(T)).numpy(), frames)  # dense: auto's checked backends
+    assert load_frames(path, [], "pyav").shape == (0, H, W, 3)
 
 
 def _no_fallback(*args):
     raise AssertionError("fell back to sequential decoding")
 
 
-def test_seek_mismatch_falls_back_to_sequential(lossless):
+def test_seek_mismatch_falls_back_to_sequential(lossless, inprocess):
     """A wrong index (here: every pts shifted by one frame) must cost time, never return a wrong frame."""
     path = lossless["mkv"]
     index, key = V._index(path)
@@ -137,7 +134,7 @@ def test_seek_mismatch_falls_back_to_sequential(lossless):
 
 
 @pytest.mark.parametrize("container", ["mp4", "mkv"])
-def test_seeks_only_past_the_next_keyframe(lossless, container, monkeypatch):
+def test_seeks_only_past_the_next_keyframe(lossless, container, monkeypatch, inprocess):
     """Keyframes every 6 frames (0, 6, 12, ...): a read decodes forward and seeks only where the next wanted frame
     lies at or beyond the next keyframe; the frames stay exact."""
     seeks: list[int] = []
@@ -173,7 +170,7 @@ def test_edited_file_is_reindexed(tmp_path):
     np.testing.assert_array_equal(load_frames(path, [0]).numpy()[0], make_frames(20)[13])
 
 
-def test_decord_bridge_is_left_alone(lossless):
+def test_decord_bridge_is_left_alone(lossless, inprocess):
     decord = pytest.importorskip("decord")
     decord.bridge.set_bridge("torch")  # a user's global choice must neither break us nor be changed by us
     try:
@@ -199,10 +196,11 @@ def test_forked_workers_read_correct_frames(lossless):
 
 
 def test_import_opens_nothing_and_leaves_decord_unloaded():
-    code = "import sys, pipeline.data.video as v; print('decord' in sys.modules, len(v._index_cache))"
+    code = ("import sys, pipeline.data.video as v; print('decord' in sys.modules, 'torch' in sys.modules, "
+            "len(v._index_cache))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2])
-    assert out.stdout.split() == ["False", "0"]
+    assert out.stdout.split() == ["False", "False", "0"]  # the decoding process imports neither
 
 
 # --- real videos: accuracy against sequential decoding ---------------------------------------------------------------
@@ -213,7 +211,7 @@ BIG = "S001C001P001R001A001_rgb.avi"  # 1920x1080: a few indices only
 
 
 @pytest.mark.parametrize("name", REAL)
-def test_real_video_matches_sequential_decoding(shared_data, name, monkeypatch):
+def test_real_video_matches_sequential_decoding(shared_data, name, monkeypatch, inprocess):
     path = shared_data / "videos" / name
     info = probe(path)
     if name == BIG:
@@ -231,7 +229,8 @@ def test_real_video_matches_sequential_decoding(shared_data, name, monkeypatch):
         asked = [count - 1, 0] + rng.integers(0, count, 12).tolist() + [count // 2, count // 2]
     assert info.num_frames == count
     assert (info.height, info.width) == ref[0].shape[:2]
-    # (backend, SEEK_MIN_SKIP, DENSE_READ_FRACTION); auto at fraction 0: the decord check, then decord where passed.
+    # (backend, SEEK_MIN_SKIP, DENSE_READ_FRACTION); auto at fraction 0: the torchcodec/decord checks, then the
+    # first that passed.
     cases = [("pyav", V.SEEK_MIN_SKIP, V.DENSE_READ_FRACTION), ("auto", V.SEEK_MIN_SKIP, V.DENSE_READ_FRACTION),
              ("auto", V.SEEK_MIN_SKIP, 0.0)]
     if path.suffix != ".avi":  # AVI is never sought in; elsewhere also seek wherever a keyframe lies between targets
@@ -247,9 +246,10 @@ def test_real_video_matches_sequential_decoding(shared_data, name, monkeypatch):
         V.clear_cache()
 
 
-def test_auto_rejects_decord_on_h265_where_it_is_wrong(shared_data, monkeypatch):
+def test_auto_rejects_decord_on_h265_where_it_is_wrong(shared_data, monkeypatch, inprocess):
     if not V.decord_available():
         pytest.skip("decord is not installed on this platform")
+    monkeypatch.setattr(V, "DENSE_BACKENDS", ("decord",))
     path = shared_data / "videos" / "h265_video.mp4"
     ref = dict(enumerate(sequential(path)))
     asked = [3, 5, 9, 2, 7]
@@ -264,9 +264,10 @@ def test_auto_rejects_decord_on_h265_where_it_is_wrong(shared_data, monkeypatch)
     assert V._decord_ok[V._index(shared_data / "videos" / "test.mp4")[1]] is True
 
 
-def test_auto_uses_decord_for_dense_reads_once_verified(lossless, monkeypatch):
+def test_auto_uses_decord_for_dense_reads_once_verified(lossless, monkeypatch, inprocess):
     if not V.decord_available():
         pytest.skip("decord is not installed on this platform")
+    monkeypatch.setattr(V, "DENSE_BACKENDS", ("decord",))
     path, frames = lossless["mp4"], make_frames()
     key = V._index(path)[1]
     real_decode_decord = V._decode_decord
@@ -355,7 +356,8 @@ def test_out_of_range_index_is_an_error(lossless, backend):
 
 def test_bad_arguments(lossless, tmp_path):
     path = lossless["mp4"]
-    with pytest.raises(ValueError, match="unknown video backend 'opencv'"):
+    with pytest.raises(ValueError, match="unknown video backend 'opencv'; use one of auto, decord, pyav, rawframes, "
+                                         "torchcodec"):
         load_frames(path, [0], "opencv")
     with pytest.raises(ValueError, match="1-D"):
         load_frames(path, [[0, 1]])
@@ -406,9 +408,212 @@ def test_decode_benchmark_quick(lossless, capsys):
 
     assert decode.main(["--quick", str(lossless["mp4"]), str(lossless["avi"])]) == 0
     out = capsys.readouterr().out
-    rows = [line.split() for line in out.splitlines() if line.startswith("clip.")]
+    table, summary = out.split("\n\n", 1)
+    rows = [line.split() for line in table.splitlines() if line.startswith("clip.")]
     backends = {" ".join(r[2:-7]) for r in rows}  # video mode BACKEND frames ms best fps ratio vs-ref wrong
-    assert {"pyav", "forward", "auto", "auto (1st read)"} <= backends
+    assert {"pyav", "forward", "auto", "auto (no guard)", "auto (1st read)"} <= backends
     assert all(r[-2].endswith("x") for r in rows), out  # every row has its ratio to the faster reference
     assert all(r[-1] == "0" for r in rows), out  # no wrong frames on lossless files
+    # the summary: every backend of every file frame-exact, its sparse time, no dense time in a quick run
+    lines = [line.split() for line in summary.splitlines() if line.startswith("clip.")]
+    assert {(r[0], r[-3], r[-1]) for r in lines} == {(v, "yes", "-") for v in ("clip.mp4", "clip.avi")}
+    assert "worst auto sparse read: " in summary and "target <= 1.1x" in summary
     assert decode.main(["--quick", str(lossless["mp4"]), "/nonexistent.mp4"]) == 3
+
+
+def test_decode_benchmark_generates_videos_or_reads_a_folder(tmp_path, monkeypatch, capsys):
+    from pipeline.benchmarks import decode
+
+    one = [g for g in decode.GENERATED if g[0] == "h264_rotated90.mp4"]
+    monkeypatch.setattr(decode, "GENERATED", [(*one[0][:3], (48, 64), 24, *one[0][5:])])
+    made = decode.make_videos(tmp_path)
+    assert [p.name for p in made] == ["h264_rotated90.mp4"]
+    info = probe(made[0])
+    assert (info.num_frames, info.height, info.width, info.rotation) == (24, 64, 48, 90)
+    monkeypatch.setenv(decode.ENV_VIDEOS, str(tmp_path))
+    assert decode.main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "h264_rotated90.mp4" in out and "generating" not in out
+    monkeypatch.delenv(decode.ENV_VIDEOS)
+    assert decode.main(["--quick"]) == 0
+    assert "no videos given (and no ELEATT_BENCH_VIDEOS): generating test videos" in capsys.readouterr().out
+
+
+def test_a_one_pixel_video_is_read_and_its_flow_refused_by_name(tmp_path):
+    """A 1x1 video decodes; OpenCV's DIS refuses frames that small (it raises under 12 px, crashes under 32), which
+    `classify` of a flow checkpoint did not catch (a traceback, the other videos never classified): the size is
+    refused by name before OpenCV runs, as a ValueError each command records per video."""
+    from pipeline.data.flow_estimation import OpenCVFlow, video_flow
+    from pipeline.errors import UsageError
+
+    frames = np.arange(12, dtype=np.uint8).reshape(12, 1, 1, 1).repeat(3, -1) * 20
+    path = write_video(tmp_path / "dot.mkv", frames)
+    assert probe(path) == VideoInfo(12, float(FPS), 1, 1)
+    np.testing.assert_array_equal(load_frames(path, [11, 0]).numpy(), frames[[11, 0]])
+    with pytest.raises(UsageError, match=r"dot\.mkv': its frames are 1x1; dis needs at least 32x32") as err:
+        list(video_flow(path, OpenCVFlow("dis", "fast"), None, 20.0))
+    assert isinstance(err.value, ValueError)
+
+
+def test_decode_benchmark_summary_by_hand():
+    """The summary of hand-made rows: exact or not per file and backend, sparse (segments) and dense (all) times,
+    and the worst auto sparse read against the faster of decord and forward."""
+    from pipeline.benchmarks.decode import format_summary
+
+    def row(video, mode, backend, ms, wrong=0):
+        return dict(video=video, mode=mode, backend=backend, frames=8, ms=ms, best_ms=ms, fps=1, wrong=wrong, note="")
+
+    rows = [row("a.mp4", "segments", "decord", 10.0, wrong=2), row("a.mp4", "segments", "forward", 20.0),
+            row("a.mp4", "segments", "auto", 11.0), row("a.mp4", "train", "decord", 40.0),
+            row("a.mp4", "train", "forward", 30.0), row("a.mp4", "train", "auto", 36.0),
+            row("a.mp4", "all", "auto", 100.0), row("a.mp4", "all", "decord", 90.0),
+            dict(row("b.avi", "segments", "decord", None), note="cannot open it")]
+    lines = [line.split() for line in format_summary(rows).splitlines()[2:]]
+    assert lines[:4] == [["a.mp4", "decord", "NO", "(2", "wrong)", "10.0", "90.0"],
+                         ["a.mp4", "forward", "yes", "20.0", "-"],
+                         ["a.mp4", "auto", "yes", "11.0", "100.0"],
+                         ["b.avi", "decord", "fails:", "cannot", "open", "it", "-", "-"]]
+    # auto: 11/10 = 1.10x on segments, 36/30 = 1.20x on train: the worst is train
+    assert format_summary(rows).splitlines()[-1] == ("worst auto sparse read: 1.20x the faster of decord and forward "
+                                                     "(a.mp4, train; target <= 1.1x)")
+
+
+# --- display rotation --------------------------------------------------------------------------------------------------
+
+# (degrees counter-clockwise as av writes them, mirrored) -> the displayed frame from the stored one. Written by hand
+# from what the ffmpeg command line (which applies the display matrix) shows for such files: 90 -> np.rot90 once
+# (counter-clockwise), -90 -> three times, 180 -> twice, a mirror alone -> flipped left-right, 90 mirrored -> turned
+# once, then flipped left-right.
+ROTATIONS = {
+    (90, False): lambda f: np.rot90(f, 1, axes=(1, 2)),
+    (-90, False): lambda f: np.rot90(f, 3, axes=(1, 2)),
+    (180, False): lambda f: f[:, ::-1, ::-1],
+    (0, True): lambda f: f[:, :, ::-1],
+    (90, True): lambda f: np.rot90(f, 1, axes=(1, 2))[:, :, ::-1],
+}
+# what probe reports for them: (rotation, mirrored)
+REPORTED = {(90, False): (90, False), (-90, False): (270, False), (180, False): (180, False), (0, True): (0, True),
+            (90, True): (90, True)}
+
+
+@pytest.fixture(scope="module")
+def rotated(tmp_path_factory) -> dict[tuple, Path]:
+    out = tmp_path_factory.mktemp("rotated")
+    return {(deg, mir, ext): write_video(out / f"r{deg}_{int(mir)}.{ext}", make_frames(), ext, deg, mir)
+            for (deg, mir) in ROTATIONS for ext in ("mp4", "mkv")}
+
+
+@pytest.mark.parametrize("turn", list(ROTATIONS), ids=lambda t: f"{t[0]}{'m' if t[1] else ''}")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_backend_applies_the_display_rotation(rotated, turn, backend):
+    needs(backend)
+    expected = ROTATIONS[turn](make_frames())  # (T, H', W', 3) as displayed
+    for ext in ("mp4", "mkv"):
+        path = rotated[(*turn, ext)]
+        info = probe(path)
+        assert (info.height, info.width) == expected.shape[1:3]
+        assert (info.rotation, info.mirrored) == REPORTED[turn]
+        if backend == "decord":  # decord turns such files its own (wrong) way: refused, never a wrong frame
+            with pytest.raises(VideoReadError, match=r"decord mis-decodes videos with a display rotation \(this one "
+                                                     rf"is turned {REPORTED[turn][0]} degrees"):
+                load_frames(path, ORDER, backend)
+            continue
+        np.testing.assert_array_equal(load_frames(path, ORDER, backend).numpy(), expected[ORDER])
+        np.testing.assert_array_equal(load_frames(path, np.arange(T), backend).numpy(), expected)
+
+
+def test_the_per_file_checks_compare_like_with_like_on_rotated_files(rotated, inprocess):
+    """torchcodec passes its check on a rotated lossless file (its frames and the reference are compared before the
+    rotation, its own turn undone), decord is not tried there, and auto's dense reads come out displayed."""
+    path = rotated[(90, True, "mp4")]
+    index, key = V._index(path)
+    assert index.orient == (1, True) and (index.height, index.width) == (H, W)
+    assert not V._passes("decord", path, index, key)
+    if V.torchcodec_available():
+        assert V._passes("torchcodec", path, index, key)
+    np.testing.assert_array_equal(load_frames(path, np.arange(T)).numpy(), ROTATIONS[(90, True)](make_frames()))
+
+
+def test_a_rotation_that_is_not_a_quarter_turn_is_refused(tmp_path):
+    path = write_video(tmp_path / "tilted.mp4", make_frames(3), "mp4", rotation=30)
+    with pytest.raises(VideoReadError, match=r"tilted\.mp4: its display matrix turns frames by -30\.0 degrees"):
+        probe(path)
+
+
+# --- variable frame rate -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ext", ["mkv", "mp4"])
+def test_variable_frame_rate_video_reports_its_times(tmp_path, ext):
+    from pipeline.data.sampling import Sampling
+
+    path = write_vfr(tmp_path / f"vfr.{ext}", VFR_MS)
+    info = probe(path)
+    assert info.num_frames == 10
+    np.testing.assert_allclose(info.times, np.array(VFR_MS) / 1000, atol=1e-9)
+    assert info.fps == pytest.approx(9 / 0.78)  # the mean rate, not the nominal 30
+    # 10 frames/s: the frame shown at 0, 0.1, ..., 0.8 s is 0, 2, 2, 3, 6, 6, 6, 7, 9 (each once)
+    assert Sampling(fps=10).indices(info.num_frames, info.fps, info.times).tolist() == [0, 2, 3, 6, 7, 9]
+    np.testing.assert_array_equal(load_frames(path, [9, 3]).numpy(), make_frames(10)[[9, 3]])
+    # an evenly spaced file has no times, and its nominal rate
+    assert probe(write_vfr(tmp_path / f"cfr.{ext}", [0, 40, 80, 120, 160])).times is None
+
+
+def test_views_sample_a_variable_frame_rate_video_by_its_times(tmp_path):
+    from pipeline.data.features import FeatureSettings
+    from pipeline.data.sampling import Sampling
+    from pipeline.data.views import video_views
+
+    path = write_vfr(tmp_path / "vfr.mkv", VFR_MS)
+    cfg = dict(input_size=(3, 16, 16), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=1.0,
+               interpolation="bilinear", crop_mode="center")
+    settings = FeatureSettings(modality="rgb", data_config=cfg, in_chans=3, sampling=Sampling(fps=10), views="center")
+    chunks = list(video_views(path, settings))
+    assert sum(c.views.shape[1] for c in chunks) == 6 and chunks[0].total == 6
+    assert chunks[0].source.fps == pytest.approx(9 / 0.78)
+
+
+# --- torchcodec ---------------------------------------------------------------------------------------------------------
+
+def test_torchcodec_on_the_shared_videos_is_exact_or_refused(shared_data, inprocess):
+    """Every real test video: torchcodec's frames are the sequential reference's, or its per-file check refuses it
+    (and auto then reads the file with PyAV, exactly)."""
+    needs("torchcodec")
+    refused = []
+    for path in sorted((shared_data / "videos").iterdir()):
+        index, key = V._index(path)
+        n = index.num_frames
+        asked = np.unique(np.r_[0, n - 1, np.random.default_rng(0).integers(0, n, 10), V._probe_positions(index)])
+        if index.height * index.width > 1280 * 720:
+            asked = asked[asked < 120]  # the 1080p clip: its first 4 s
+        ref = dict(enumerate(sequential(path, asked.tolist())))
+        ref = {i: ref[k] for k, i in enumerate(sorted(set(asked.tolist())))}
+        if not V._passes("torchcodec", path, index, key):
+            refused.append(path.name)
+            continue
+        got = V._decode_torchcodec(path, index, asked, key)
+        assert_same_frames(V._orient(got, index.orient), asked.tolist(), ref, f"{path.name} [torchcodec]")
+    assert "test.mp4" not in refused  # it is exact on plain H.264 MP4
+    assert {"test.avi", "S001C001P001R001A001_rgb.avi"} <= set(refused)  # AVI: no presentation timestamps
+
+
+def test_torchcodec_missing_is_named(lossless, monkeypatch, inprocess):
+    monkeypatch.setattr(V, "_torchcodec_module", False)
+    monkeypatch.setattr(V, "_torchcodec_missing", "the torchcodec package is not installed")
+    with pytest.raises(VideoReadError, match=r"clip\.mp4: backend 'torchcodec' cannot be used: the torchcodec package "
+                                             r"is not installed; pip install 'eleatt\[torchcodec\]'"):
+        load_frames(lossless["mp4"], [0], "torchcodec")
+    np.testing.assert_array_equal(load_frames(lossless["mp4"], np.arange(T)).numpy(), make_frames())  # auto: decord/PyAV
+
+
+def test_the_per_file_check_reads_a_frame_between_keyframes_alone(lossless, inprocess):
+    """A backend exact when it reads from the start (the probes: keyframes and the frames after them) but one frame
+    early when a read starts between keyframes (torchcodec on AVI files) fails the check; an exact one passes."""
+    path, frames = lossless["mp4"], make_frames()
+    index, key = V._index(path)
+    assert index.key_index.tolist() == [0, 6, 12, 18, 24] and V._probe_positions(index).tolist() == [6, 7, 18, 19, 24, 25]
+
+    def early_when_alone(p, i, wanted, k):
+        return frames[wanted - 1] if len(wanted) == 1 else frames[wanted]  # the lone read: frame 15 -> 14
+
+    assert V._verify(path, index, key, lambda p, i, wanted, k: frames[wanted])
+    assert not V._verify(path, index, key, early_when_alone)

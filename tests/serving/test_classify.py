@@ -43,6 +43,11 @@ def test_cli_reports_unreadable_video_and_goes_on(demo_run, tmp_path, capsys):
     bad = tmp_path / "broken.mp4"
     bad.write_bytes(b"this is not a video")
     good = data / read_list(data / "test.txt")[0].path
+    from pipeline.data.video import close_readers
+    from tests.data.test_decode_guard import children
+
+    close_readers()
+    before = set(children())  # the demo's processes (a forkserver), not the command's
     code = main([str(good), str(bad), "--ckpt", str(run / "best.ckpt"), "--json", "--topk", "2"])
     assert code == 3
     out, err = capsys.readouterr()
@@ -50,6 +55,7 @@ def test_cli_reports_unreadable_video_and_goes_on(demo_run, tmp_path, capsys):
     assert lines[0]["video"] == str(good) and len(lines[0]["topk"]) == 2
     assert lines[1]["video"] == str(bad) and "broken.mp4" in lines[1]["error"]
     assert "1 of 2 videos could not be classified" in err
+    assert set(children()) <= before  # the command stopped its decoding process
 
 
 def test_table_output(demo_run, capsys):

@@ -89,7 +89,8 @@ def make_video_folder(root: Path, per_class: int = 4, frames: int = 12, size: in
     write_lossless_video(root / "brighten" / "twin.avi", render_video("brighten", video_seed(0, "brighten", 51),
                                                                       frames, size))
     stored = render_video(ROTATED_FRAMES["name"], video_seed(0, ROTATED_FRAMES["name"], ROTATED_FRAMES["index"]),
-                          frames, size)[:, :, size // 8: size - size // 8]  # taller than wide: (T, size, 3/4 size)
+                          frames, size + size // 4)[:, :, size // 8: size + size // 8]  # (T, 5/4 size, size): taller
+    # than wide, shown size high (the smallest side DIS flow takes at size 32)
     write_rotated_video(root / "grow" / "rotated.mp4", stored)
     out.update(damaged="grow/damaged.mp4", one_frame="shrink/one_frame.mp4",
                twins=("brighten/twin.avi", "brighten/twin.mp4"), rotated="grow/rotated.mp4", rotated_frames=stored)

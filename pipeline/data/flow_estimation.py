@@ -184,7 +184,7 @@ def video_flow(path: str | os.PathLike, estimator, short_side: int | None, bound
 
     Raises ValueError (``VideoReadError``) for an unreadable video and for one with fewer than 2 frames.
     """
-    from pipeline.data.video import load_frames, probe
+    from pipeline.data.video import probe, read_frames
 
     path = Path(path)
     info = probe(path)
@@ -195,7 +195,7 @@ def video_flow(path: str | os.PathLike, estimator, short_side: int | None, bound
     chunk = max(2, decode_bytes // (info.height * info.width * 3))
     previous = None  # the last prepared image of the previous chunk, paired with this chunk's first
     for start in range(0, info.num_frames, chunk):
-        frames = load_frames(path, np.arange(start, min(start + chunk, info.num_frames)), backend=backend).numpy()
+        frames = read_frames(path, np.arange(start, min(start + chunk, info.num_frames)), backend=backend)
         images = estimator.prepare(frames, size)
         del frames
         if previous is not None:

@@ -53,16 +53,19 @@ import bisect
 import os
 import re
 import stat
+import sys
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import av
 import numpy as np
-import torch
 from pipeline.errors import UsageError
+
+if TYPE_CHECKING:  # torch is imported by load_frames only: `read_frames` (optical flow workers) never loads it
+    import torch
 
 __all__ = [
     "BACKENDS",
@@ -230,6 +233,15 @@ def load_frames(
     folders), ``"pyav"``, ``"decord"`` (raw decord, unverified) or ``"rawframes"``. An index out of range raises
     ``VideoReadError`` naming it, the frame count and the file; nothing is clamped.
     """
+    import torch
+
+    return torch.from_numpy(read_frames(path, indices, backend))
+
+
+def read_frames(
+    path: str | Path, indices: Sequence[int] | np.ndarray | torch.Tensor, backend: Backend = "auto"
+) -> np.ndarray:
+    """``load_frames`` as a numpy array (the same frames; torch is not imported)."""
     if backend not in BACKENDS:
         raise UsageError(f"unknown video backend {backend!r}; use one of {', '.join(BACKENDS)}")
     path = Path(path)
@@ -248,7 +260,7 @@ def load_frames(
     _check_range(idx, index.num_frames, path)
     wanted = np.unique(idx)  # sorted, distinct
     if len(wanted) == 0:
-        return torch.empty((0, index.height, index.width, 3), dtype=torch.uint8)
+        return np.empty((0, index.height, index.width, 3), dtype=np.uint8)
     if backend == "decord":
         frames = _decode_decord(path, index, wanted)
     elif backend == "auto" and _use_decord(path, index, key, len(wanted)):
@@ -259,7 +271,7 @@ def load_frames(
             frames = _decode_pyav(path, index, wanted, key)
     else:
         frames = _decode_pyav(path, index, wanted, key)
-    return torch.from_numpy(_gather(frames, wanted, idx))
+    return _gather(frames, wanted, idx)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -268,7 +280,8 @@ def load_frames(
 
 
 def _as_indices(indices: Sequence[int] | np.ndarray | torch.Tensor, path: Path) -> np.ndarray:
-    if isinstance(indices, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor implies torch is loaded; without it there is none to convert
+    if torch is not None and isinstance(indices, torch.Tensor):
         indices = indices.detach().cpu().numpy()
     arr = np.asarray(indices)
     if arr.ndim != 1:
@@ -640,15 +653,15 @@ def _rawframe_info(folder: Path, fps: float | None) -> VideoInfo:
     return VideoInfo(len(files), float(fps) if fps else DEFAULT_RAWFRAME_FPS, height, width)
 
 
-def _load_rawframes(folder: Path, idx: np.ndarray) -> torch.Tensor:
+def _load_rawframes(folder: Path, idx: np.ndarray) -> np.ndarray:
     files = _rawframe_files(folder)
     _check_range(idx, len(files), folder)
     wanted = np.unique(idx)
     if len(wanted) == 0:
         info = _rawframe_info(folder, None)
-        return torch.empty((0, info.height, info.width, 3), dtype=torch.uint8)
+        return np.empty((0, info.height, info.width, 3), dtype=np.uint8)
     frames = [_read_image(files[i]) for i in wanted.tolist()]
     shapes = {f.shape for f in frames}
     if len(shapes) > 1:
         raise VideoReadError(f"{folder}: raw frames differ in size ({sorted(shapes)}); re-extract them at one size")
-    return torch.from_numpy(_gather(np.stack(frames), wanted, idx))
+    return _gather(np.stack(frames), wanted, idx)

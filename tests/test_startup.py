@@ -35,6 +35,7 @@ def imported(*argv: str, cwd: Path = REPO) -> tuple[subprocess.CompletedProcess,
 @pytest.mark.parametrize("argv", [
     ("--help",), ("flow", "--help"), ("prepare", "--help"), ("prepare", "folder", "--help"),
     ("prepare", "synthetic", "--help"), ("prepare", "ntu", "--help"), ("fuse", "--help"), ("demo", "--help"),
+    ("classify", "--help"), ("classify", "--stream", "rtsp://camera", "--help"), ("visualize", "--help"),
 ])
 def test_help_imports_no_deep_learning_or_media_package(argv):
     proc, names = imported(*argv)

@@ -11,16 +11,21 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
+from pipeline.devices import inference_mode
 from pipeline.errors import EXIT_OK, EXIT_SOME_FAILED, InputNotFoundError, load_failure, UsageError
-from pipeline.trained.load import LoadedStream, load_stream
 from pipeline.paths import atomic_write, ensure_writable_dir
 
+if TYPE_CHECKING:  # loaded with the checkpoint, not for --help
+    import torch
 
-@torch.inference_mode()
+    from pipeline.trained.load import LoadedStream
+
+
+@inference_mode
 def gates_and_probabilities(model: torch.nn.Module, seq: torch.Tensor, layer: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Gate values and prefix predictions of one video.
 
@@ -48,11 +53,11 @@ def gates_and_probabilities(model: torch.nn.Module, seq: torch.Tensor, layer: in
 
 def video_frames(path: str | os.PathLike, count: int = 4) -> np.ndarray:
     """`count` frames spread evenly over a video file or raw-frame folder: uint8 (K, H, W, 3)."""
-    from pipeline.data.video import load_frames, probe
+    from pipeline.data.video import probe, read_frames
 
     total = probe(path).num_frames
     indices = np.unique(np.linspace(0, total - 1, num=min(count, total)).round().astype(np.int64))
-    return load_frames(path, indices).numpy()
+    return read_frames(path, indices)
 
 
 def attention_picture(
@@ -108,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     ensure_writable_dir(out, "--out folder")  # before loading and encoding anything
     frames = None
     if args.features is not None:
+        from pipeline.trained.load import load_stream
+
         stream = load_stream(ckpt)
         source = Path(args.features)
         if not source.is_file():

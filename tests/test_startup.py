@@ -95,3 +95,15 @@ def test_workers_fork_only_from_a_process_without_torch_or_other_threads():
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["fork", "forkserver", "forkserver"]
+
+
+def test_startup_benchmark_quick_prints_every_command_against_the_bare_interpreter(capsys):
+    from pipeline.benchmarks import startup
+
+    assert startup.main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    rows = {line[:40].strip(): line.split() for line in out.splitlines()[2:]}
+    assert list(rows) == ["python -c pass (reference)", "eleatt --help", "eleatt flow --help",
+                          "eleatt prepare folder --help", "eleatt classify --help", "flow worker start (spawned)"]
+    assert rows["python -c pass (reference)"][-1] == "1.0"
+    assert all(float(r[-1]) > 0 for r in rows.values())

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch.nn.utils.rnn import pack_padded_sequence
 
 from pipeline.nn.eleatt import EleAttGRU, EleAttLSTM, EleAttRNN
+from tests.nn.test_kernel import forward_backward
 
 DEVICE = os.environ.get("ELEATT_GPU_TESTS_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
@@ -27,14 +27,8 @@ STACKS = [pytest.param(EleAttLSTM, {}, id="lstm"), pytest.param(EleAttGRU, {}, i
 
 def _run(module, x, h0, lengths):
     """Values and gradients (of x, h0 and every parameter) of one forward + backward touching outputs, finals and
-    gates."""
-    inp = x if lengths is None else pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-    out, h, gates = module(inp, h0, return_attention=True)
-    out = out if lengths is None else out.data
-    finals = h if isinstance(h, tuple) else (h,)
-    loss = (out * out.cos()).sum() + sum((s * s.sin()).sum() for s in finals) + sum((a * a).sum() for a in gates)
-    leaves = [x, *(h0 if isinstance(h0, tuple) else (h0,))]
-    return [out, *finals, *gates], torch.autograd.grad(loss, leaves + list(module.parameters()))
+    gates (the kernel tests' loss)."""
+    return forward_backward(module, x, lengths, h0, batch_first=True)
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])

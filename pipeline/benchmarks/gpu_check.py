@@ -277,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("build") / "gpu-check",
                         help="folder for gpu_check.json and gpu_check.md (default build/gpu-check)")
-    parser.add_argument("--dry", action="store_true", help="the dry mode even with a GPU (what CI runs)")
+    parser.add_argument("--dry", "--quick", action="store_true",
+                        help="the dry mode even with a GPU: tiny sizes on the CPU (what CI runs without a GPU)")
     parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS), help="steps to run (default all)")
     parser.add_argument("--budget", type=float, default=420.0,
                         help="seconds: a step that would start later is skipped (default 420; the run stays under 8 "

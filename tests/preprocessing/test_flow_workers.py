@@ -76,3 +76,41 @@ def test_ctrl_c_finishes_the_videos_in_progress_and_a_rerun_the_rest(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"{len(names) - len(done)} done, {len(done)} skipped, 0 failed of {len(names)} videos" in again.stdout
     assert sorted(r["video"] for r in _records(out)) == names
+
+
+WORKER_STATE = """
+import multiprocessing, os, signal, sys
+import preprocessing.flow as flow
+
+def state():
+    return (signal.getsignal(signal.SIGINT) is signal.SIG_IGN, signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []),
+            "torch" in sys.modules, "cv2" in sys.modules and "pipeline.data.video" in sys.modules,
+            flow._STATE["config"]["preset"])
+
+if __name__ == "__main__":
+    config = dict(method="dis", preset="medium", short_side=None, bound=20.0, weights_path=None, root=".", out=".",
+                  backend="pyav", parent_pid=os.getpid())
+    pool = flow._wanted_pool(2, config)  # what compute starts before it reads the list
+    started = len(multiprocessing.active_children())  # before any video is handed out
+    print(*pool.submit(state).result())
+    print(signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []),
+          signal.getsignal(signal.SIGINT) is signal.default_int_handler, "cv2" in sys.modules, started,
+          flow._wanted_pool(1, config) is None)
+    pool.shutdown()
+"""
+
+
+def test_a_forked_worker_ignores_ctrl_c_unblocked_and_starts_warm_without_torch(tmp_path):
+    """The fork pool is started with both workers before any video is handed out (one worker: no pool). A worker:
+    SIGINT ignored (the parent handles Ctrl-C) and no longer blocked (the block only
+    covers the fork), the run's config and OpenCV and the decoder loaded by its initializer, no torch; the parent's
+    own signal mask and handler are as they were, and it has not loaded OpenCV itself."""
+    script = tmp_path / "state.py"
+    script.write_text(WORKER_STATE)
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    worker, parent = out.splitlines()
+    assert worker.split() == ["True", "False", "False", "True", "medium"]
+    assert parent.split() == ["False", "True", "False", "2", "True"]

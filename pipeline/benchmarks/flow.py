@@ -94,9 +94,9 @@ def flow_alone(estimator, rgb: np.ndarray, repeats: int) -> float:
     return (len(images) - 1) / best
 
 
-def steady_rate(out: Path, workers: int) -> float:
-    """pairs / (the workers' summed per-video seconds / workers): a long run's rate once the workers are up."""
-    records = FlowFolder(out).finished().values()
+def steady_rate(records: list[dict], workers: int) -> float:
+    """pairs / (the workers' summed per-video seconds / workers) over a flow folder's manifest records: a long
+    run's rate once the workers are up."""
     work = sum(r.get("seconds", 0.0) for r in records)
     return sum(r["pairs"] for r in records) / (work / workers) if work > 0 else float("nan")
 
@@ -115,7 +115,7 @@ def whole_process(list_path: Path, root: Path, out: Path, workers: int) -> tuple
         raise RuntimeError(f"`eleatt flow` failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
     pairs = sum(r["pairs"] for r in FlowFolder(out).finished().values())
     printed = done.stdout.rsplit("; ", 1)[-1].split()[0] if "frame pairs/s" in done.stdout else "nan"
-    return pairs / seconds, float(printed), steady_rate(out, workers)
+    return pairs / seconds, float(printed), steady_rate(list(FlowFolder(out).finished().values()), workers)
 
 
 @quiet_broken_pipe
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                 if summary.failed:
                     print(f"  {method} failed: {summary.failed}", file=sys.stderr)
                     return 1
-                rates += [steady_rate(out, workers), summary.pairs / seconds]
+                rates += [steady_rate(list(FlowFolder(out).finished().values()), workers), summary.pairs / seconds]
                 if sizes is None:
                     files = sorted(out.rglob("*.flow.zip"))
                     stored = sum(f.stat().st_size for f in files)

@@ -71,14 +71,20 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as err:
         print(f"startup benchmark: {err}", file=sys.stderr)
         return 1
-    med = {k: statistics.median(v) for k, v in times.items()}
-    floor = med["python -c pass (reference)"]
     print(f"start-up, whole process, median of {runs} runs in turns ({os.cpu_count()} CPUs, Python "
           f"{sys.version.split()[0]}):")
-    print(f"{'command':<40} {'median s':>9} {'min s':>7} {'max s':>7} {'x python -c pass':>17}")
-    for name, m in med.items():
-        print(f"{name:<40} {m:>9.3f} {min(times[name]):>7.3f} {max(times[name]):>7.3f} {m / floor:>17.1f}")
+    print(format_table(times))
     return 0
+
+
+def format_table(times: dict[str, list[float]]) -> str:
+    """Median, min and max seconds of each command and its median over the bare interpreter's."""
+    med = {k: statistics.median(v) for k, v in times.items()}
+    floor = med["python -c pass (reference)"]
+    lines = [f"{'command':<40} {'median s':>9} {'min s':>7} {'max s':>7} {'x python -c pass':>17}"]
+    for name, m in med.items():
+        lines.append(f"{name:<40} {m:>9.3f} {min(times[name]):>7.3f} {max(times[name]):>7.3f} {m / floor:>17.1f}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -63,9 +63,14 @@ class StepTimer(pl.Callback):
                 "step_ms": 1e3 * statistics.median([w + c for w, c in zip(self.waits, self.computes)]) if n else 0.0}
 
 
+def accelerator(device: str) -> str:
+    """A torch device name -> Lightning's accelerator name (cuda, cuda:N -> gpu)."""
+    kind = torch.device(device).type
+    return "gpu" if kind == "cuda" else kind
+
+
 def _trainer(steps: int, timer: StepTimer, root: Path, device: str = "cpu") -> pl.Trainer:
-    accelerator = "gpu" if torch.device(device).type == "cuda" else torch.device(device).type
-    return pl.Trainer(accelerator=accelerator, devices=1, max_steps=steps, max_epochs=-1, logger=False,
+    return pl.Trainer(accelerator=accelerator(device), devices=1, max_steps=steps, max_epochs=-1, logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                       num_sanity_val_steps=0, limit_val_batches=0, callbacks=[timer], default_root_dir=root)
 

@@ -89,3 +89,15 @@ def test_the_tests_step_reads_pytests_summary(tmp_path, monkeypatch, stdout, cod
     assert seen["env"]["ELEATT_GPU_TESTS_DEVICE"] == "cpu"  # the dry run runs the GPU tests on the CPU
     if status == "failed" and code:
         assert "FAILED tests/test_gpu.py::test_x" in step["note"]
+
+
+def test_without_a_cuda_device_it_runs_dry_by_itself_and_says_why(tmp_path, monkeypatch, capsys):
+    seen = {}
+    monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setitem(gpu_check.RUNNERS, "raft", lambda ctx, step: seen.update(device=ctx.device, dry=ctx.dry))
+    assert gpu_check.main(["--out", str(tmp_path), "--steps", "raft"]) == 0
+    assert seen == {"device": "cpu", "dry": True}
+    report, table = _report(tmp_path)
+    assert report["environment"]["dry"] is True and report["environment"]["cuda_available"] is False
+    assert "DRY RUN on the CPU: no CUDA device found" in table
+    assert "DRY RUN (no CUDA device found)" in capsys.readouterr().out

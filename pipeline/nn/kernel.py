@@ -13,7 +13,9 @@ products run as fast from ~800 rows up as at 6400).
 On CPU in float32 the per-step products run through oneDNN on weights reordered once per call (or once per
 weight version without grad) into its blocked layout: at the small row counts of a time step (a batch of 1-32
 sequences) that runs 2-3x faster than the BLAS product of the same shapes, which is also what the fused
-`nn.LSTM`/`nn.GRU` use on CPU. Other dtypes and devices use `torch.mm`; `ELEATT_ONEDNN=0` forces that path.
+`nn.LSTM`/`nn.GRU` use on CPU. The backward's chunk products (the weight gradients, dL/dx through W_xa) run
+through oneDNN too, on the transposed rows: MKL's product with a transposed operand reached half oneDNN's
+throughput on the development CPU. Other dtypes and devices use `torch.mm`; `ELEATT_ONEDNN=0` forces that path.
 Everything works in packed layout: x (N, D) holds the steps one after the other, step t holding the first
 batch_sizes[t] sequences (an unpacked (T, B, D) input is the case batch_sizes = [B] * T).
 `pipeline.nn.steps.reference_layer` is the definition this kernel is tested against.
@@ -83,8 +85,8 @@ def _accumulate(acc: Tensor | None, dy: Tensor, x: Tensor, onednn: bool = False)
     """acc + dy^T x (acc None: dy^T x) for dy (n, M), x (n, K): a weight's gradient summed over rows, chunk by chunk.
 
     onednn (CPU float32, see `_uses_onednn`): oneDNN's linear on the transposed views, (M, n) rows times the (K, n)
-    weight: 2x the throughput of MKL's product on this AMD CPU (~215 vs ~106 GFLOP/s on one thread, M, K in
-    {512, 1536, 2048, 3584} at 800 rows; MKL runs no AVX-512 code there), transposing copies included.
+    weight: 2x the throughput of MKL's product on the development CPU (AMD EPYC: ~215 vs ~106 GFLOP/s on one
+    thread, M, K in {512, 1536, 2048, 3584} at 800 rows), transposing copies included.
     Otherwise one product with the transposed left operand: MKL runs it as fast as the swapped form (x^T dy)^T
     and saves that form's transposing copy.
     """

@@ -8,7 +8,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-slow bench docs clean
+.PHONY: install demo test test-slow bench gpu-check docs clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ bench: install
 	$(PY) -m pipeline.benchmarks.rnn
 	$(PY) -m pipeline.benchmarks.decode
 	$(PY) -m pipeline.benchmarks.extract
+
+# The GPU checks and benchmarks in one run (pytest -m gpu, then EleAttLSTM/GRU vs cuDNN, resnet50 extraction, end-to-end
+# training, RAFT; under 8 minutes on one GPU) -> build/gpu-check/gpu_check.json and .md. Without a CUDA device a dry
+# run: the same tests on the CPU and the benchmarks at tiny sizes, which says so (CI runs it: nothing can rot).
+gpu-check: install
+	$(PY) -m pipeline.benchmarks.gpu_check --out build/gpu-check
 
 # The documentation (docs/, mkdocs.yml) as a site in build/docs, with the docs extra installed if needed; strict: a
 # broken link, anchor or page fails.

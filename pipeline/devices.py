@@ -1,15 +1,35 @@
-"""The one parser of a `--device` flag, for the commands that run a network (extract, classify)."""
+"""The one parser of a `--device` flag, for the commands that run a network (extract, classify), and
+`inference_mode`. torch is imported when they run, not with this module: a command's `--help` does not load it."""
 from __future__ import annotations
 
-import torch
+import functools
+from typing import TYPE_CHECKING, Callable, TypeVar
+
 from pipeline.errors import UsageError
 
-__all__ = ["resolve_device"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["resolve_device", "inference_mode"]
+F = TypeVar("F", bound=Callable)
+
+
+def inference_mode(fn: F) -> F:
+    """`@torch.inference_mode()` that imports torch on the first call, not where the function is defined."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        import torch
+
+        with torch.inference_mode():
+            return fn(*args, **kwargs)
+    return run  # type: ignore[return-value]
 
 
 def resolve_device(device: str) -> torch.device:
     """`--device` text -> a torch.device: "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:N", "gpu"
     (= cuda) or "mps". Raises ValueError naming the flag for unknown text or a CUDA device this machine lacks."""
+    import torch
+
     text = str(device).strip().lower()
     if text == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -70,23 +70,31 @@ def _watch_parent(pid: int) -> None:
 
 
 def _init_worker(config: dict, threads: int | None = 1) -> None:
+    """A worker's start: its threads, its estimator and the decoder imported, before its first video.
+
+    torch is imported only for RAFT: the OpenCV methods' workers load cv2, numpy and PyAV alone."""
+    parent = config.get("parent_pid")
+    worker = bool(parent) and parent != os.getpid()
+    if worker:
+        # Ctrl-C reaches the whole process group: the main process alone handles it (stops handing out videos,
+        # lets each worker finish its current one), so a worker never records an interrupted video as failed.
+        # A forked worker starts with SIGINT blocked (see _start_pool): ignored from here on, then unblocked.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     import cv2
+
+    import pipeline.data.video  # noqa: F401  (the decoder, imported now rather than on the first video)
 
     if threads is not None:
         cv2.setNumThreads(threads)  # one video per process: the processes are the parallelism
-        try:
+        if config["method"] == "raft" or "torch" in sys.modules:
             import torch
 
             torch.set_num_threads(threads)
-        except ImportError:  # pragma: no cover
-            pass
     _STATE["config"] = config
     _STATE["estimator"] = make_estimator(config)
-    parent = config.get("parent_pid")
-    if parent and parent != os.getpid():
-        # Ctrl-C reaches the whole process group: the main process alone handles it (stops handing out videos,
-        # lets each worker finish its current one), so a worker never records an interrupted video as failed.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if worker:
         threading.Thread(target=_watch_parent, args=(parent,), daemon=True, name="watch-parent").start()
 
 
@@ -150,18 +158,43 @@ def make_settings(method: str, preset: str, short_side: int | None, bound: float
 
 
 def _start_method() -> str:
+    """fork where it is safe: a parent with one thread and no torch loaded (`eleatt flow` with an OpenCV method:
+    the parent has imported nothing a child could trip on, and a fork starts in milliseconds, with every module the
+    parent loaded). Otherwise (torch loaded, as for RAFT or inside a program that uses it; other threads) a
+    forkserver, whose children start from a clean server process that imports the decoder once."""
     methods = mp.get_all_start_methods()
+    if "fork" in methods and "torch" not in sys.modules and threading.active_count() == 1:
+        return "fork"
     return "forkserver" if "forkserver" in methods else "spawn"
 
 
-def _run_pool(ctx, workers: int, config: dict, videos: list[str], handle, summary: Summary) -> None:
-    """Runs ``_work`` over ``videos`` in ``workers`` processes, calling ``handle(video, extra, error)`` for each.
+def _start_pool(workers: int, config: dict) -> ProcessPoolExecutor:
+    """The run's one pool of ``workers`` processes, started now: forked workers begin importing OpenCV and the
+    decoder and making their estimator while the parent still reads the list and the folder."""
+    ctx = mp.get_context(_start_method())
+    if ctx.get_start_method() == "forkserver":
+        # The server imports the decoder (and torch, for RAFT) once; each worker is then a cheap fork of it.
+        ctx.set_forkserver_preload(["preprocessing.flow", "pipeline.data.video"])
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(config,))
+    if ctx.get_start_method() == "fork":
+        # A no-op task: a fork pool launches all its processes on the first one. SIGINT is blocked meanwhile, so
+        # that a Ctrl-C cannot reach a child before its initializer ignores it (the parent gets it once unblocked).
+        saved = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            pool.submit(int)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, saved)
+    return pool
+
+
+def _run_pool(pool: ProcessPoolExecutor, workers: int, videos: list[str], handle, summary: Summary) -> None:
+    """Runs ``_work`` over ``videos`` in ``pool``, at most ``workers`` at a time, calling
+    ``handle(video, extra, error)`` for each.
 
     At most one video per worker is handed out at a time, so that on Ctrl-C only the videos being computed remain:
     they are finished and recorded (a second Ctrl-C abandons them; their temporary files are removed by the next
     run) and ``summary.interrupted`` is set.
     """
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(config,))
     queue = iter(videos)
     pending: dict = {}
     abandon = False
@@ -201,6 +234,14 @@ def _run_pool(ctx, workers: int, config: dict, videos: list[str], handle, summar
         pool.shutdown(wait=not abandon, cancel_futures=True)
 
 
+def _wanted_pool(workers: int, config: dict) -> ProcessPoolExecutor | None:
+    """The pool started before the list is read: only where workers start cheaply (fork); with a forkserver the
+    pool waits until the number of videos to do is known (none: no server started)."""
+    if workers > 1 and _start_method() == "fork":
+        return _start_pool(workers, config)
+    return None
+
+
 def compute(list_path: str | os.PathLike, root: str | os.PathLike, out: str | os.PathLike, method: str = "dis",
             preset: str = DEFAULT_PRESET, short_side: int | None = DEFAULT_SHORT_SIDE, bound: float = DEFAULT_BOUND,
             workers: int = 1, weights: str | None = None, backend: str = DEFAULT_BACKEND,
@@ -225,6 +266,22 @@ def compute(list_path: str | os.PathLike, root: str | os.PathLike, out: str | os
         variant, _ = build_raft(weights)  # checks the file before any work; workers load it again
     elif method == "tvl1":
         OpenCVFlow("tvl1")  # the clear message when contrib is missing
+    config = {"method": method, "preset": preset, "short_side": short_side or None, "bound": float(bound),
+              "weights_path": str(weights) if weights else None, "root": str(root), "out": str(out),
+              "backend": backend, "parent_pid": os.getpid()}
+    pool = _wanted_pool(workers, config)
+    try:
+        return _compute(list_path, out, method, preset, short_side, bound, workers, weights, variant, config, pool,
+                        progress)
+    finally:
+        if pool is not None:  # a no-op after a run (already shut down); after an error, idle workers are told to end
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _compute(list_path, out, method: str, preset: str, short_side: int | None, bound: float, workers: int,
+             weights: str | None, variant: str | None, config: dict, pool: ProcessPoolExecutor | None,
+             progress: bool | None) -> Summary:
+    """`compute` once the options are checked and (with fork) the workers are starting."""
     videos = list(dict.fromkeys(e.path for e in read_list(list_path)))  # list order, each once
     folder = FlowFolder(out)
     owners: dict[Path, str] = {}
@@ -248,9 +305,6 @@ def _compute_locked(folder: FlowFolder, videos: list[str], root: Path, out, meth
     finished = folder.finished()
     remaining = [v for v in videos if v not in finished]
     summary = Summary(total=len(videos), skipped=len(videos) - len(remaining))
-    config = {"method": method, "preset": preset, "short_side": short_side or None, "bound": float(bound),
-              "weights_path": str(weights) if weights else None, "root": str(root), "out": str(out),
-              "backend": backend, "parent_pid": os.getpid()}
     bar = tqdm(total=len(remaining), unit="video", desc="flow", file=sys.stderr,
                disable=True if progress is False else None)
     start = time.perf_counter()
@@ -275,9 +329,9 @@ def _compute_locked(folder: FlowFolder, videos: list[str], root: Path, out, meth
             pass
         elif workers == 1:
             import cv2
-            import torch
 
-            saved = cv2.getNumThreads(), torch.get_num_threads()
+            torch = sys.modules.get("torch")  # loaded by the caller (or for RAFT): its threads are restored too
+            saved = cv2.getNumThreads(), torch.get_num_threads() if torch is not None else None
             try:
                 # One process: OpenCV single-threaded as in the workers (same speed per video, comparable figures);
                 # RAFT on a CPU keeps torch's threads, the only parallelism it has here.
@@ -286,14 +340,12 @@ def _compute_locked(folder: FlowFolder, videos: list[str], root: Path, out, meth
                     handle(*_work(video))
             finally:
                 cv2.setNumThreads(saved[0])
-                torch.set_num_threads(saved[1])
+                if saved[1] is not None:
+                    sys.modules["torch"].set_num_threads(saved[1])
                 _STATE.clear()
         else:
-            ctx = mp.get_context(_start_method())
-            if ctx.get_start_method() == "forkserver":
-                # The server imports the decoder (and torch) once; each worker is then a cheap fork of it.
-                ctx.set_forkserver_preload(["preprocessing.flow", "pipeline.data.video"])
-            _run_pool(ctx, min(workers, len(remaining)), config, remaining, handle, summary)
+            active = min(workers, len(remaining))
+            _run_pool(pool or _start_pool(active, config), active, remaining, handle, summary)
         if summary.interrupted:
             raise KeyboardInterrupt
     except KeyboardInterrupt:

@@ -17,7 +17,6 @@ import zlib
 from pathlib import Path
 from typing import Callable
 
-import av
 import numpy as np
 
 from pipeline.data.lists import ListEntry, write_classes, write_list
@@ -199,6 +198,8 @@ def write_lossless_video(path: str | os.PathLike, frames: Frames, fps: int = 12)
     libx264rgb with qp 0 codes the RGB planes (as gbrp) losslessly; yuv444p would lose up to 2 levels in the
     RGB -> YUV -> RGB round trip. The file appears atomically (written beside it, then renamed).
     """
+    import av  # here, not at the top: `eleatt prepare` (which imports this module) encodes no video
+
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise UsageError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")

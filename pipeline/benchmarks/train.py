@@ -1,6 +1,7 @@
 """Training throughput: `python -m pipeline.benchmarks.train [--quick]`.
 
-Trains for a few steps on a generated video dataset (lossless H.264, `preprocessing.synthetic`), on the CPU:
+Trains for a few steps on a generated video dataset (lossless H.264, `preprocessing.synthetic`), on the CPU
+(`--device cuda`: one GPU):
 
 - **end to end**: `VideoDataModule` (decode -> segment sampling -> TSN augmentation in `--workers` DataLoader
   processes) feeding `VideoEleAttClassifier` (a timm backbone, fine-tuned, in front of an EleAtt-LSTM);
@@ -62,8 +63,14 @@ class StepTimer(pl.Callback):
                 "step_ms": 1e3 * statistics.median([w + c for w, c in zip(self.waits, self.computes)]) if n else 0.0}
 
 
-def _trainer(steps: int, timer: StepTimer, root: Path) -> pl.Trainer:
-    return pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, max_epochs=-1, logger=False,
+def accelerator(device: str) -> str:
+    """A torch device name -> Lightning's accelerator name (cuda, cuda:N -> gpu)."""
+    kind = torch.device(device).type
+    return "gpu" if kind == "cuda" else kind
+
+
+def _trainer(steps: int, timer: StepTimer, root: Path, device: str = "cpu") -> pl.Trainer:
+    return pl.Trainer(accelerator=accelerator(device), devices=1, max_steps=steps, max_epochs=-1, logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                       num_sanity_val_steps=0, limit_val_batches=0, callbacks=[timer], default_root_dir=root)
 
@@ -86,7 +93,7 @@ def bench_end_to_end(videos: Path, args, root: Path) -> dict:
     model = VideoEleAttClassifier(num_classes=dm.num_classes, backbone=args.backbone, weights="none",
                                   hidden_size=args.hidden_size, lr_patience=0, extraction_settings=dm.extraction_settings)
     timer = StepTimer(args.warmup)
-    _trainer(args.warmup + args.steps, timer, root).fit(model, dm)
+    _trainer(args.warmup + args.steps, timer, root, getattr(args, "device", "cpu")).fit(model, dm)
     return timer.summary(args.batch_size)
 
 
@@ -105,7 +112,7 @@ def bench_features(videos: Path, args, root: Path, dim: int) -> dict:
                            batch_size=args.batch_size, num_workers=args.workers)
     model = EleAttClassifier(input_size=dm.feature_dim, num_classes=dm.num_classes, hidden_size=args.hidden_size)
     timer = StepTimer(args.warmup)
-    _trainer(args.warmup + args.steps, timer, root).fit(model, dm)
+    _trainer(args.warmup + args.steps, timer, root, getattr(args, "device", "cpu")).fit(model, dm)
     return timer.summary(args.batch_size)
 
 
@@ -114,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.benchmarks.train",
         description="Clips/s and the share of each step spent waiting for data, for end-to-end training (videos -> "
-                    "backbone -> EleAtt stack) and for training on stored features, on the CPU.")
+                    "backbone -> EleAtt stack) and for training on stored features, on the CPU or one GPU.")
     parser.add_argument("--backbone", default="resnet18", help="timm backbone (default resnet18; random weights)")
     parser.add_argument("--frame-size", type=int, default=112, help="input height = width (default 112)")
     parser.add_argument("--segments", type=int, default=8, help="frames per clip, one per segment (default 8)")
@@ -125,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden-size", type=int, default=512, help="EleAtt-LSTM hidden size (default 512)")
     parser.add_argument("--frames", type=int, default=64, help="frames per generated video (default 64)")
     parser.add_argument("--video-size", type=int, default=128, help="generated video height = width (default 128)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda (one GPU)")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run in seconds: test_resnet, 64 px, 4 segments, batch 2, 3 timed steps")
     args = parser.parse_args(argv)
@@ -147,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     dim = FrameEncoder(args.backbone, weights="none").num_features
     needed = args.batch_size * (args.warmup + args.steps)
     per_class = max(4, -(-2 * needed // 10))  # 10 classes, about half of each in train.txt: one epoch covers the run
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; backbone "
+    print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; backbone "
           f"{args.backbone} (D={dim}, random weights, fine-tuned), clips {args.segments} x {args.frame_size}^2, "
           f"batch {args.batch_size}, {args.workers} workers, {args.steps} timed steps after {args.warmup}",
           flush=True)

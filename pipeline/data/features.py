@@ -38,8 +38,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from pipeline.data.sampling import Sampling
-from pipeline.data.transforms import VIEW_COUNTS
+from pipeline.data.sampling import VIEW_COUNTS, Sampling
 from pipeline.errors import InputNotFoundError, load_failure, UsageError
 from pipeline.paths import TMP_PREFIX, atomic_write, file_mode
 

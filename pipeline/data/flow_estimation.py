@@ -208,7 +208,7 @@ def video_flow(path: str | os.PathLike, estimator, short_side: int | None, bound
     """
     import cv2
 
-    from pipeline.data.video import load_frames, probe
+    from pipeline.data.video import probe, read_frames
 
     path = Path(path)
     info = probe(path)
@@ -230,7 +230,7 @@ def video_flow(path: str | os.PathLike, estimator, short_side: int | None, bound
     chunk = max(2, decode_bytes // (3 * max(info.height * info.width, size[0] * size[1])))
     previous = None  # the last prepared image of the previous chunk, paired with this chunk's first
     for start in range(0, info.num_frames, chunk):
-        frames = load_frames(path, np.arange(start, min(start + chunk, info.num_frames)), backend=backend).numpy()
+        frames = read_frames(path, np.arange(start, min(start + chunk, info.num_frames)), backend=backend)
         try:
             images = estimator.prepare(frames, size)
             del frames

@@ -14,11 +14,14 @@ from typing import Any, Literal, Mapping
 import numpy as np
 from pipeline.errors import UsageError
 
-__all__ = ["Pad", "PAD_POLICIES", "segment_indices", "clip_indices", "fps_indices", "fps_frames", "fps_times",
-           "sequence_indices", "Sampling"]
+__all__ = ["Pad", "PAD_POLICIES", "VIEW_COUNTS", "segment_indices", "clip_indices", "fps_indices", "fps_frames",
+           "fps_times", "sequence_indices", "Sampling"]
 
 Pad = Literal["loop", "repeat_last"]
 PAD_POLICIES: tuple[str, ...] = ("loop", "repeat_last")
+# Test-time spatial views per sampled frame (centre crop, three crops, ten crops) -> crops per frame. Here, with no
+# torch import, so that feature-folder settings (and `eleatt flow`) can check a views name without loading torch.
+VIEW_COUNTS = {"center": 1, "three": 3, "ten": 10}
 
 
 def _check_count(name: str, value: int, minimum: int = 1) -> int:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
+from pipeline.data.sampling import VIEW_COUNTS
 from pipeline.errors import UsageError
 
 __all__ = [
@@ -58,7 +59,6 @@ __all__ = [
 
 DEFAULT_CROP_PCT = 0.875  # timm's default when a config has no crop_pct
 TSN_SCALES: tuple[float, ...] = (1.0, 0.875, 0.75, 0.66)  # TSN's multi-scale crop scales (of the short side)
-VIEW_COUNTS = {"center": 1, "three": 3, "ten": 10}
 Views = Literal["center", "three", "ten"]
 Size = int | Sequence[int]
 

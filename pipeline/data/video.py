@@ -68,7 +68,8 @@ No reader is opened at import or kept between calls: each call opens its own (sa
 workers fork; decord is imported on first use). The only state is a small in-process cache of indices and decord
 verdicts (plain data, keyed by path, size and mtime, so an edited file is re-indexed; ``clear_cache()`` empties it).
 ``decord.bridge`` is never set (frames come out through ``.asnumpy()``; a bridge the user set is tolerated).
-torch is imported only by ``load_frames`` (the decoding process does not need it).
+torch is imported only by ``load_frames`` (the decoding process and ``read_frames``, used by optical-flow workers,
+do not need it).
 """
 from __future__ import annotations
 
@@ -101,6 +102,7 @@ __all__ = [
     "close_readers",
     "decord_available",
     "load_frames",
+    "read_frames",
     "probe",
     "register_backend",
     "torchcodec_available",
@@ -385,6 +387,13 @@ def load_frames(
     """
     import torch
 
+    return torch.from_numpy(read_frames(path, indices, backend))
+
+
+def read_frames(
+    path: str | Path, indices: Sequence[int] | np.ndarray | torch.Tensor, backend: Backend | str = "auto"
+) -> np.ndarray:
+    """``load_frames`` as a numpy array (the same frames; torch is not imported: optical-flow workers use it)."""
     from pipeline.data import decode_guard
 
     if backend not in BACKENDS and backend not in _PLUGINS:
@@ -401,25 +410,25 @@ def load_frames(
                              f"'rawframes' for raw-frame folders")
     if not decode_guard.enabled():
         if is_dir:
-            return torch.from_numpy(_load_rawframes(path, idx))
+            return _load_rawframes(path, idx)
         index, key = _index(path)
         _check_range(idx, index.num_frames, path)
         wanted = np.unique(idx)
         info = index.info()
         if len(wanted) == 0:
-            return torch.empty((0, info.height, info.width, 3), dtype=torch.uint8)
-        return torch.from_numpy(_gather(_load_local(path, wanted, backend), wanted, idx))
+            return np.empty((0, info.height, info.width, 3), dtype=np.uint8)
+        return _gather(_load_local(path, wanted, backend), wanted, idx)
     info = probe(path)
     _check_range(idx, info.num_frames, path)
     wanted = np.unique(idx)  # sorted, distinct
     if len(wanted) == 0:
-        return torch.empty((0, info.height, info.width, 3), dtype=torch.uint8)
+        return np.empty((0, info.height, info.width, 3), dtype=np.uint8)
     decode_guard.check_read_size(path, len(wanted), info.height, info.width, VideoReadError)
     frames = decode_guard.call("pipeline.data.video:_load_local", (path, wanted, backend, _PLUGINS.get(backend)), path,
                                decode_guard.read_deadline(int(wanted[-1]), info.height, info.width), "read",
                                VideoReadError, shape=(len(wanted), info.height, info.width, 3),
                                pos=np.searchsorted(wanted, idx))
-    return torch.from_numpy(frames)
+    return frames
 
 
 def _probe_local(path: Path, fps: float | None = None) -> VideoInfo:

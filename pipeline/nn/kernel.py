@@ -13,7 +13,9 @@ products run as fast from ~800 rows up as at 6400).
 On CPU in float32 the per-step products run through oneDNN on weights reordered once per call (or once per
 weight version without grad) into its blocked layout: at the small row counts of a time step (a batch of 1-32
 sequences) that runs 2-3x faster than the BLAS product of the same shapes, which is also what the fused
-`nn.LSTM`/`nn.GRU` use on CPU. Other dtypes and devices use `torch.mm`; `ELEATT_ONEDNN=0` forces that path.
+`nn.LSTM`/`nn.GRU` use on CPU. The backward's chunk products (the weight gradients, dL/dx through W_xa) run
+through oneDNN too, on the transposed rows: MKL's product with a transposed operand reached half oneDNN's
+throughput on the development CPU. Other dtypes and devices use `torch.mm`; `ELEATT_ONEDNN=0` forces that path.
 Everything works in packed layout: x (N, D) holds the steps one after the other, step t holding the first
 batch_sizes[t] sequences (an unpacked (T, B, D) input is the case batch_sizes = [B] * T).
 `pipeline.nn.steps.reference_layer` is the definition this kernel is tested against.
@@ -79,12 +81,18 @@ def _chunks(batch_sizes: Sequence[int], offsets: Sequence[int], width: int) -> l
     return out
 
 
-def _accumulate(acc: Tensor | None, dy: Tensor, x: Tensor) -> Tensor:
+def _accumulate(acc: Tensor | None, dy: Tensor, x: Tensor, onednn: bool = False) -> Tensor:
     """acc + dy^T x (acc None: dy^T x) for dy (n, M), x (n, K): a weight's gradient summed over rows, chunk by chunk.
 
-    One product with the transposed left operand: MKL runs it as fast as the swapped form (x^T dy)^T and saves
-    that form's transposing copy (measured at 800-6400 rows, M, K in {512, 1536, 2048, 3584}).
+    onednn (CPU float32, see `_uses_onednn`): oneDNN's linear on the transposed views, (M, n) rows times the (K, n)
+    weight: 2x the throughput of MKL's product on the development CPU (AMD EPYC: ~215 vs ~106 GFLOP/s on one
+    thread, M, K in {512, 1536, 2048, 3584} at 800 rows), transposing copies included.
+    Otherwise one product with the transposed left operand: MKL runs it as fast as the swapped form (x^T dy)^T
+    and saves that form's transposing copy.
     """
+    if onednn:
+        y = torch.ops.mkldnn._linear_pointwise(dy.t().contiguous(), x.t().contiguous(), None, "none", [], "")
+        return y if acc is None else acc.add_(y)
     return dy.t() @ x if acc is None else acc.addmm_(dy.t(), x)
 
 
@@ -138,10 +146,7 @@ class _Rows:
     __slots__ = ("onednn", "weight")
 
     def __init__(self, w: Tensor, pack: bool = True):
-        # Under torch.compile the products stay plain matmuls: inductor lowers oneDNN's linear only for weights
-        # that are graph constants (frozen), and these are parameters.
-        self.onednn = (w.device.type == "cpu" and w.dtype == torch.float32
-                       and not compiler_flag("is_compiling") and _onednn_available())
+        self.onednn = _uses_onednn(w)
         if self.onednn:
             self.weight = torch.ops.mkldnn._reorder_linear_weight(w.contiguous()) if pack else w  # (M, K)
         else:
@@ -152,6 +157,21 @@ class _Rows:
         if self.onednn:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, bias, "none", [], "")
         return torch.mm(x, self.weight) if bias is None else torch.addmm(bias, x, self.weight)
+
+    def add_to(self, out: Tensor, x: Tensor) -> None:
+        """out (n, M) += x (n, K) @ W^T."""
+        if self.onednn:
+            out.add_(torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], ""))
+        else:
+            out.addmm_(x, self.weight)
+
+
+def _uses_onednn(t: Tensor) -> bool:
+    """Whether the products on `t` (a weight, or a gradient's rows) run through oneDNN: CPU float32, not under
+    torch.compile (inductor lowers oneDNN's linear only for weights that are graph constants, and these are
+    parameters), a torch build where it works and `ELEATT_ONEDNN` is not 0."""
+    return (t.device.type == "cpu" and t.dtype == torch.float32 and not compiler_flag("is_compiling")
+            and _onednn_available())
 
 
 # Inference (streaming above all: one step per call) would otherwise rebuild the step weights on every call,
@@ -345,6 +365,9 @@ class EleAttLayerFunction(torch.autograd.Function):
         # dL/dh_{t-1} = [dz_a | dz_h] @ [W_ha; W_hh]: rows (bs, D + G) -> (bs, H); one pass builds the transpose
         grad_cat = _Rows(torch.cat([w_ha.t(), w_hh.t()], 1))  # (H, D + G)
         chunks = _chunks(batch_sizes, offsets, d + g)
+        # dL/dx through W_xa, after each chunk: rows (rows, D) -> (rows, D); reordered only for several chunks
+        grad_xa = _Rows(w_xa.t(), pack=len(chunks) > 1) if dx is not None else None
+        onednn = _uses_onednn(x)  # the weight gradients' products
         most = max(r1 - r0 for _, _, r0, r1 in chunks)
         dz_buf = x.new_empty(most, d + g)  # a chunk's [dL/d(gate pre-activation) | dL/d(h-side pre-activations)]
         dgi_buf = x.new_empty(most, g) if gru else None  # GRU: dL/d(W_ih x~ + b_ih) differs from the h side
@@ -414,14 +437,14 @@ class EleAttLayerFunction(torch.autograd.Function):
             dz_a = dz[:, :d]  # (rows, D)
             dgi_c = dgi if gru else dz[:, d:]  # (rows, G)
             if dx is not None:
-                dx[rows].addmm_(dz_a, w_xa)  # (rows, D) @ (D, D)
+                grad_xa.add_to(dx[rows], dz_a)  # (rows, D) @ (D, D)
             if need["w_hh"] or need["w_ha"]:
                 h_prev = hbuf[r0:r1] if ctx.uniform else hbuf.index_select(0, ctx.prev_index[r0:r1])  # (rows, H)
-                d_w_cat = _accumulate(d_w_cat, dz, h_prev)  # (D + G, H)
+                d_w_cat = _accumulate(d_w_cat, dz, h_prev, onednn)  # (D + G, H)
             if need["w_ih"]:
-                d_w_ih = _accumulate(d_w_ih, dgi_c, xt[rows])  # (G, D)
+                d_w_ih = _accumulate(d_w_ih, dgi_c, xt[rows], onednn)  # (G, D)
             if need["w_xa"]:
-                d_w_xa = _accumulate(d_w_xa, dz_a, x[rows])  # (D, D)
+                d_w_xa = _accumulate(d_w_xa, dz_a, x[rows], onednn)  # (D, D)
             if bias:
                 # column sums as (1, rows) @ (rows, .): a matrix product runs ~5x faster than dz.sum(0) here
                 ones = x.new_ones(r1 - r0, 1)

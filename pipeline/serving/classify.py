@@ -18,18 +18,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from pipeline.data.features import SettingsFormatError
 from pipeline.data.flow_files import FlowArray, FlowOptions
 from pipeline.data.video import backend_names, close_readers
-from pipeline.data.views import DECODE_CHUNK, video_views
-from pipeline.data.transforms import eval_views
-from pipeline.devices import resolve_device
+from pipeline.devices import inference_mode, resolve_device
 from pipeline.errors import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, UsageError
 from pipeline.evaluation.fusion import MODES, check_same_classes, check_weights, default_weights, fuse_probs
-from pipeline.trained.load import load_stream
+
+if TYPE_CHECKING:  # torch, the decoders and the network code load when a classifier is made, not for --help
+    import torch
 
 
 @dataclass
@@ -78,6 +79,8 @@ class VideoClassifier:
 
     def __init__(self, ckpt: str | os.PathLike, weights: str | None = None, device: str = "auto",
                  batch_size: int = 64, backend: str = "auto", flow_weights: str | os.PathLike | None = None) -> None:
+        from pipeline.trained.load import load_stream
+
         ckpt = Path(ckpt)
         self.device = resolve_device(device)
         # The checkpoint's trained-stream record says what the stream is; its loader builds plain modules.
@@ -129,9 +132,13 @@ class VideoClassifier:
         q = np.stack(list(video_flow(path, estimator, options.short_side, options.bound, backend)))  # (T-1, 2, h, w)
         return FlowArray(q, options.bound, fps=fps, name=str(path))
 
-    @torch.inference_mode()
+    @inference_mode
     def features(self, path: str | os.PathLike) -> torch.Tensor:
         """The features of one video as extraction stores them: float32 (V, T, D) (via the stored dtype)."""
+        import torch
+
+        from pipeline.data.views import DECODE_CHUNK, video_views
+
         chunks = []
         source = self.flow_of(path) if self.flow is not None else path
         for chunk in video_views(source, self.settings, backend=self.backend, chunk=DECODE_CHUNK):
@@ -142,7 +149,7 @@ class VideoClassifier:
             chunks.append(feats.view(v, t, -1))
         return torch.cat(chunks, dim=1).cpu()  # (V, T, D)
 
-    @torch.inference_mode()
+    @inference_mode
     def encode(self, frames: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Frames uint8 (t, H, W, 3) RGB, already sampled -> their features as `features` makes them: float32
         (V, t, D) on the CPU (the same views and `encode_stored`). For streaming, which samples frames as they come."""
@@ -150,13 +157,15 @@ class VideoClassifier:
             raise UsageError("a flow-stream checkpoint encodes flow stacks, not RGB frames: it classifies video files "
                              "(eleatt classify VIDEO --ckpt FLOW.ckpt), whose flow it computes first; stream with the "
                              "RGB stream's checkpoint")
+        from pipeline.data.transforms import eval_views
+
         views = eval_views(frames, self.data_config, self.views)  # (V, t, C, H, W)
         v, t = views.shape[:2]
         images = views.reshape(v * t, *views.shape[2:]).to(self.device)  # (V*t, C, H, W) view-major
         feats = self.encoder.encode_stored(images, self.settings.precision, self.settings.dtype, self.batch_size)
         return feats.view(v, t, -1).cpu()
 
-    @torch.inference_mode()
+    @inference_mode
     def scores(self, feats: torch.Tensor) -> np.ndarray:
         """Class probabilities (C,) of one video's features (V, T, D), averaged over views as `test` does."""
         return self.stream.probabilities(self.stream.prepare(feats.numpy()))  # views averaged

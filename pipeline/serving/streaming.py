@@ -25,15 +25,18 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
-import torch
 
 from pipeline.data.sampling import fps_frames
+from pipeline.devices import inference_mode
 from pipeline.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, UsageError
 from pipeline.serving.classify import Prediction, VideoClassifier
 from pipeline.paths import check_not_input, ensure_writable_file
+
+if TYPE_CHECKING:  # loaded with the checkpoint (VideoClassifier), not for --help
+    import torch
 
 # Steps/s for a checkpoint trained on segment sampling (a fixed number of frames per video, whatever its length):
 # a stream has no length to spread segments over, so it samples at a typical rate (override with sample_fps).
@@ -162,7 +165,7 @@ class StreamingClassifier:
         return picks_arr, rel[picks_arr]
 
     # -- the stream ----------------------------------------------------------------------------------------------
-    @torch.inference_mode()
+    @inference_mode
     def push(self, frames: np.ndarray | torch.Tensor, fps: float | None = None,
              timestamps: Sequence[float] | np.ndarray | None = None) -> StreamOutput:
         """Feeds the next frames of the stream; returns the probabilities after each frame that was sampled.
@@ -174,6 +177,8 @@ class StreamingClassifier:
         timestamps: (t,) presentation times in seconds, for sources without a steady rate (a camera dropping
             frames); the steps then fall at times k / sample_fps from the first timestamp.
         """
+        import torch
+
         if isinstance(frames, np.ndarray):
             frames = torch.from_numpy(frames)
         if frames.dim() != 4 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:

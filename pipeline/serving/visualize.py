@@ -11,17 +11,22 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from pipeline.data.features import NPY_ERRORS, npy_layout
+from pipeline.devices import inference_mode
 from pipeline.errors import EXIT_OK, EXIT_SOME_FAILED, InputNotFoundError, load_failure, UsageError
-from pipeline.trained.load import LoadedStream, load_stream
 from pipeline.paths import atomic_write, check_not_input, ensure_writable_dir
 
+if TYPE_CHECKING:  # loaded with the checkpoint, not for --help
+    import torch
 
-@torch.inference_mode()
+    from pipeline.trained.load import LoadedStream
+
+
+@inference_mode
 def gates_and_probabilities(model: torch.nn.Module, seq: torch.Tensor, layer: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Gate values and prefix predictions of one video.
 
@@ -49,11 +54,11 @@ def gates_and_probabilities(model: torch.nn.Module, seq: torch.Tensor, layer: in
 
 def video_frames(path: str | os.PathLike, count: int = 4) -> np.ndarray:
     """`count` frames spread evenly over a video file or raw-frame folder: uint8 (K, H, W, 3)."""
-    from pipeline.data.video import load_frames, probe
+    from pipeline.data.video import probe, read_frames
 
     total = probe(path).num_frames
     indices = np.unique(np.linspace(0, total - 1, num=min(count, total)).round().astype(np.int64))
-    return load_frames(path, indices).numpy()
+    return read_frames(path, indices)
 
 
 def attention_picture(
@@ -115,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         check_not_input(path, [ckpt, named, args.weights], "output")
     frames = None
     if args.features is not None:
+        from pipeline.trained.load import load_stream
+
         stream = load_stream(ckpt)
         source = Path(args.features)
         if not source.is_file():

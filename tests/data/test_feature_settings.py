@@ -77,3 +77,17 @@ def test_modality_specific_fields_and_no_backbone():
     assert FeatureSettings.from_json(skeleton.to_json()) == skeleton and skeleton.input_size is None
     with pytest.raises(SettingsFormatError, match="modality 'audio'"):
         FeatureSettings(modality="audio")
+
+
+@pytest.mark.parametrize("views, count", [("center", 1), ("three", 3), ("ten", 10)])
+def test_views_per_frame_are_the_crops_eval_views_makes(views, count):
+    """The views name -> crops per frame (checked without torch by the settings; the transforms make the crops)."""
+    import dataclasses
+
+    import torch
+
+    from pipeline.data.transforms import eval_views
+
+    assert dataclasses.replace(NEW, views=views).num_views == count
+    frames = torch.randint(0, 256, (2, 180, 200, 3), dtype=torch.uint8)
+    assert eval_views(frames, CONFIG, views).shape[:2] == (count, 2)

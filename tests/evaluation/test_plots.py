@@ -92,3 +92,14 @@ def test_prefix_probabilities_are_the_model_on_the_first_steps(pooling):
         gates_and_probabilities(SequenceClassifier(6, 5, hidden_size=8, attention_layers=0).eval(), seq)
     with pytest.raises(ValueError, match="eval mode"):
         gates_and_probabilities(net.train(), seq)
+
+
+def test_video_frames_are_spread_evenly_in_order(tmp_path):
+    from pipeline.serving.visualize import video_frames
+    from preprocessing.synthetic import write_lossless_video
+
+    frames = np.stack([np.full((16, 24, 3), 20 * t, np.uint8) for t in range(10)])  # frame t is all 20 t
+    write_lossless_video(tmp_path / "v.mp4", frames)
+    picked = video_frames(tmp_path / "v.mp4", 4)
+    assert picked.shape == (4, 16, 24, 3) and picked.dtype == np.uint8
+    assert [int(f.mean().round()) for f in picked] == [0, 60, 120, 180]  # frames 0, 3, 6, 9

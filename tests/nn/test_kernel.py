@@ -497,3 +497,37 @@ def test_no_grad_cache_holds_at_most_32_entries_and_a_refresh_evicts_no_other(mo
         models[20].impl = "reference"
         torch.testing.assert_close(refreshed, models[20](x)[0], atol=1e-5, rtol=1e-5)
     assert len(cache) == 32 and set(cache) == {key(m) for m in models[8:]}
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["one-chunk", "chunks"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("ours, kw", STACKS)
+def test_float32_gradients_through_onednn_equal_the_float64_reference(ours, kw, packed, chunked, monkeypatch):
+    """In float32 on CPU the weight gradients and dL/dx through W_xa are oneDNN products on transposed rows (summed
+    over chunks of steps): every value and gradient, of the input and initial state too, equals the float64
+    reference definition on the same weights up to float32 rounding."""
+    import copy
+
+    from pipeline.nn import kernel as eleatt_fast
+
+    if not eleatt_fast._onednn_available():
+        pytest.skip("this torch build has no working oneDNN linear")
+    if chunked:
+        monkeypatch.setattr(eleatt_fast, "_CHUNK_MIN_ROWS", 5)
+        monkeypatch.setattr(eleatt_fast, "_CHUNK_FLOATS", 1)
+    torch.manual_seed(0)
+    fast = ours(D, H, num_layers=2, batch_first=True, **kw)
+    assert fast.impl == "fast" and eleatt_fast._uses_onednn(next(fast.parameters()))
+    reference = copy.deepcopy(fast).double()
+    reference.impl = "reference"
+    x64, hx64 = input_and_state(ours, batch_first=True)
+    x32 = x64.detach().float().requires_grad_()
+    hx32 = tuple(h.detach().float().requires_grad_() for h in hx64) if isinstance(hx64, tuple) else \
+        hx64.detach().float().requires_grad_()
+    lengths = LENGTHS if packed else None
+    vals32, grads32 = forward_backward(fast, x32, lengths, hx32, True)
+    vals64, grads64 = forward_backward(reference, x64, lengths, hx64, True)
+    assert len(grads32) == len(grads64) > 3
+    for a, b in zip([*vals32, *grads32], [*vals64, *grads64]):
+        assert a.dtype == torch.float32 and b.dtype == F64
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)

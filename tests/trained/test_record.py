@@ -109,11 +109,16 @@ def test_serving_commands_import_no_lightning(quick_demo, tmp_path):
     data, run = quick_demo["data"], quick_demo["run"]
     video = str(data / read_list(data / "test.txt")[0].path)
     ckpt = str(run / "best.ckpt")
+    from pipeline.data.features import FeatureFolder
+
+    features = FeatureFolder(quick_demo["features"]).feature_path(read_list(data / "test.txt")[0].path)
     commands = {
         "classify": ["classify", video, "--ckpt", ckpt, "--device", "cpu"],
         "stream": ["classify", "--stream", video, "--ckpt", ckpt, "--device", "cpu"],
         "export": ["export", "--ckpt", ckpt, "--format", "torchscript", "--out", str(tmp_path / "m.ts")],
         "visualize": ["visualize", "--ckpt", ckpt, "--video", video, "--out", str(tmp_path / "vis")],
+        "visualize --features": ["visualize", "--ckpt", ckpt, "--features", str(features), "--out",
+                                 str(tmp_path / "vis-features")],
     }
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     for name, argv in commands.items():

@@ -292,13 +292,13 @@ def _compute(list_path, out, method: str, preset: str, short_side: int | None, b
                              f"'{folder.feature_path(video)}' (the extension is dropped); rename one of them")
     # One writer per flow folder: a second run would delete this one's files in progress and redo its videos.
     with folder.lock("flow"):
-        return _compute_locked(folder, videos, root, out, method, preset, short_side, bound, workers, weights,
-                               backend, progress, variant)
+        return _compute_locked(folder, videos, method, preset, short_side, bound, workers, weights, variant, config,
+                               pool, progress)
 
 
-def _compute_locked(folder: FlowFolder, videos: list[str], root: Path, out, method: str, preset: str,
-                    short_side: int | None, bound: float, workers: int, weights: str | None, backend: str,
-                    progress: bool | None, variant: str | None) -> Summary:
+def _compute_locked(folder: FlowFolder, videos: list[str], method: str, preset: str, short_side: int | None,
+                    bound: float, workers: int, weights: str | None, variant: str | None, config: dict,
+                    pool: ProcessPoolExecutor | None, progress: bool | None) -> Summary:
     """`compute` once it holds the folder's lock."""
     folder.check_settings(make_settings(method, preset, short_side, bound, variant, weights))
     folder.remove_stale_temporaries()

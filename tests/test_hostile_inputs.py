@@ -365,8 +365,8 @@ def test_decoded_chunks_shrink_for_frames_scaled_up(tmp_path, monkeypatch):
     path = tmp_path / "v.mp4"
     write_lossless_video(path, np.random.default_rng(0).integers(0, 255, (10, 16, 16, 3), dtype=np.uint8))
     sizes = []
-    real = video.load_frames
-    monkeypatch.setattr(video, "load_frames", lambda p, idx, **kw: sizes.append(len(idx)) or real(p, idx, **kw))
+    real = video.read_frames
+    monkeypatch.setattr(video, "read_frames", lambda p, idx, **kw: sizes.append(len(idx)) or real(p, idx, **kw))
     flows = list(flow_estimation.video_flow(path, flow_estimation.OpenCVFlow("farneback"), 256, 20.0,
                                             decode_bytes=4 * 256 * 256 * 3))
     assert sizes == [4, 4, 2] and len(flows) == 9

@@ -78,6 +78,7 @@ import importlib
 import os
 import re
 import stat
+import sys
 import struct
 import threading
 from collections import OrderedDict
@@ -85,11 +86,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
-import av
 import numpy as np
 from pipeline.errors import UsageError, UserError
 
-if TYPE_CHECKING:  # torch is imported by load_frames only: the decoding process never needs it
+if TYPE_CHECKING:  # torch is imported by load_frames only: the decoding process never needs it; PyAV when a file is
+    import av  # opened (a command's --help, which lists the backends, loads no media package)
     import torch
 
 __all__ = [
@@ -517,7 +518,15 @@ def _stat(path: Path) -> os.stat_result:
     return st
 
 
+def _av_time_base() -> int:
+    import av
+
+    return av.time_base
+
+
 def _open(path: Path) -> av.container.InputContainer:
+    import av
+
     try:
         return av.open(str(path), mode="r")
     except Exception as e:  # av.FFmpegError, and PyAV's other errors on odd containers (metadata it cannot decode)
@@ -574,7 +583,7 @@ def _build_index(path: Path) -> _Index:
         stream = c.streams.video[0]
         fmt = c.format.name
         declared = int(stream.frames or 0)
-        declared_s = c.duration / av.time_base if c.duration and c.duration > 0 else None
+        declared_s = c.duration / _av_time_base() if c.duration and c.duration > 0 else None
         time_base = float(stream.time_base) if stream.time_base else None
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         pts_list: list[int | None] = []

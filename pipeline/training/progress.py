@@ -57,8 +57,13 @@ class EpochLines(Callback):
         self._start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero or trainer.sanity_checking:
+        if trainer.sanity_checking:
             return
-        line = epoch_line(self.name, trainer.current_epoch, trainer.max_epochs, dict(trainer.callback_metrics),
+        # Read on every rank: computing a metric logged with sync_dist is a collective, and a rank that skips it
+        # leaves the others waiting on a mismatched one (gloo aborts with "collective mismatch" under DDP).
+        metrics = dict(trainer.callback_metrics)
+        if not trainer.is_global_zero:
+            return
+        line = epoch_line(self.name, trainer.current_epoch, trainer.max_epochs, metrics,
                           time.perf_counter() - self._start)
         print(line, file=self.stream or sys.stdout, flush=True)

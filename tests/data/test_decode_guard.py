@@ -235,3 +235,21 @@ def test_extract_command_lists_the_hanging_video_and_finishes_the_rest(videos, t
     assert sorted(p.name for p in out.glob("*.npy")) == ["a.npy", "b.npy"]
     assert children() == [], "no decoding process may outlive the command"
     assert time.monotonic() - start < FLOOR + 30
+
+
+def test_the_read_size_bound_is_inclusive(tmp_path, monkeypatch):
+    """2 frames of 4x4 RGB are 96 bytes: allowed under a bound of 96, refused under 95."""
+    monkeypatch.setattr(G, "max_read_bytes", lambda: 96)
+    G.check_read_size(tmp_path / "v.mp4", 2, 4, 4, VideoReadError)
+    monkeypatch.setattr(G, "max_read_bytes", lambda: 95)
+    with pytest.raises(VideoReadError, match=r"v\.mp4: reading 2 frames of 4x4 needs 0 MB"):
+        G.check_read_size(tmp_path / "v.mp4", 2, 4, 4, VideoReadError)
+
+
+@pytest.mark.parametrize("asked", [[5, 1, 3], [5, 1, 1, 3], [0, 1, 2]])
+def test_a_read_in_a_buffer_of_its_own_comes_back_in_the_order_asked(videos, monkeypatch, asked):
+    """Reads above the kept buffer's size get a buffer of their own, returned without a copy when the frames are
+    already in the order asked: any other order (and repeats) is gathered."""
+    monkeypatch.setattr(G, "_KEEP_BUFFER", 0)
+    got = load_frames(videos / "a.mp4", asked, "misbehaving").numpy()
+    np.testing.assert_array_equal(got, frames_of(0)[asked])

@@ -47,3 +47,13 @@ def test_grouped_holdout_calls_the_group_function_once_per_video():
     calls = []
     kept, held, info = grouped_holdout(entries, 0.25, 0, lambda e: calls.append(e) or e.path)
     assert len(calls) == 40 and len(held) == 10 and len(kept) == 30 and info["stratified"]
+
+
+def test_grouped_holdout_weighs_groups_by_their_videos():
+    # g0 holds 6 videos of two classes, g1..g4 one each: 10 videos, half to hold out. Seed 13's draw puts g0
+    # first (np.random.default_rng(13).permutation(5)[0] == 0): 6 videos is the closest prefix to 5, so g0 alone.
+    entries = [ListEntry(f"c{i % 2}/g0_{i}.mp4", i % 2) for i in range(6)]
+    entries += [ListEntry(f"c0/g{k}_x.mp4", 0) for k in range(1, 5)]
+    kept, held, info = grouped_holdout(entries, 0.5, 13, lambda e: e.path.split("/")[1].split("_")[0])
+    assert [e.path for e in held] == [f"c{i % 2}/g0_{i}.mp4" for i in range(6)]
+    assert info == {"groups": 5, "held_groups": 1, "stratified": False}

@@ -61,3 +61,17 @@ def test_a_nan_step_is_refused_when_a_sample_reads_it_naming_the_file(folder):
     short = FeatureSequenceDataset(folder, [ListEntry("c0/v0.mp4", 0)], 2)
     assert 1 not in sequence_indices(T, 2, train=False)
     assert short[0]["feats"].isfinite().all()
+
+
+def test_the_feature_dimension_of_a_folder_without_settings_comes_from_a_header(tmp_path, monkeypatch):
+    folder = FeatureFolder(tmp_path / "features")
+    for i in range(3):
+        folder.write(f"c/v{i}.mp4", np.full((T, 7), i, np.float32))
+    write_list(tmp_path / "train.txt", [ListEntry(f"c/v{i}.mp4", i % 2) for i in range(3)])
+    write_classes(tmp_path / "classes.txt", ["a", "b"])
+    loads, checked = [], []
+    real_load = np.load
+    monkeypatch.setattr(np, "load", lambda *a, **k: loads.append(k.get("mmap_mode")) or real_load(*a, **k))
+    monkeypatch.setattr(FeatureFolder, "check_finite", lambda self, video, values: checked.append(video))
+    data = FeatureDataModule(str(folder.root), train_list=str(tmp_path / "train.txt"))
+    assert data.feature_dim == 7 and loads == ["r"] and checked == []  # a memory map of one file, values unread

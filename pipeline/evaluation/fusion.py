@@ -26,6 +26,9 @@ MAX_SEARCH = 50_000  # weightings tried at most (13 ** (K - 1) grows fast with t
 EPS = 1e-12  # floor of a probability before its log: float32 softmax outputs can round to 0
 SHOWN = 5  # names listed per missing-videos report
 FEW_VALIDATION = 30  # a weight search on fewer labelled validation videos than this is mostly chance: said so
+# Scores fused at a time: float64 temporaries of 256 KB stay in the CPU's caches (measured 2-3x faster than 16 MB
+# chunks on 200k x 400 scores, where fresh large temporaries cost page faults and memory bandwidth).
+FUSE_VALUES = 1 << 15
 
 
 def default_weights(count: int) -> list[float]:
@@ -72,10 +75,10 @@ def fuse_probs(probs: Sequence[np.ndarray], weights: Sequence[float], mode: str 
     prob:  sum_k w_k p_k / sum_k w_k (a weighted mean of class probabilities);
     logit: softmax(sum_k w_k log p_k / sum_k w_k) (a weighted geometric mean, renormalised).
 
-    Chunked over videos (`rows` at a time, default `chunk_rows`): the inputs are read where they are (float32
-    scores are never copied whole), the arithmetic is float64 on one chunk at a time (bounded memory, and the same
-    values as a float64 computation over the whole array: float32 sums would round differently for no saving),
-    the result float32 as stored in a scores file. Memory: the output plus a few chunk-sized temporaries.
+    Chunked over videos (`rows` at a time, default FUSE_VALUES scores' worth): the inputs are read where they are
+    (float32 scores are never copied whole), the arithmetic is float64 on one chunk at a time (bounded memory, and
+    the same values as a float64 computation over the whole array: float32 sums would round differently for no
+    saving), the result float32 as stored in a scores file. Memory: the output plus a few chunk-sized temporaries.
     """
     if mode not in MODES:
         raise UsageError(f"fusion mode {mode!r}: expected one of {', '.join(MODES)}")
@@ -89,7 +92,7 @@ def fuse_probs(probs: Sequence[np.ndarray], weights: Sequence[float], mode: str 
     if arrays[0].ndim == 1:
         return _combine(_terms([a[None] for a in arrays], mode), w, mode)[0]
     out = np.empty(arrays[0].shape, dtype=np.float32)
-    step = chunk_rows(out.shape[1], rows)
+    step = chunk_rows(out.shape[1], rows, FUSE_VALUES)
     for start in range(0, len(out), step):
         part = slice(start, start + step)
         out[part] = _combine(_terms([a[part] for a in arrays], mode), w, mode)
@@ -243,7 +246,7 @@ def _search_counts(probs: Sequence[np.ndarray], labels: np.ndarray, weightings: 
     hits = np.zeros((len(weightings), num_classes))
     nll = np.zeros(len(weightings))
     counts = np.zeros(num_classes, dtype=np.int64)
-    step = chunk_rows(num_classes, rows)
+    step = chunk_rows(num_classes, rows, FUSE_VALUES)
     for start in range(0, len(labels), step):
         y = labels[start:start + step]
         keep = y >= 0

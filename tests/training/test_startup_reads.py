@@ -75,3 +75,14 @@ def test_the_feature_dimension_of_a_folder_without_settings_comes_from_a_header(
     monkeypatch.setattr(FeatureFolder, "check_finite", lambda self, video, values: checked.append(video))
     data = FeatureDataModule(str(folder.root), train_list=str(tmp_path / "train.txt"))
     assert data.feature_dim == 7 and loads == ["r"] and checked == []  # a memory map of one file, values unread
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_a_header_claiming_more_than_the_file_holds_is_refused_before_reading(folder, mmap):
+    path = folder.feature_path("c0/v0.mp4")
+    header = np.lib.format.header_data_from_array_1_0(np.zeros((2**20, D), np.float16))
+    with open(path, "wb") as f:  # a (1M, 16) float16 header over 64 bytes of data
+        np.lib.format.write_array_header_1_0(f, header)
+        f.write(b"\0" * 64)
+    with pytest.raises(FeatureFileError, match=r"header describes a float16 array of shape \(1048576, 16\)"):
+        folder.load("c0/v0.mp4", mmap=mmap, finite=False)

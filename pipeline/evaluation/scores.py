@@ -148,10 +148,10 @@ def read_scores(path: str | os.PathLike) -> dict[str, np.ndarray]:
 CHUNK_VALUES = 1 << 21  # scores looked at a time (videos x classes): the temporaries stay a few MB at any N
 
 
-def chunk_rows(num_classes: int, rows: int | None = None, values: int = CHUNK_VALUES) -> int:
+def chunk_rows(num_classes: int, rows: int | None = None, values: int | None = None) -> int:
     """Videos handled at a time: `rows` when given (tests set small ones), else what keeps a chunk near `values`
-    scores, so that scoring or fusing N videos costs memory independent of N."""
-    return max(1, int(rows)) if rows else max(1, values // max(1, int(num_classes)))
+    scores (default CHUNK_VALUES), so that scoring or fusing N videos costs memory independent of N."""
+    return max(1, int(rows)) if rows else max(1, (values or CHUNK_VALUES) // max(1, int(num_classes)))
 
 
 def label_ranks(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -64,9 +64,11 @@ def test_label_ranks_place_ties_and_nan_as_a_stable_sort_does():
                        [0.2, 0.5, 0.5, 0.1],     # label 1: rank 0
                        [0.3, 0.3, 0.3, 0.3],     # label 3: rank 3
                        [np.nan, 0.1, np.nan, 0.9],  # label 2, NaN: after the 2 numbers and class 0's NaN: rank 3
-                       [0.1, np.nan, 0.2, 0.0]])  # label 0: only 0.2 above it (NaN sorts last): rank 1
-    labels = np.array([2, 1, 3, 2, 0])
-    np.testing.assert_array_equal(label_ranks(scores, labels), [1, 0, 3, 3, 1])
+                       [0.1, np.nan, 0.2, 0.0],  # label 0: only 0.2 above it (NaN sorts last): rank 1
+                       [0.3, 0.1, np.nan, 0.9],  # label 2, NaN: after the 3 numbers: rank 3
+                       [np.nan, 0.5, np.nan, np.nan]])  # label 3, NaN: after 0.5 and the NaNs of classes 0, 2: rank 3
+    labels = np.array([2, 1, 3, 2, 0, 2, 3])
+    np.testing.assert_array_equal(label_ranks(scores, labels), [1, 0, 3, 3, 1, 3, 3])
     order = np.argsort(-scores, axis=1, kind="stable")
     np.testing.assert_array_equal(label_ranks(scores, labels), np.argmax(order == labels[:, None], axis=1))
 
@@ -130,3 +132,16 @@ def test_same_ordered_files_are_fused_without_copying_their_scores():
     shuffled = dict(dicts[1], videos=videos[::-1].copy(), scores=scores[1][::-1].copy(), labels=(np.arange(20) % 4)[::-1])
     again = fuse_scores([dicts[0], shuffled])  # another order: gathered by name, same result
     np.testing.assert_array_equal(again["scores"], fused["scores"])
+
+
+@pytest.mark.parametrize("videos, row", [(1, 0), (5, 3), (5, 4)])  # 3: a chunk's last row; 4: the last chunk's
+def test_a_nan_score_at_a_chunk_boundary_is_refused(tmp_path, monkeypatch, videos, row):
+    from pipeline.evaluation import scores as scores_module
+    from pipeline.evaluation.scores import ScoresFileError, read_scores, write_scores
+
+    monkeypatch.setattr(scores_module, "CHUNK_VALUES", 6)  # 2 videos of 3 classes a chunk: 5 videos end mid-chunk
+    probs = np.full((videos, 3), 1 / 3, np.float32)
+    probs[row, 2] = np.nan
+    write_scores(tmp_path / "s.npz", [f"v{i}" for i in range(videos)], probs, np.zeros(videos, np.int64), None)
+    with pytest.raises(ScoresFileError, match=f"1 of its {videos}x3 scores are NaN"):
+        read_scores(tmp_path / "s.npz")

@@ -8,7 +8,8 @@ def test_table_puts_sizes_side_by_side_with_ratios_to_the_previous_size():
     rows = [("resume", {1000: 0.5, 10_000: 4.0, 100_000: 50.0}, scale.seconds),
             ("peak", {1000: 2**20, 10_000: 10 * 2**20}, scale.megabytes),
             ("reads", {1000: 0, 10_000: 0, 100_000: 0}, scale.count, False),
-            ("zero first", {1000: 0.0, 10_000: 3.0, 100_000: 6.0}, scale.seconds)]
+            ("zero first", {1000: 0.0, 10_000: 3.0, 100_000: 6.0}, scale.seconds),
+            ("gap", {1000: 1.0, 100_000: 100.0, 1_000_000: 1000.0}, scale.seconds)]
     lines = scale.format_table(rows, [1000, 10_000, 100_000, 1_000_000])
     cells = [line.split("  ") for line in lines]
     cells = [[c.strip() for c in row if c.strip()] for row in cells]
@@ -17,6 +18,7 @@ def test_table_puts_sizes_side_by_side_with_ratios_to_the_previous_size():
     assert cells[2] == ["peak", "1 MB", "10 MB (x10.0)", "-", "-"]
     assert cells[3] == ["reads", "0", "0", "0", "-"]  # no ratios on this row
     assert cells[4] == ["zero first", "0 ms", "3 s", "6 s (x2.0)", "-"]  # no ratio after a zero
+    assert cells[5] == ["gap", "1 s", "-", "100 s", "1e+03 s (x10.0)"]  # nor after a missing size
     assert len({len(line) for line in lines}) == 1  # aligned columns
 
 

@@ -174,7 +174,7 @@ def _same_videos(score_dicts: Sequence[dict]) -> bool:
 
 
 def align_scores(score_dicts: Sequence[dict], names: Sequence[str] | None = None
-                 ) -> tuple[list[str], list[np.ndarray], np.ndarray, dict[str, list[str]]]:
+                 ) -> tuple[Sequence[str], list[np.ndarray], np.ndarray, dict[str, list[str]]]:
     """Aligns files by video name.
 
     Returns (videos, probs, labels, missing): the videos every file has (in the first file's order), each file's

@@ -6,11 +6,11 @@ arrays (the costs measured grow with the number of files and records, not with t
 
 - prepare: `eleatt prepare folder` on a folder of classes (empty .mp4 files, 400 class folders; 100 at 1k);
 - extract resume: `FeatureFolder.finished()` + `failed()` on a feature folder whose every video is done (what a rerun
-  of `eleatt extract` with nothing left to do checks), .npy files of (4, 16) float16 and their manifest;
+  of `eleatt extract` with nothing left to do checks), .npy files of (64, 16) float16 and their manifest;
 - flow resume: `FlowFolder.finished()` on a flow folder of .flow.zip files of 16 pairs of 16x16 (a rerun of `eleatt
   flow`);
-- training start-up: `FeatureDataModule.setup("fit")` and the first batch (32 videos, 4 steps) on that feature
-  folder, with the number of feature files read in full before that batch (none);
+- training start-up: `FeatureDataModule.setup("fit")` and the first batch (32 videos, 4 of the 64 steps) on that
+  feature folder, with the number of feature files read in full before that batch (none);
 - fuse: `eleatt fuse` of two scores files of N videos x 400 classes (--no-plot), in a subprocess: its time and peak
   resident memory against the inputs' size; and `--search-weights` on the same files (13 weightings).
 
@@ -40,7 +40,8 @@ FUSE_SIZES = (*SIZES, 1_000_000)
 QUICK_SIZES = (100, 1_000)
 WARM_UP = 40  # videos of the unreported first round
 CLASSES = 400  # Kinetics-400's classes: the fuse rows' score columns, the prepare rows' class folders
-FEATURE_SHAPE = (4, 16)  # steps x dim of a generated feature file
+FEATURE_SHAPE = (64, 16)  # steps x dim of a generated feature file (2 KB)
+NUM_STEPS = 4  # steps a training sample takes of it
 FLOW_PAIRS, FLOW_SIZE = 16, 16
 
 
@@ -199,28 +200,35 @@ def time_flow_resume(flow: Path) -> float:
 
 
 def time_startup(features: Path, train_list: Path) -> tuple[float, int]:
-    """Seconds of `setup("fit")` + the first batch, and the feature files read in full (np.load without a memory
-    map) until then."""
+    """Seconds of `setup("fit")` + the first batch (NUM_STEPS steps a sample), and the feature files read in full
+    until then: loaded without a memory map, or passed whole to a numpy check (`np.isfinite` on all of a file's
+    values, as a per-file NaN check does)."""
     from pipeline.training.feature_data import FeatureDataModule
 
     full_reads = []
-    real_load = np.load
+    real_load, real_isfinite = np.load, np.isfinite
+    whole = FEATURE_SHAPE[0] * FEATURE_SHAPE[1]
 
     def counting_load(*args, **kwargs):
         if kwargs.get("mmap_mode") is None:
             full_reads.append(args[0])
         return real_load(*args, **kwargs)
 
+    def counting_isfinite(x, *args, **kwargs):
+        if isinstance(x, np.ndarray) and x.size >= whole:
+            full_reads.append(x)
+        return real_isfinite(x, *args, **kwargs)
+
     def start():
-        data = FeatureDataModule(str(features), train_list=str(train_list), num_steps=4, batch_size=32)
+        data = FeatureDataModule(str(features), train_list=str(train_list), num_steps=NUM_STEPS, batch_size=32)
         data.setup("fit")
         next(iter(data.train_dataloader()))
 
-    np.load = counting_load
+    np.load, np.isfinite = counting_load, counting_isfinite
     try:
         took = _timed(start)
     finally:
-        np.load = real_load
+        np.load, np.isfinite = real_load, real_isfinite
     return took, len(full_reads)
 
 

@@ -374,9 +374,6 @@ class FeatureFolder:
         self.failed_path = self.root / f"failed{suffix}.jsonl"
         self._repaired: set[Path] = set()
         self._settings: FeatureSettings | None = None
-        # files whose values were found finite, as (path, mtime_ns, size): each is read in full once, not once
-        # per training sample (a memory-mapped load otherwise reads only the sampled steps)
-        self._finite: set[tuple[Path, int, int]] = set()
 
     def __repr__(self) -> str:
         return f"FeatureFolder({str(self.root)!r}, rank={self.rank})"
@@ -609,25 +606,23 @@ class FeatureFolder:
         text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
         self._append(self.failed_path, {"video": video, "error": text, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
-    def load(self, video: str, mmap: bool = False, check: bool = True) -> np.ndarray:
+    def load(self, video: str, mmap: bool = False, check: bool = True, finite: bool = True) -> np.ndarray:
         """The stored array of `video`, `(T, D)` or `(V, T, D)`, as saved (never unpickles).
 
         With `check` (the default), a file that cannot be used raises FeatureFileError naming it and the fix: it
         does not parse as .npy (truncated, garbage), has another layout or feature dimension than the folder's
-        settings, zero frames, or values that are not finite (NaN/inf would silently train a NaN model).
+        settings, zero frames, or (with `finite`, the default) values that are not finite (NaN/inf would silently
+        train a NaN model). `finite=False` checks the header alone and leaves the values to the caller, which
+        checks the steps it reads (`check_finite`): a training sample reads a few steps of a memory-mapped file,
+        and a full read of every file at start-up would cost the whole folder per worker.
         """
         path = self.existing(video)
-        fix = (f"re-extract it: rerun `eleatt extract` with this list into '{self.root}' (it redoes damaged files), "
-               "or delete the file and rerun")
         try:
-            stat = path.stat()
-            key = (path, stat.st_mtime_ns, stat.st_size)
-            if key not in self._finite:  # (a file found whole and finite, unchanged since, needs no second look)
-                npy_layout(path)  # the header against the file's size first: np.load allocates what it says
+            npy_layout(path)  # the header against the file's size first: np.load allocates what it says
             features = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
         except NPY_ERRORS as err:
             raise FeatureFileError(f"feature file '{path}' of '{video}' cannot be read ({load_failure(err)}); "
-                                   f"{fix}") from None
+                                   f"{self._fix()}") from None
         if not check:
             return features
         dim = self.settings.dim if self.settings is not None else None
@@ -638,12 +633,26 @@ class FeatureFolder:
         elif dim and features.shape[-1] != int(dim):
             problem = f"has feature dimension {features.shape[-1]} but the folder's settings say {dim}"
         else:
-            if key in self._finite or np.isfinite(features).all():
-                self._finite.add(key)
-                return features
-            bad = int((~np.isfinite(features)).sum())
-            problem = f"holds {bad} non-finite values (NaN/inf)"
-        raise FeatureFileError(f"feature file '{path}' of '{video}' {problem}; {fix}")
+            if finite:
+                self.check_finite(video, features)
+            return features
+        raise FeatureFileError(f"feature file '{path}' of '{video}' {problem}; {self._fix()}")
+
+    def _fix(self) -> str:
+        return (f"re-extract it: rerun `eleatt extract` with this list into '{self.root}' (it redoes damaged "
+                "files), or delete the file and rerun")
+
+    def check_finite(self, video: str, values: np.ndarray | Any) -> None:
+        """Raises FeatureFileError naming the file of `video` when `values` (read from it: all of it, or the steps
+        a sample took; numpy or torch) hold NaN or inf; the message counts the file's non-finite values."""
+        finite = values.isfinite().all() if hasattr(values, "isfinite") else np.isfinite(values).all()
+        if bool(finite):
+            return
+        path = self.existing(video)
+        whole = np.load(path, mmap_mode="r", allow_pickle=False)  # an error path: the count reads the file once
+        bad = sum(int(np.count_nonzero(~np.isfinite(part))) for part in as_views(whole))
+        raise FeatureFileError(f"feature file '{path}' of '{video}' holds {bad} non-finite values (NaN/inf); "
+                               f"{self._fix()}")
 
     def lock(self, command: str = "a writer"):
         """`with folder.lock("extract"):` holds the folder for this process; a second process is refused at once

@@ -138,13 +138,17 @@ class FeatureSequenceDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         entry = self.entries[index]
-        views = as_views(self.folder.load(entry.path, mmap=True))  # (V, T, D)
+        # The header is checked here, the values of the steps this sample reads below: never the whole file.
+        views = as_views(self.folder.load(entry.path, mmap=True, finite=False))  # (V, T, D)
         if self.train:
             rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
             views = views[int(rng.integers(views.shape[0]))][None]  # (1, T, D)
-            feats = sample_sequence(views, self.num_steps, self.normalizer, train=True, rng=rng)[0]  # (T', D)
+            feats = sample_sequence(views, self.num_steps, train=True, rng=rng)[0]  # (T', D)
         else:
-            feats = sample_sequence(views, self.num_steps, self.normalizer)  # (V, T', D)
+            feats = sample_sequence(views, self.num_steps)  # (V, T', D)
+        self.folder.check_finite(entry.path, feats)  # NaN/inf never trains silently: a clear error naming the file
+        if self.normalizer is not None:
+            feats = self.normalizer(feats)
         if self.transform is not None:
             feats = self.transform(feats)
         return {"feats": feats, "length": feats.shape[-2], "label": entry.label, "video": entry.path, "index": index}

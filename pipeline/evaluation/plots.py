@@ -15,7 +15,7 @@ def confusion_matrix(scores: np.ndarray, labels: np.ndarray, num_classes: int | 
     videos labelled -1 are left out."""
     num_classes = num_classes or scores.shape[1]
     keep = labels >= 0
-    pred = scores[keep].argmax(1)
+    pred = scores.argmax(1)[keep]  # no copy of the N x C scores (a fused 1M x 400 file is 1.6 GB)
     cm = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(cm, (labels[keep], pred), 1)
     return cm

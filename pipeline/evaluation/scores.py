@@ -104,7 +104,9 @@ def _check_arrays(scores: dict[str, np.ndarray], path: Path) -> None:
     if problem:
         raise ScoresFileError(f"'{path}': {problem}; pass a scores_<stage>.npz written by `eleatt test`/`validate`/"
                               "`predict` or `eleatt fuse`")
-    bad = int(probs.size - np.isfinite(probs).sum())
+    step = chunk_rows(probs.shape[1])  # chunk by chunk: a bool copy of N x C scores would cost N x C bytes
+    bad = sum(int(chunk.size - np.count_nonzero(np.isfinite(chunk)))
+              for chunk in (probs[i:i + step] for i in range(0, len(probs), step)))
     if bad:
         raise ScoresFileError(f"'{path}': {bad} of its {probs.shape[0]}x{probs.shape[1]} scores are NaN or infinite "
                               "(the model that wrote them diverged, or the file is damaged); score the videos again "
@@ -143,16 +145,68 @@ def read_scores(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return scores
 
 
-def accuracy_summary(scores: np.ndarray, labels: np.ndarray, topk: int = 5) -> dict[str, float] | None:
+CHUNK_VALUES = 1 << 21  # scores looked at a time (videos x classes): the temporaries stay a few MB at any N
+
+
+def chunk_rows(num_classes: int, rows: int | None = None, values: int | None = None) -> int:
+    """Videos handled at a time: `rows` when given (tests set small ones), else what keeps a chunk near `values`
+    scores (default CHUNK_VALUES), so that scoring or fusing N videos costs memory independent of N."""
+    return max(1, int(rows)) if rows else max(1, (values or CHUNK_VALUES) // max(1, int(num_classes)))
+
+
+def label_ranks(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Each row's position (0 = first) of its label in the order `np.argsort(-scores, kind="stable")` gives, without
+    sorting: the classes scored higher, plus the classes scored the same with a lower index (a stable sort keeps
+    them first); NaN sorts after every number. scores (n, C), labels (n,) in 0..C-1 -> int64 (n,). O(n C)."""
+    n, num_classes = scores.shape
+    columns = np.arange(num_classes)
+    own = scores[np.arange(n), labels][:, None]  # (n, 1)
+    ranks = np.count_nonzero(scores > own, axis=1).astype(np.int64)
+    tied = scores == own
+    several = np.flatnonzero(np.count_nonzero(tied, axis=1) > 1)
+    if several.size:
+        ranks[several] += np.count_nonzero(tied[several] & (columns < labels[several, None]), axis=1)
+    nan = np.flatnonzero(np.isnan(own[:, 0]))
+    if nan.size:  # a NaN label score: after every number, and after the NaNs of lower classes
+        isnan = np.isnan(scores[nan])
+        ranks[nan] = (np.count_nonzero(~isnan, axis=1)
+                      + np.count_nonzero(isnan & (columns < labels[nan, None]), axis=1))
+    return ranks
+
+
+def accuracy_summary(scores: np.ndarray, labels: np.ndarray, topk: int = 5,
+                     rows: int | None = None) -> dict[str, float] | None:
     """top1, top<k> (k = min(topk, C)) and mca (mean per-class recall over classes with labelled videos) from
-    scores (N, C) and labels (N,) (-1 ignored); None when no video is labelled."""
+    scores (N, C) and labels (N,) (-1 ignored); None when no video is labelled.
+
+    Ties go as a stable sort of the scores, descending, orders them (the lower class first); computed `rows` videos
+    at a time by counting (`label_ranks`), never sorting nor copying the N x C scores: memory independent of N."""
+    labels = np.asarray(labels)
     keep = labels >= 0
     if not keep.any():
         return None
-    scores, labels = scores[keep], labels[keep]
-    k = min(topk, scores.shape[1])
-    order = np.argsort(-scores, axis=1, kind="stable")
-    top1 = order[:, 0] == labels
-    topk_hit = (order[:, :k] == labels[:, None]).any(1)
-    recalls = [top1[labels == c].mean() for c in np.unique(labels)]
-    return {"top1": float(top1.mean()), f"top{k}": float(topk_hit.mean()), "mca": float(np.mean(recalls))}
+    num_classes = scores.shape[1]
+    k = min(topk, num_classes)
+    step = chunk_rows(num_classes, rows)
+    top1_hits, topk_hits = 0, 0
+    per_class = np.zeros(0)
+    for start in range(0, len(labels), step):
+        y = labels[start:start + step]
+        chunk = np.flatnonzero(y >= 0)
+        if not chunk.size:
+            continue
+        y = y[chunk]
+        ranks = np.full(len(y), num_classes, dtype=np.int64)  # a label past the classes is never ranked
+        inside = y < num_classes
+        ranks[inside] = label_ranks(np.asarray(scores[start:start + step])[chunk[inside]], y[inside])
+        top1 = ranks == 0
+        top1_hits += int(top1.sum())
+        topk_hits += int((ranks < k).sum())
+        hits = np.bincount(y, weights=top1)
+        per_class = np.pad(per_class, (0, max(0, len(hits) - len(per_class))))
+        per_class[:len(hits)] += hits
+    counts = np.bincount(labels[keep])
+    present = counts > 0
+    recalls = per_class[:len(counts)][present] / counts[present]
+    total = int(keep.sum())
+    return {"top1": top1_hits / total, f"top{k}": topk_hits / total, "mca": float(np.mean(recalls))}

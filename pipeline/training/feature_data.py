@@ -227,7 +227,7 @@ class FeatureDataModule(ListDataModule):
         for name in self._existing_lists():
             for entry in self.entries(name):
                 if self.folder.feature_path(entry.path).is_file():
-                    return int(self.folder.load(entry.path, mmap=True).shape[-1])
+                    return int(self.folder.load(entry.path, mmap=True, finite=False).shape[-1])  # the header
         raise MissingFeaturesError(
             f"cannot tell the feature dimension: '{self.features_dir}' has no settings.json with 'dim' and no "
             f"feature file of the videos in {[str(p) for p in self.list_paths.values()]}; extract them with "

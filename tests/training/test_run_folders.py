@@ -126,7 +126,8 @@ def test_non_finite_features_stop_fit_naming_the_file(order_features, tmp_path, 
     array = np.load(bad)
     array[3, 2] = np.nan
     np.save(bad, array)
-    argv = ["fit", "--config", TINY, *data_args(features, order_features["lists"]),
+    # A sample checks the steps it reads (never the whole file): all steps here (num_steps 0), so step 3 is read.
+    argv = ["fit", "--config", TINY, *data_args(features, order_features["lists"]), "--data.num_steps", "0",
             "--trainer.default_root_dir", str(tmp_path), "--run_name", "r", "--trainer.max_epochs", "2"]
     assert main(argv) == 2
     err = capsys.readouterr().err

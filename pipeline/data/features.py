@@ -366,12 +366,16 @@ class FeatureFolder:
     suffix = ".npy"  # the per-video file's extension (a flow folder stores `.flow.zip` files)
     kind = "feature folder"  # in messages
 
-    def __init__(self, root: str | os.PathLike, rank: int | None = None):
+    def __init__(self, root: str | os.PathLike, rank: int | None = None, world: int | None = None):
         self.root = Path(root)
         self.rank = rank
+        self.world = world  # with `rank`: shard `rank` of `world` of a sharded run (`eleatt flow --shard I/N`)
         suffix = "" if rank is None else f".rank{int(rank)}"
         self.manifest_path = self.root / f"manifest{suffix}.jsonl"
         self.failed_path = self.root / f"failed{suffix}.jsonl"
+        # A shard's temporary files live in a folder of its own, which only the holder of its shard lock touches;
+        # other writers (and extract's ranks, under one folder lock) share `<root>/.eleatt-tmp/`.
+        self.tmp_dir = self.root / TMP_DIR / (shard_name(rank, world) if world is not None else "")
         self._repaired: set[Path] = set()
         self._settings: FeatureSettings | None = None
         # files whose values were found finite, as (path, mtime_ns, size): each is read in full once, not once
@@ -379,7 +383,7 @@ class FeatureFolder:
         self._finite: set[tuple[Path, int, int]] = set()
 
     def __repr__(self) -> str:
-        return f"FeatureFolder({str(self.root)!r}, rank={self.rank})"
+        return f"FeatureFolder({str(self.root)!r}, rank={self.rank}, world={self.world})"
 
     # --- settings -------------------------------------------------------------------------------------------
     @property
@@ -590,7 +594,7 @@ class FeatureFolder:
         target.parent.mkdir(parents=True, exist_ok=True)
         # The temporary file lives in our own folder (same file system, so the rename is atomic), never beside
         # the user's files; it gets the umask's permissions so that a shared folder stays readable.
-        with atomic_write(target, "wb", tmp_dir=self.root / TMP_DIR) as f:
+        with atomic_write(target, "wb", tmp_dir=self.tmp_dir) as f:
             np.save(f, np.ascontiguousarray(stored), allow_pickle=False)
         record = {
             "video": video,
@@ -647,24 +651,132 @@ class FeatureFolder:
 
     def lock(self, command: str = "a writer"):
         """`with folder.lock("extract"):` holds the folder for this process; a second process is refused at once
-        with FolderLockedError naming the holder (pid, host, command, start time). See `folder_lock`."""
+        with FolderLockedError naming the holder (pid, host, command, start time). See `folder_lock`; a sharded
+        folder (`world` given) takes its shard's lock instead (`shard_lock`): other shards of the run go on."""
+        if self.world is not None:
+            return shard_lock(self.root, command, int(self.rank or 0), int(self.world), self.kind)
         return folder_lock(self.root, command, self.kind)
 
     def remove_stale_temporaries(self) -> int:
         """Deletes temporary files left by killed writers (only inside `<root>/.eleatt-tmp/`, which holds nothing
-        else: a user's file is never touched); call only while no writer runs. Returns the count."""
-        count = 0
+        else: a user's file is never touched); call only while holding `lock()`. Returns the count.
+
+        Unsharded, the lock keeps every other writer out: all of them go. A shard removes its own, those of the
+        unsharded runs (none can run beside it), and those of every other shard whose lock it can take (a shard
+        killed earlier); a shard that runs keeps its files."""
         tmp_dir = self.root / TMP_DIR
-        if tmp_dir.is_dir():
-            for tmp in tmp_dir.iterdir():
-                if tmp.is_file():
-                    tmp.unlink(missing_ok=True)
-                    count += 1
+        if not tmp_dir.is_dir():
+            return 0
+        count = 0
+        for entry in tmp_dir.iterdir():
+            if entry.is_file():
+                entry.unlink(missing_ok=True)
+                count += 1
+            elif entry.is_dir() and not entry.is_symlink():
+                parsed = parse_shard_name(entry.name)
+                if self.world is None or parsed is None or entry == self.tmp_dir:
+                    count += _remove_files(entry)
+                else:
+                    with _try_flock(self.root / shard_lock_name(*parsed)) as free:
+                        if free:
+                            count += _remove_files(entry)
         return count
 
 
+def _remove_files(folder: Path) -> int:
+    """Deletes the plain files directly inside `folder` (nothing below it, no link followed); the count."""
+    count = 0
+    for entry in folder.iterdir():
+        if entry.is_file():
+            entry.unlink(missing_ok=True)
+            count += 1
+    return count
+
+
+def shard_name(rank: int, world: int) -> str:
+    """`shard-I-of-N`: the name of shard I of N's temporary folder and lock."""
+    return f"shard-{int(rank)}-of-{int(world)}"
+
+
+def parse_shard_name(name: str) -> tuple[int, int] | None:
+    """(I, N) from `shard-I-of-N`, or None for any other name."""
+    parts = name.split("-")
+    if len(parts) == 4 and parts[0] == "shard" and parts[2] == "of" and all(p.isdigit() and p.isascii()
+                                                                          for p in parts[1::2]):
+        return int(parts[1]), int(parts[3])
+    return None
+
+
+def shard_lock_name(rank: int, world: int) -> str:
+    return f"{LOCK}.{shard_name(rank, world)}"
+
+
+def _lock_fd(path: Path) -> int:
+    return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+
+
+def _flock(fd: int, how: int) -> bool:
+    """Takes flock `how` (LOCK_SH / LOCK_EX, never waiting) on `fd`: False when another process holds a conflicting
+    one; True when taken, or when the file system has no flock (some network mounts: then no lock, as before)."""
+    if fcntl is None:  # pragma: no cover
+        return True
+    try:
+        fcntl.flock(fd, how | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _flock_soon(fd: int, how: int, tries: int = 5) -> bool:
+    """`_flock`, tried `tries` times 50 ms apart."""
+    for _ in range(tries):
+        if _flock(fd, how):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _holder(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            return f.read(400).decode("utf-8", "replace").strip() or "another process"
+    except OSError:
+        return "another process"
+
+
+def _sign(fd: int, command: str) -> None:
+    """Writes who holds a lock into its file (named by the refusals of others)."""
+    os.ftruncate(fd, 0)
+    os.write(fd, (f"`eleatt {command}` (pid {os.getpid()} on {socket.gethostname()}, since "
+                  f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n").encode())
+
+
+def _running_shard(root: Path, world: int | str = "*") -> str | None:
+    """A running shard (of a run split into `world` shards), as its lock file names it; None when none runs. (Asked
+    only to word a refusal: the probe holds a free shard's lock for an instant, which a shard starting then waits
+    out, see `shard_lock`.)"""
+    for path in sorted(root.glob(f"{LOCK}.shard-*-of-{world}")):
+        with _try_flock(path) as free:
+            if not free:
+                return _holder(path)
+    return None
+
+
 @contextlib.contextmanager
-def folder_lock(root: str | os.PathLike, command: str = "a writer", kind: str = "folder", fix: str = "--out"):
+def _try_flock(path: Path):
+    """`with _try_flock(path) as free:` an exclusive lock on `path` if nobody holds it (free), released after."""
+    fd = _lock_fd(path)
+    try:
+        yield _flock(fd, fcntl.LOCK_EX if fcntl is not None else 0)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def folder_lock(root: str | os.PathLike, command: str = "a writer", kind: str = "folder", fix: str = "--out",
+                shared: bool = False):
     """`with folder_lock(root, "flow"):` holds the folder `root` (created if needed) for this process while it writes
     there; a second process is refused at once with FolderLockedError naming `kind`, the folder and the holder
     (command, pid, host, start time), and the fix (wait, or the option `fix` naming another folder).
@@ -672,30 +784,82 @@ def folder_lock(root: str | os.PathLike, command: str = "a writer", kind: str = 
     The lock is an flock on `<root>/.eleatt-lock`: the system drops it when its process ends however it ends, so a
     crashed run never leaves a stale lock. (On file systems without flock, and on Windows, no lock.) Only a process
     holds it: threads of one process share it, and several `with` of one process on one folder refuse each other.
+    `shared`: the shards of a sharded run hold it together (`shard_lock`), which still refuses every exclusive
+    holder (an unsharded run) and is refused by one.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     path = root / LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    fd = _lock_fd(path)
     try:
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                with open(path, "rb") as f:
-                    holder = f.read(400).decode("utf-8", "replace").strip() or "another process"
-                raise FolderLockedError(
-                    f"{kind} '{root}' is being written by {holder}; wait for it to finish (a second run would redo "
-                    f"its work), or write into another folder ({fix})"
-                ) from None
-            except OSError:  # no flock on this file system (some network mounts): go on unlocked
-                pass
-        os.ftruncate(fd, 0)
-        os.write(fd, (f"`eleatt {command}` (pid {os.getpid()} on {socket.gethostname()}, since "
-                      f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n").encode())
+        if fcntl is not None and not _flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX):
+            # refused by the shards of a sharded run: one that runs (the file names the last to start)
+            holder = (None if shared else _running_shard(root)) or _holder(path)
+            raise FolderLockedError(
+                f"{kind} '{root}' is being written by {holder}; wait for it to finish (a second run would redo "
+                f"its work), or write into another folder ({fix})"
+            )
+        if not shared:  # a shard signs once it holds its shard too (`shard_lock`)
+            _sign(fd, command)
         yield root
     finally:
         os.close(fd)  # releases the flock
+
+
+@contextlib.contextmanager
+def shard_lock(root: str | os.PathLike, command: str, rank: int, world: int, kind: str = "folder",
+               fix: str = "--out"):
+    """`with shard_lock(root, "flow --shard 1/3", 1, 3):` holds shard `rank` of `world` of the folder `root`.
+
+    Shards of one run coexist; everything else that would write the same videos is refused at once with
+    FolderLockedError naming the holder and the fix:
+      - an unsharded run while any shard runs, and any shard while an unsharded run runs (the folder lock,
+        `<root>/.eleatt-lock`: shared by the shards, exclusive otherwise);
+      - a second run of the same shard (`<root>/.eleatt-lock.shard-I-of-N`, exclusive);
+      - a shard of another split (M shards) while shards of N run: their shares overlap (`.eleatt-lock.world-N`,
+        shared by the shards of N, probed for each other split M; two splits starting at the same instant may
+        both be refused, never both run).
+    Locks are flocks: the system drops them when a process ends however it ends.
+    """
+    root = Path(root)
+    rank, world = int(rank), int(world)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(folder_lock(root, command, kind, fix, shared=True))
+        world_fd = _lock_fd(root / f"{LOCK}.world-{world}")
+        stack.callback(os.close, world_fd)
+        if fcntl is not None:
+            # Blocking: another split holds this file exclusively only for the instant it probes it.
+            try:
+                fcntl.flock(world_fd, fcntl.LOCK_SH)
+            except OSError:  # no flock on this file system: unlocked, as the folder lock
+                pass
+        for other in root.glob(f"{LOCK}.world-*"):
+            suffix = other.name[len(f"{LOCK}.world-"):]
+            if not (suffix.isdigit() and suffix.isascii()) or int(suffix) == world:
+                continue
+            with _try_flock(other) as free:
+                if not free:
+                    raise FolderLockedError(
+                        f"{kind} '{root}' is being written by a run split into {int(suffix)} shards (e.g. "
+                        f"{_running_shard(root, int(suffix)) or 'another process'}); its shares overlap those of "
+                        f"{world} shards: wait for it to finish, or run the missing shards as --shard I/{int(suffix)}"
+                    )
+        path = root / shard_lock_name(rank, world)
+        fd = _lock_fd(path)
+        stack.callback(os.close, fd)
+        # Tried a few times: another run probing which shards run holds a free shard's lock for an instant.
+        if fcntl is not None and not _flock_soon(fd, fcntl.LOCK_EX):
+            raise FolderLockedError(
+                f"shard {rank}/{world} of {kind} '{root}' is being written by {_holder(path)}; each shard runs "
+                "once at a time: wait for it to finish, or run another shard"
+            )
+        _sign(fd, command)
+        main = _lock_fd(root / LOCK)  # the folder lock names a shard to an unsharded run it refuses
+        try:
+            _sign(main, command)
+        finally:
+            os.close(main)
+        yield root
 
 
 def read_settings(root: str | os.PathLike) -> FeatureSettings:

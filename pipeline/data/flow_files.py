@@ -40,7 +40,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from pipeline.data.features import TMP_DIR, FeatureFolder, FeatureSettings, SettingsFormatError, number_in
+from pipeline.data.features import FeatureFolder, FeatureSettings, SettingsFormatError, number_in
 from pipeline.paths import atomic_write
 from pipeline.errors import InputNotFoundError, UsageError
 
@@ -553,7 +553,7 @@ class FlowFolder(FeatureFolder):
         folder's temporary folder, as every feature file is) or not at all; the manifest record comes after."""
         target = self.feature_path(video)
         target.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(target, "wb", tmp_dir=self.root / TMP_DIR) as f:
+        with atomic_write(target, "wb", tmp_dir=self.tmp_dir) as f:
             with FlowWriter(f, bound, fps=fps) as w:
                 yield w
             if w.pairs == 0:

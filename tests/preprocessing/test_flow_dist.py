@@ -1,0 +1,236 @@
+"""`eleatt flow` on several machines: shards of the list, per-shard locks and temporaries, settings written once, and
+a sharded run killed on one rank and resumed with another number of ranks (every video exactly once, one folder)."""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.data.features import FeatureSettings, FolderLockedError, SettingsMismatchError, folder_lock, shard_lock
+from pipeline.data.flow_files import FlowFolder, FlowOptions, flow_folder_settings, load_quantized
+from preprocessing.flow import main, resolve_shard, share
+from preprocessing.synthetic import write_lossless_video
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+# ------------------------------------------------------------------------------------------------ which share
+@pytest.mark.parametrize("given, environ, expected", [
+    ("2/5", {}, (2, 5, "--shard")),
+    (" 0/2 ", {"RANK": "1", "WORLD_SIZE": "3"}, (0, 2, "--shard")),  # the option over the launcher
+    ("0/1", {"RANK": "1", "WORLD_SIZE": "3"}, None),  # one shard of one: the whole list
+    (None, {"RANK": "1", "WORLD_SIZE": "3"}, (1, 3, "RANK/WORLD_SIZE")),
+    (None, {"RANK": "0", "WORLD_SIZE": "1", "SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2"}, None),
+    (None, {"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4", "SLURM_NTASKS": "4"},
+     (3, 4, "SLURM_PROCID/SLURM_STEP_NUM_TASKS")),
+    # the batch script of an allocation of 4 tasks (no srun step): a run of its own, not a quarter of the list
+    (None, {"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}, None),
+    (None, {}, None),
+])
+def test_the_share_comes_from_the_option_then_torchrun_then_srun(given, environ, expected):
+    assert resolve_shard(given, environ) == expected
+
+
+@pytest.mark.parametrize("given, environ, message", [
+    ("3/3", {}, r"--shard 3/3: I must be in 0..N-1 .* got I = 3, N = 3"),
+    ("0/0", {}, r"--shard 0/0: I must be in 0..N-1"),
+    ("-1/2", {}, r"--shard '-1/2': expected I/N, two whole numbers"),
+    ("1", {}, r"--shard '1': expected I/N"),
+    ("a/b", {}, r"expected I/N"),
+    (None, {"RANK": "x", "WORLD_SIZE": "2"}, r"environment RANK='x' WORLD_SIZE='2': not whole numbers"),
+    (None, {"SLURM_PROCID": "4", "SLURM_STEP_NUM_TASKS": "4"}, r"SLURM_PROCID=4 SLURM_STEP_NUM_TASKS=4: the rank "
+                                                               r"must be in 0..3"),
+])
+def test_a_bad_share_is_one_clear_line(given, environ, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_shard(given, environ)
+
+
+def test_shares_split_the_list_by_position_whatever_is_finished():
+    videos = [f"v{i}" for i in range(8)]
+    assert [share(videos, r, 3) for r in range(3)] == [["v0", "v3", "v6"], ["v1", "v4", "v7"], ["v2", "v5"]]
+    for world in (1, 2, 3, 5, 9):
+        shares = [share(videos, r, world) for r in range(world)]
+        assert sorted(v for s in shares for v in s) == videos
+
+
+def test_a_bad_shard_option_exits_2_before_any_work(tmp_path, capsys):
+    (tmp_path / "list.txt").write_text("a.mp4 0\n")
+    code = main(["--list", str(tmp_path / "list.txt"), "--root", str(tmp_path), "--out", str(tmp_path / "out"),
+                 "--shard", "4/4", "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "eleatt flow: error: --shard 4/4: I must be in 0..N-1" in err
+    assert not (tmp_path / "out").exists()
+    assert main(["--out", str(tmp_path / "out"), "--export-jpg", str(tmp_path / "jpg"), "--shard", "0/2"]) == 2
+    assert "--import-jpg and --export-jpg run whole" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ locks
+def test_shards_of_one_split_coexist_and_refuse_the_rest(tmp_path):
+    root = tmp_path / "flow"
+    with shard_lock(root, "flow --shard 0/3", 0, 3, "flow folder"):
+        with shard_lock(root, "flow --shard 1/3", 1, 3, "flow folder"):  # another shard of the split: runs
+            pass
+        with pytest.raises(FolderLockedError, match=r"shard 0/3 of flow folder .* is being written by `eleatt flow "
+                                                    r"--shard 0/3` \(pid \d+ .*each shard runs once at a time"):
+            with shard_lock(root, "flow --shard 0/3", 0, 3, "flow folder"):
+                pass
+        with pytest.raises(FolderLockedError, match=r"is being written by a run split into 3 shards \(e.g. `eleatt "
+                                                    r"flow --shard 0/3`.*run the missing shards as --shard I/3"):
+            with shard_lock(root, "flow --shard 1/2", 1, 2, "flow folder"):
+                pass
+        with pytest.raises(FolderLockedError, match=r"flow folder '.*' is being written by `eleatt flow --shard "
+                                                    r"0/3`"):
+            with folder_lock(root, "flow", "flow folder"):  # an unsharded run
+                pass
+    # all released: another split, then an unsharded run
+    with shard_lock(root, "flow --shard 1/2", 1, 2):
+        pass
+    with folder_lock(root, "flow", "flow folder"):
+        with pytest.raises(FolderLockedError, match=r"is being written by `eleatt flow` \(pid"):
+            with shard_lock(root, "flow --shard 0/2", 0, 2, "flow folder"):
+                pass
+
+
+def test_the_cli_refuses_an_unsharded_run_while_a_shard_runs(tmp_path, capsys):
+    (tmp_path / "list.txt").write_text("a.mp4 0\n")
+    out = tmp_path / "flow"
+    args = ["--list", str(tmp_path / "list.txt"), "--root", str(tmp_path), "--out", str(out), "--no-progress",
+            "--workers", "1"]
+    with shard_lock(out, "flow --shard 1/2", 1, 2, "flow folder"):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "refused" not in err and "is being written by `eleatt flow --shard 1/2`" in err
+        assert main([*args, "--shard", "1/2"]) == 2
+        assert "shard 1/2 of flow folder" in capsys.readouterr().err
+        assert main([*args, "--shard", "0/3"]) == 2
+        assert "split into 2 shards" in capsys.readouterr().err
+    assert not list(out.glob("manifest*")) and not list(out.glob("failed*"))
+
+
+def test_a_shard_removes_stale_temporaries_but_not_a_running_shards(tmp_path):
+    root = tmp_path / "flow"
+    tmp = root / ".eleatt-tmp"
+    for where in ("", "shard-0-of-3", "shard-1-of-3", "shard-2-of-3", "shard-0-of-2"):
+        (tmp / where).mkdir(parents=True, exist_ok=True)
+        (tmp / where / ".eleatt-tmp.x.part").write_bytes(b"partial")
+    mine = FlowFolder(root, 1, 3)
+    assert mine.tmp_dir == tmp / "shard-1-of-3"
+    with shard_lock(root, "flow --shard 0/3", 0, 3):  # shard 0 runs: its file stays
+        with mine.lock("flow --shard 1/3"):
+            assert mine.remove_stale_temporaries() == 4
+    assert sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*.part")) == ["shard-0-of-3/.eleatt-tmp.x.part"]
+    with FlowFolder(root).lock("flow"):  # unsharded: nobody else runs, everything goes
+        assert FlowFolder(root).remove_stale_temporaries() == 1
+    assert not list(tmp.rglob("*.part"))
+
+
+# ------------------------------------------------------------------------------------------------ settings.json
+def _check(root: str, bound: float, start, queue) -> None:
+    start.wait()
+    try:
+        FlowFolder(root).check_settings(flow_folder_settings(FlowOptions(bound=bound)))
+        queue.put(("ok", bound))
+    except SettingsMismatchError as err:
+        queue.put(("refused", str(err)))
+
+
+@pytest.mark.parametrize("bounds", [(20.0,) * 6, (20.0, 15.0) * 3])
+def test_ranks_racing_to_write_the_settings_agree_or_are_refused(tmp_path, bounds):
+    ctx = mp.get_context("fork")
+    start, queue = ctx.Barrier(len(bounds)), ctx.Queue()
+    procs = [ctx.Process(target=_check, args=(str(tmp_path / "flow"), b, start, queue)) for b in bounds]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    stored = FlowOptions.of(FeatureSettings.from_json(json.loads((tmp_path / "flow" / "settings.json").read_text())))
+    winners = [r for r in results if r[0] == "ok"]
+    refused = [r for r in results if r[0] == "refused"]
+    assert all(bound == stored.bound for _, bound in winners)  # every rank that goes on agrees with the file
+    assert len(winners) == bounds.count(stored.bound) and len(refused) == len(bounds) - len(winners)
+    assert all("options.bound: stored" in message for _, message in refused)
+    assert not [p.name for p in (tmp_path / "flow").iterdir() if p.name.startswith(".settings.")]
+
+
+# ------------------------------------------------------------------------------------------------ the done-when run
+def _translating(frames: int) -> np.ndarray:
+    import cv2
+
+    noise = np.random.default_rng(3).random((160, 200, 3)).astype(np.float32)
+    tex = (cv2.GaussianBlur(noise, (0, 0), 3) * 255).astype(np.uint8)
+    return np.stack([tex[40 + t:104 + t, 40 + 2 * t:120 + 2 * t] for t in range(frames)])
+
+
+def _manifest_videos(out: Path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for shard in sorted(out.glob("manifest*.jsonl")):
+        for line in shard.read_bytes().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line torn by the kill is no record
+                continue
+            counts[record["video"]] = counts.get(record["video"], 0) + 1
+    return counts
+
+
+def test_three_ranks_one_killed_then_two_ranks_do_every_video_once(tmp_path):
+    root = tmp_path / "videos"
+    write_lossless_video(root / "v000.mp4", _translating(40))
+    names = [f"v{i:03d}.mp4" for i in range(24)]
+    for name in names[1:]:
+        (root / name).write_bytes((root / "v000.mp4").read_bytes())
+    (root / "list.txt").write_text("".join(f"{n} 0\n" for n in names))
+    out = tmp_path / "flow"
+    args = ["--list", str(root / "list.txt"), "--root", str(root), "--out", str(out), "--short-side", "0",
+            "--workers", "1", "--no-progress"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SLURM_PROCID")}
+    env["PYTHONPATH"] = str(REPO)
+
+    def launch(shard: str, log: Path) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "pipeline", "flow", *args, "--shard", shard], cwd=REPO,
+                                env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+
+    ranks = [launch(f"{r}/3", tmp_path / f"log{r}.txt") for r in range(3)]
+    victim, deadline = ranks[1], time.monotonic() + 180
+    try:
+        while victim.poll() is None and time.monotonic() < deadline:
+            shard = out / "manifest.rank1.jsonl"
+            if shard.exists() and len(shard.read_bytes().splitlines()) >= 2:
+                break
+            time.sleep(0.01)
+    finally:
+        victim.send_signal(signal.SIGKILL)
+    codes = [p.wait(timeout=180) for p in ranks]
+    logs = [(tmp_path / f"log{r}.txt").read_text() for r in range(3)]
+    assert codes == [0, -signal.SIGKILL, 0], logs
+    assert "flow (shard 0/3): 8 done, 0 skipped, 0 failed of 8 videos" in logs[0]
+    assert "flow (shard 2/3): 8 done, 0 skipped, 0 failed of 8 videos" in logs[2]
+    first = _manifest_videos(out)
+    assert 16 + 2 <= len(first) < 24 and set(first.values()) == {1}
+
+    again = [launch(f"{r}/2", tmp_path / f"again{r}.txt") for r in range(2)]
+    codes = [p.wait(timeout=180) for p in again]
+    logs = [(tmp_path / f"again{r}.txt").read_text() for r in range(2)]
+    assert codes == [0, 0], logs
+    redone = sum(int(log.split(": ")[1].split(" done")[0]) for log in logs)
+    assert redone == 24 - len(first)  # only the killed rank's unfinished videos, each by one of the two ranks
+
+    assert _manifest_videos(out) == {n: 1 for n in names}  # every video once over all the shards
+    assert not [p for p in (out / ".eleatt-tmp").rglob("*") if p.is_file()]  # the killed rank's partial file went
+    folder = FlowFolder(out)  # one folder, read as a whole
+    assert set(folder.finished()) == set(names) and not folder.failed()
+    reference = load_quantized(out / "v000.flow.zip")[0]
+    assert reference.shape == (39, 2, 64, 80)
+    for name in names:
+        assert np.array_equal(load_quantized(folder.feature_path(name))[0], reference), name

@@ -501,16 +501,19 @@ class FeatureFolder:
             return []
         return sorted(self.root.glob(f"{kind}.jsonl")) + sorted(self.root.glob(f"{kind}.rank*.jsonl"))
 
-    def finished(self, verify: bool = True) -> dict[str, dict]:
+    def finished(self, verify: bool = True, known: Mapping[str, dict] | None = None) -> dict[str, dict]:
         """video -> its manifest record, over every shard.
 
         With `verify` (the default), only videos whose file is whole: it exists, its .npy header parses, its shape
         is the record's (views, frames, dim) with at least one frame, and its size is the header's. This reads the
         first bytes of each file, not the data; a file damaged since its record is thus redone by a rerun.
+        `known`: an earlier `finished()` of this run; a record found there unchanged is not checked again (each
+        file is checked once per run, not once per question).
         """
         records = self.manifest_records()
         if verify:
-            records = {v: r for v, r in records.items() if self._whole(r)}
+            known = known or {}
+            records = {v: r for v, r in records.items() if known.get(v) == r or self._whole(r)}
         else:  # unverified records still name their own file, inside the folder
             records = {v: r for v, r in records.items() if self.record_path(r) is not None}
         return records
@@ -539,15 +542,17 @@ class FeatureFolder:
         expected = (record.get("views", views), record.get("frames", frames), record.get("dim", dim))
         return (views, frames, dim) == tuple(expected) and frames >= 1
 
-    def failed(self) -> dict[str, str]:
-        """video -> its last error, over every shard, without the videos that are finished (record and file)."""
+    def failed(self, finished: Mapping[str, dict] | None = None) -> dict[str, str]:
+        """video -> its last error, over every shard, without the videos that are finished (record and file).
+
+        `finished`: this folder's `finished()` where the caller has it (not computed, nor any file checked, again)."""
         errors: dict[str, str] = {}
         for shard in self._shards("failed"):
             for record in _read_jsonl(shard):
                 errors[record["video"]] = str(record.get("error", ""))
         if errors:
             # Verified: a video whose file has gone since its record and that then failed on a rerun is failed.
-            done = self.finished()
+            done = self.finished() if finished is None else finished
             errors = {v: e for v, e in errors.items() if v not in done}
         return errors
 

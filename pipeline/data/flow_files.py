@@ -563,8 +563,10 @@ class FlowFolder(FeatureFolder):
         """Appends the manifest record of a committed video: ``video``, ``feature``, ``pairs``, ... (from the file)."""
         target = self.feature_path(video)
         meta = flow_info(target)
+        stat = target.stat()  # what a resume compares instead of reading the file again (see `_whole`)
         record = {"video": video, "feature": self.relative(target), "pairs": int(meta["pairs"]),
-                  "height": int(meta["height"]), "width": int(meta["width"]), **extra}
+                  "height": int(meta["height"]), "width": int(meta["width"]), **extra,
+                  "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
         self._append(self.manifest_path, record)
         return record
 
@@ -578,10 +580,24 @@ class FlowFolder(FeatureFolder):
     def _whole(self, record: dict) -> bool:
         """A flow file is whole when its zip directory reads, validates (`_open`: every pair's member, in range)
         and counts the pairs of its record (a truncated or overwritten file is redone by a rerun, as the feature
-        folder's .npy checks do)."""
+        folder's .npy checks do).
+
+        That full check reads the zip's directory (a member per pair). A file whose size and modification time are
+        the ones its record noted when it was written (`bytes`, `mtime_ns`) has not been written since: it is
+        whole without being opened, so that a resume costs a `stat` per file, not a read of every pair's name.
+        Any other file (deleted, truncated, rewritten, copied elsewhere, or recorded before these fields) gets the
+        full check."""
         path = self.record_path(record)
         if path is None:
             return False
+        try:
+            stat = path.stat()
+        except OSError:
+            return False
+        size, mtime = record.get("bytes"), record.get("mtime_ns")
+        if (type(size) is int and type(mtime) is int and stat.st_size == size and stat.st_mtime_ns == mtime
+                and type(record.get("pairs")) is int and record["pairs"] >= 1):
+            return True
         try:
             zf, meta = _open(path)
             zf.close()

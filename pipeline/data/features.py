@@ -29,6 +29,7 @@ import json
 import math
 import os
 import socket
+import stat as stat_module
 import tempfile
 import time
 import tokenize
@@ -378,6 +379,7 @@ class FeatureFolder:
         self.tmp_dir = self.root / TMP_DIR / (shard_name(rank, world) if world is not None else "")
         self._repaired: set[Path] = set()
         self._settings: FeatureSettings | None = None
+        self._dirs: dict | None = None  # during `finished`: the folders found inside the root (`record_path`)
         # files whose values were found finite, as (path, mtime_ns, size): each is read in full once, not once
         # per training sample (a memory-mapped load otherwise reads only the sampled steps)
         self._finite: set[tuple[Path, int, int]] = set()
@@ -452,6 +454,10 @@ class FeatureFolder:
     # --- paths ----------------------------------------------------------------------------------------------
     def feature_path(self, video: str) -> Path:
         """`<root>/<list path without extension><suffix>` (`.npy`) for a list path (relative, '/'-separated)."""
+        return self.root / self._feature_name(video)
+
+    def _feature_name(self, video: str) -> str:
+        """`feature_path` relative to the root, '/'-separated; UsageError for a path leaving the root."""
         rel = PurePosixPath(video.replace("\\", "/"))
         if rel.is_absolute() or ".." in rel.parts or not rel.parts:
             raise UsageError(f"video path {video!r} must be relative to the root and stay under it (no '..')")
@@ -459,7 +465,7 @@ class FeatureFolder:
             raise UsageError(f"video path {video!r} starts with {rel.parts[0]!r}, the name of the feature folder's "
                              "own temporary folder/lock; rename that folder of videos")
         stem, _ = os.path.splitext(rel.as_posix())
-        return self.root / f"{stem}{self.suffix}"
+        return f"{stem}{self.suffix}"
 
     what, command = "features", "eleatt extract"  # in the messages of `existing`
 
@@ -478,22 +484,37 @@ class FeatureFolder:
     def relative(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
 
-    def record_path(self, record: Mapping[str, Any]) -> Path | None:
+    def record_path(self, record: Mapping[str, Any], _dirs: dict | None = None) -> Path | None:
         """The file of a manifest record, or None when the record is not one this folder writes: its `feature` must
         be the path its `video` is stored at (`feature_path`), and that file must resolve inside the folder (no
         symbolic link out of it). A manifest is read from disk, so a record naming `../x` or `/etc/x` is damage
-        or an attack: its video counts as not finished, and nothing outside the folder is read through it."""
+        or an attack: its video counts as not finished, and nothing outside the folder is read through it.
+
+        `_dirs`: a cache of the folders found inside the root, for the records of one pass over a manifest (a
+        file that is not a link is inside when its folder is: one `lstat` per file, a `realpath` per folder)."""
         try:
-            path = self.feature_path(record["video"])
+            name = self._feature_name(record["video"])
         except (UsageError, KeyError, AttributeError, TypeError):
             return None
-        if record.get("feature", self.relative(path)) != self.relative(path):
+        if record.get("feature", name) != name:
             return None
-        if path.is_symlink() or path.exists():
-            root = self.root.resolve()
-            if root not in path.resolve().parents:
-                return None
-        return path
+        path = self.root / name
+        try:
+            mode = os.lstat(path).st_mode
+        except (OSError, ValueError):  # nothing there (nothing is read through it), or a name the system refuses
+            return path
+        dirs = {} if _dirs is None else _dirs
+        if "" not in dirs:
+            dirs[""] = os.path.realpath(self.root)
+        root = dirs[""]
+        if stat_module.S_ISLNK(mode):  # the link's target must be inside
+            target = os.path.realpath(path)
+            return path if target.startswith(root.rstrip(os.sep) + os.sep) else None
+        folder = os.path.dirname(name)
+        if folder not in dirs:
+            real = os.path.realpath(path.parent)
+            dirs[folder] = real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+        return path if dirs[folder] else None
 
     # --- records --------------------------------------------------------------------------------------------
     def _shards(self, kind: str) -> list[Path]:
@@ -511,12 +532,15 @@ class FeatureFolder:
         file is checked once per run, not once per question).
         """
         records = self.manifest_records()
-        if verify:
-            known = known or {}
-            records = {v: r for v, r in records.items() if known.get(v) == r or self._whole(r)}
-        else:  # unverified records still name their own file, inside the folder
-            records = {v: r for v, r in records.items() if self.record_path(r) is not None}
-        return records
+        self._dirs: dict = {}  # this pass's folders found inside the root (`record_path`)
+        try:
+            if verify:
+                known = known or {}
+                return {v: r for v, r in records.items() if known.get(v) == r or self._whole(r)}
+            # unverified records still name their own file, inside the folder
+            return {v: r for v, r in records.items() if self.record_path(r, self._dirs) is not None}
+        finally:
+            self._dirs = None
 
     def manifest_records(self) -> dict[str, dict]:
         """video -> its last manifest record, over every shard, as written: not checked against the folder (see
@@ -529,7 +553,7 @@ class FeatureFolder:
 
     def _whole(self, record: dict) -> bool:
         """True when the file of a manifest record is whole and has the record's shape (see `finished`)."""
-        path = self.record_path(record)
+        path = self.record_path(record, self._dirs)
         if path is None:
             return False
         try:

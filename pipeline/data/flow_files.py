@@ -587,7 +587,7 @@ class FlowFolder(FeatureFolder):
         whole without being opened, so that a resume costs a `stat` per file, not a read of every pair's name.
         Any other file (deleted, truncated, rewritten, copied elsewhere, or recorded before these fields) gets the
         full check."""
-        path = self.record_path(record)
+        path = self.record_path(record, self._dirs)
         if path is None:
             return False
         try:

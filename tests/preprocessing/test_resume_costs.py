@@ -162,3 +162,38 @@ def test_a_flow_rerun_with_nothing_to_do_opens_no_flow_file(tmp_path, monkeypatc
     assert flowmod.main(args) == 0
     assert "flow: 0 done, 2 skipped, 0 failed of 2 videos" in capsys.readouterr().out
     assert opened == []
+
+
+# ------------------------------------------------------------------------------------------------ manifest passes
+def test_a_pass_over_the_manifest_resolves_each_folder_once_not_each_file(tmp_path, monkeypatch):
+    folder = FeatureFolder(tmp_path / "f")
+    names = [f"c{i % 3}/v{i}.mp4" for i in range(30)]
+    for name in names:
+        folder.write(name, np.ones((1, 2), np.float32))
+    resolved: list[str] = []
+    real = os.path.realpath
+    monkeypatch.setattr(os.path, "realpath", lambda p, *a, **k: resolved.append(str(p)) or real(p, *a, **k))
+    assert set(folder.finished()) == set(names)
+    assert len(resolved) == 4  # the root and the 3 folders
+    resolved.clear()
+    assert set(folder.finished(verify=False)) == set(names) and len(resolved) == 4
+
+
+def test_a_folder_linked_out_of_the_feature_folder_is_not_finished(tmp_path):
+    folder = FeatureFolder(tmp_path / "f")
+    for name in ("in/a.mp4", "out/b.mp4", "alias/c.mp4"):
+        folder.write(name, np.ones((1, 2), np.float32))
+    outside = tmp_path / "outside"
+    (tmp_path / "f" / "out").rename(outside)  # b's folder now lies outside, reached through a link
+    (tmp_path / "f" / "out").symlink_to(outside, target_is_directory=True)
+    (tmp_path / "f" / "alias").rename(tmp_path / "f" / "real")
+    (tmp_path / "f" / "alias").symlink_to(tmp_path / "f" / "real", target_is_directory=True)  # inside: fine
+    (tmp_path / "f" / "in" / "dangling.npy").symlink_to(tmp_path / "nowhere.npy")
+    with open(folder.manifest_path, "a") as f:
+        f.write(json.dumps({"video": "in/dangling.mp4", "feature": "in/dangling.npy"}) + "\n")
+    assert set(folder.finished()) == {"in/a.mp4", "alias/c.mp4"}
+    assert set(folder.finished(verify=False)) == {"in/a.mp4", "alias/c.mp4"}
+    # nothing is cached from one pass to the next: a folder linked out since is seen
+    (tmp_path / "f" / "in").rename(tmp_path / "elsewhere")
+    (tmp_path / "f" / "in").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    assert set(folder.finished()) == {"alias/c.mp4"}

@@ -435,9 +435,12 @@ class FeatureFolder:
                 return new
             except FileExistsError:
                 pass
+            except OSError:  # no hard links on this file system (some network mounts): create it exclusively
+                if self._create_settings(new):
+                    return new
             finally:
                 os.unlink(tmp)
-        old = self.settings
+        old = self._stored_settings()
         diffs = old.differences(new)
         if not diffs:
             return old
@@ -445,6 +448,33 @@ class FeatureFolder:
             f"feature folder '{self.root}' was made with other settings ({'; '.join(diffs)}); "
             f"write into a new folder (--out), or rerun with the stored settings ({self.settings_path})"
         )
+
+    def _create_settings(self, new: FeatureSettings) -> bool:
+        """Writes settings.json if it does not exist (O_EXCL: one process wins); False when another made it."""
+        try:
+            fd = os.open(self.settings_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, file_mode())
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(new.to_json(), indent=2, sort_keys=True) + "\n")  # one write
+        return True
+
+    def _stored_settings(self, tries: int = 10) -> FeatureSettings:
+        """The stored settings. A file written in the last seconds that does not parse is read again for a moment:
+        on a file system without hard links another rank may be writing it (`_create_settings`); an older one, or
+        one still unreadable after that, is the clear error."""
+        for attempt in range(tries):
+            try:
+                return self.settings
+            except SettingsFormatError:
+                try:
+                    young = time.time() - self.settings_path.stat().st_mtime < 5
+                except OSError:
+                    young = False
+                if attempt == tries - 1 or not young:
+                    raise
+                time.sleep(0.1)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     @property
     def dtype(self) -> np.dtype:

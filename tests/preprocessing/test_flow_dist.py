@@ -234,3 +234,41 @@ def test_three_ranks_one_killed_then_two_ranks_do_every_video_once(tmp_path):
     assert reference.shape == (39, 2, 64, 80)
     for name in names:
         assert np.array_equal(load_quantized(folder.feature_path(name))[0], reference), name
+
+
+def test_settings_are_written_once_without_hard_links(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    folder = FlowFolder(tmp_path / "flow")
+    settings = folder.check_settings(flow_folder_settings(FlowOptions(bound=20.0)))
+    assert FlowFolder(tmp_path / "flow").settings == settings
+    assert FlowFolder(tmp_path / "flow").check_settings(flow_folder_settings(FlowOptions(bound=20.0))) == settings
+    with pytest.raises(SettingsMismatchError, match=r"options.bound: stored 20.0, asked 10.0"):
+        FlowFolder(tmp_path / "flow").check_settings(flow_folder_settings(FlowOptions(bound=10.0)))
+    assert sorted(p.name for p in (tmp_path / "flow").iterdir()) == ["settings.json"]
+
+
+def test_settings_being_written_by_another_rank_are_waited_for(tmp_path, monkeypatch):
+    import threading
+
+    folder = FlowFolder(tmp_path / "flow")
+    wanted = flow_folder_settings(FlowOptions(bound=20.0))
+    (tmp_path / "flow").mkdir()
+    (tmp_path / "flow" / "settings.json").write_text('{"format": 1, ')  # half written by another rank
+    whole = json.dumps(wanted.to_json())
+    timer = threading.Timer(0.3, lambda: (tmp_path / "flow" / "settings.json").write_text(whole))
+    timer.start()
+    try:
+        assert folder.check_settings(wanted) == wanted
+    finally:
+        timer.join()
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "settings.json").write_text('{"format": 1, ')
+    os.utime(old / "settings.json", (time.time() - 60, time.time() - 60))  # damaged long ago: refused at once
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        FlowFolder(old).check_settings(wanted)
+    assert time.monotonic() - start < 0.5

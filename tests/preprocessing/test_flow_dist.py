@@ -272,3 +272,61 @@ def test_settings_being_written_by_another_rank_are_waited_for(tmp_path, monkeyp
     with pytest.raises(ValueError, match="is not valid JSON"):
         FlowFolder(old).check_settings(wanted)
     assert time.monotonic() - start < 0.5
+
+
+def test_a_shard_writes_its_temporaries_in_its_own_folder(tmp_path, monkeypatch):
+    import pipeline.paths as paths
+
+    used: list[Path] = []
+    real = paths.atomic_write
+
+    def spy(path, mode="wb", tmp_dir=None, **kw):
+        used.append(Path(tmp_dir))
+        return real(path, mode, tmp_dir=tmp_dir, **kw)
+
+    monkeypatch.setattr("pipeline.data.flow_files.atomic_write", spy)
+    monkeypatch.setattr("pipeline.data.features.atomic_write", spy)
+    FlowFolder(tmp_path / "flow", 2, 5).write_quantized("a.mp4", np.zeros((2, 2, 8, 8), np.uint8), 20.0)
+    FlowFolder(tmp_path / "flow").write_quantized("b.mp4", np.zeros((2, 2, 8, 8), np.uint8), 20.0)
+    from pipeline.data.features import FeatureFolder
+
+    FeatureFolder(tmp_path / "feat", 1, 2).write("c.mp4", np.ones((1, 2), np.float32))
+    assert used == [tmp_path / "flow" / ".eleatt-tmp" / "shard-2-of-5", tmp_path / "flow" / ".eleatt-tmp",
+                    tmp_path / "feat" / ".eleatt-tmp" / "shard-1-of-2"]
+    assert json.loads((tmp_path / "flow" / "manifest.rank2.jsonl").read_text())["video"] == "a.mp4"
+
+
+def test_a_shards_worker_writes_into_the_shards_folder_and_manifest(tmp_path, monkeypatch, capsys):
+    import preprocessing.flow as flowmod
+
+    root = tmp_path / "videos"
+    frames = np.random.default_rng(1).integers(0, 255, (4, 32, 40, 3), dtype=np.uint8)
+    names = [f"v{i}.mp4" for i in range(5)]
+    for name in names:
+        write_lossless_video(root / name, frames)
+    (root / "list.txt").write_text("".join(f"{n} 0\n" for n in names))
+    seen: list[tuple] = []
+    real = FlowFolder.writer
+
+    def spy(self, video, *a, **k):
+        seen.append((video, self.tmp_dir.name, self.manifest_path.name))
+        return real(self, video, *a, **k)
+
+    monkeypatch.setattr(FlowFolder, "writer", spy)
+    args = ["--list", str(root / "list.txt"), "--root", str(root), "--out", str(tmp_path / "flow"), "--short-side",
+            "0", "--workers", "1", "--no-progress"]
+    assert flowmod.main([*args, "--shard", "1/2"]) == 0
+    assert "flow (shard 1/2): 2 done, 0 skipped, 0 failed of 2 videos" in capsys.readouterr().out
+    assert seen == [("v1.mp4", "shard-1-of-2", "manifest.rank1.jsonl"), ("v3.mp4", "shard-1-of-2",
+                                                                        "manifest.rank1.jsonl")]
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert flowmod.main(args) == 0  # torchrun's rank 0 of 3: v0 and v3, v3 finished by the shard of 2
+    assert "flow (shard 0/3 from RANK/WORLD_SIZE): 1 done, 1 skipped, 0 failed of 2 videos" in capsys.readouterr().out
+    assert [json.loads(line)["video"] for line in (tmp_path / "flow" / "manifest.rank0.jsonl").read_text()
+            .splitlines()] == ["v0.mp4"]
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert flowmod.main(args) == 0  # the rest in one process, into the unsharded manifest
+    assert "flow: 2 done, 3 skipped, 0 failed of 5 videos" in capsys.readouterr().out
+    assert set(FlowFolder(tmp_path / "flow").finished()) == set(names)

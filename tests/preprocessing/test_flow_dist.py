@@ -330,3 +330,19 @@ def test_a_shards_worker_writes_into_the_shards_folder_and_manifest(tmp_path, mo
     assert flowmod.main(args) == 0  # the rest in one process, into the unsharded manifest
     assert "flow: 2 done, 3 skipped, 0 failed of 5 videos" in capsys.readouterr().out
     assert set(FlowFolder(tmp_path / "flow").finished()) == set(names)
+
+
+def test_without_hard_links_a_rank_that_loses_the_race_compares(tmp_path, monkeypatch):
+    root = tmp_path / "flow"
+    other = json.dumps(flow_folder_settings(FlowOptions(bound=15.0)).to_json())
+
+    def another_rank_wins(src, dst):  # settings.json appears between the check and the write, then no link
+        Path(dst).write_text(other)
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", another_rank_wins)
+    with pytest.raises(SettingsMismatchError, match=r"options.bound: stored 15.0, asked 20.0"):
+        FlowFolder(root).check_settings(flow_folder_settings(FlowOptions(bound=20.0)))
+    (root / "settings.json").unlink()
+    other = json.dumps(flow_folder_settings(FlowOptions(bound=20.0)).to_json())
+    assert FlowOptions.of(FlowFolder(root).check_settings(flow_folder_settings(FlowOptions(bound=20.0)))).bound == 20

@@ -172,6 +172,16 @@ def _translating(frames: int) -> np.ndarray:
     return np.stack([tex[40 + t:104 + t, 40 + 2 * t:120 + 2 * t] for t in range(frames)])
 
 
+def _copies(root: Path, frames: np.ndarray, count: int) -> list[str]:
+    """`count` videos of the same frames (hard links of one file) and `root/list.txt` listing them."""
+    write_lossless_video(root / "v000.mp4", frames)
+    names = ["v000.mp4"] + [f"v{i:03d}.mp4" for i in range(1, count)]
+    for name in names[1:]:
+        os.link(root / names[0], root / name)
+    (root / "list.txt").write_text("".join(f"{n} 0\n" for n in names))
+    return names
+
+
 def _manifest_videos(out: Path) -> dict[str, int]:
     counts: dict[str, int] = {}
     for shard in sorted(out.glob("manifest*.jsonl")):
@@ -185,13 +195,8 @@ def _manifest_videos(out: Path) -> dict[str, int]:
 
 
 def test_three_ranks_one_killed_then_two_ranks_do_every_video_once(tmp_path):
-    root = tmp_path / "videos"
-    write_lossless_video(root / "v000.mp4", _translating(40))
-    names = [f"v{i:03d}.mp4" for i in range(24)]
-    for name in names[1:]:
-        (root / name).write_bytes((root / "v000.mp4").read_bytes())
-    (root / "list.txt").write_text("".join(f"{n} 0\n" for n in names))
-    out = tmp_path / "flow"
+    root, out = tmp_path / "videos", tmp_path / "flow"
+    names = _copies(root, _translating(40), 24)  # 24 videos, 8 per rank of 3, 12 per rank of 2
     args = ["--list", str(root / "list.txt"), "--root", str(root), "--out", str(out), "--short-side", "0",
             "--workers", "1", "--no-progress"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SLURM_PROCID")}

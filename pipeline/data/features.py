@@ -771,7 +771,13 @@ def shard_lock_name(rank: int, world: int) -> str:
 
 
 def _lock_fd(path: Path) -> int:
-    return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    """The lock file `path` open for flock; one clear line when it cannot be (a folder or a link in its place, no
+    permission)."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    except OSError as err:
+        raise FolderLockedError(f"lock file '{path}' cannot be opened ({err.strerror}); it is this tool's own: "
+                                "remove it if it is not a plain file, or fix the folder's permissions") from None
 
 
 def _flock(fd: int, how: int) -> bool:
@@ -816,7 +822,7 @@ def _running_shard(root: Path, world: int | str = "*") -> str | None:
     """A running shard (of a run split into `world` shards), as its lock file names it; None when none runs. (Asked
     only to word a refusal: the probe holds a free shard's lock for an instant, which a shard starting then waits
     out, see `shard_lock`.)"""
-    for path in sorted(root.glob(f"{LOCK}.shard-*-of-{world}")):
+    for path in sorted(p for p in root.glob(f"{LOCK}.shard-*-of-{world}") if p.is_file()):
         with _try_flock(path) as free:
             if not free:
                 return _holder(path)
@@ -894,7 +900,7 @@ def shard_lock(root: str | os.PathLike, command: str, rank: int, world: int, kin
                 pass
         for other in root.glob(f"{LOCK}.world-*"):
             suffix = other.name[len(f"{LOCK}.world-"):]
-            if not (suffix.isdigit() and suffix.isascii()) or int(suffix) == world:
+            if not (suffix.isdigit() and suffix.isascii()) or int(suffix) == world or not other.is_file():
                 continue
             with _try_flock(other) as free:
                 if not free:

@@ -351,3 +351,23 @@ def test_without_hard_links_a_rank_that_loses_the_race_compares(tmp_path, monkey
     (root / "settings.json").unlink()
     other = json.dumps(flow_folder_settings(FlowOptions(bound=20.0)).to_json())
     assert FlowOptions.of(FlowFolder(root).check_settings(flow_folder_settings(FlowOptions(bound=20.0)))).bound == 20
+
+
+def test_a_lock_file_that_is_a_link_or_a_folder_is_one_clear_line(tmp_path):
+    root = tmp_path / "flow"
+    root.mkdir()
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    (root / ".eleatt-lock").symlink_to(precious)  # never followed: writing the holder would truncate it
+    with pytest.raises(FolderLockedError, match=r"lock file '.*\.eleatt-lock' cannot be opened .*not a plain file"):
+        with folder_lock(root, "flow"):
+            pass
+    assert precious.read_text() == "keep me"
+    (root / ".eleatt-lock").unlink()
+    (root / ".eleatt-lock.shard-0-of-2").mkdir()
+    with pytest.raises(FolderLockedError, match=r"lock file '.*\.eleatt-lock\.shard-0-of-2' cannot be opened"):
+        with shard_lock(root, "flow --shard 0/2", 0, 2):
+            pass
+    (root / ".eleatt-lock.world-7").mkdir()  # not a lock file: no split of 7 is running
+    with shard_lock(root, "flow --shard 1/2", 1, 2):
+        pass

@@ -197,3 +197,16 @@ def test_a_folder_linked_out_of_the_feature_folder_is_not_finished(tmp_path):
     (tmp_path / "f" / "in").rename(tmp_path / "elsewhere")
     (tmp_path / "f" / "in").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
     assert set(folder.finished()) == {"alias/c.mp4"}
+
+
+def test_the_resume_benchmark_puts_the_sizes_side_by_side(capsys):
+    from pipeline.benchmarks import resume
+
+    assert resume.main(["--sizes", "30", "90", "--reference-up-to", "30"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[-2:] == ["30", "90"]
+    table = {line[:32].strip(): line[32:].split() for line in out[1:5]}
+    assert list(table) == ["flow check", "flow full check (reference)", "extract check", "manifest pass"]
+    assert table["flow full check (reference)"][1] == "-"  # measured up to 30 only
+    assert float(table["flow full check (reference)"][0]) > 3 * float(table["flow check"][0])  # 250 pairs a zip
+    assert out[5].startswith("flow resume: the full check takes") and out[6].startswith("at 90 videos:")

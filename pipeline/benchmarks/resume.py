@@ -102,6 +102,27 @@ def measure(base: Path, n: int, reference: bool) -> dict[str, float]:
     return out
 
 
+KEYS = ("flow check", "flow full check (reference)", "extract check", "manifest pass")
+
+
+def format_table(rows: dict[int, dict[str, float]]) -> list[str]:
+    """The printed table: microseconds per video for each N (seconds per video in `rows`), '-' where not measured;
+    the reference's ratio to the stat check over the sizes where both were measured; the totals at the largest N."""
+    sizes = sorted(rows)
+    lines = [f"{'us per finished video':<32}" + "".join(f"{n:>12,}" for n in sizes)]
+    for key in KEYS:
+        cells = "".join(f"{rows[n][key] * 1e6:>12.1f}" if key in rows[n] else f"{'-':>12}" for n in sizes)
+        lines.append(f"{key:<32}{cells}")
+    ratios = [rows[n][KEYS[1]] / rows[n][KEYS[0]] for n in sizes if KEYS[1] in rows[n]]
+    if ratios:
+        lines.append(f"flow resume: the full check takes {min(ratios):.0f}-{max(ratios):.0f}x the stat check "
+                     f"({PAIRS} pairs a file)")
+    largest = sizes[-1]
+    lines.append(f"at {largest:,} videos: flow resume {rows[largest][KEYS[0]] * largest:.1f} s, extract resume "
+                 f"{rows[largest][KEYS[2]] * largest:.1f} s")
+    return lines
+
+
 @quiet_broken_pipe
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.benchmarks.resume", description=__doc__.split("\n\n")[0])
@@ -111,23 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="sizes 1000 and 5000")
     args = p.parse_args(argv)
     sizes = [1000, 5000] if args.quick else args.sizes
+    if min(sizes) < 1:
+        p.error(f"--sizes {' '.join(map(str, sizes))}: each must be at least 1 video")
     rows: dict[int, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="eleatt-resume-") as tmp:
         for n in sizes:
             rows[n] = measure(Path(tmp), n, reference=n <= args.reference_up_to)
-    keys = ["flow check", "flow full check (reference)", "extract check", "manifest pass"]
-    print(f"{'us per finished video':<32}" + "".join(f"{n:>12,}" for n in sizes))
-    for key in keys:
-        cells = "".join(f"{rows[n][key] * 1e6:>12.1f}" if key in rows[n] else f"{'-':>12}" for n in sizes)
-        print(f"{key:<32}{cells}")
-    ratios = [rows[n]["flow full check (reference)"] / rows[n]["flow check"] for n in sizes
-              if "flow full check (reference)" in rows[n]]
-    if ratios:
-        print(f"flow resume: the full check takes {min(ratios):.0f}-{max(ratios):.0f}x the stat check "
-              f"({PAIRS} pairs a file)")
-    largest = sizes[-1]
-    print(f"at {largest:,} videos: flow resume {rows[largest]['flow check'] * largest:.1f} s, extract resume "
-          f"{rows[largest]['extract check'] * largest:.1f} s")
+    print("\n".join(format_table(rows)))
     return 0
 
 

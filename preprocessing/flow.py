@@ -377,7 +377,8 @@ def _compute_locked(folder: FlowFolder, videos: list[str], method: str, preset: 
     finished = folder.finished()
     remaining = [v for v in videos if v not in finished]
     summary = Summary(total=len(videos), skipped=len(videos) - len(remaining))
-    bar = tqdm(total=len(remaining), unit="video", desc="flow", file=sys.stderr,
+    shard = f" {config['rank']}/{config['world']}" if config.get("world") else ""  # a shard's bar says which
+    bar = tqdm(total=len(remaining), unit="video", desc=f"flow{shard}", file=sys.stderr,
                disable=True if progress is False else None)
     start = time.perf_counter()
 

@@ -371,3 +371,16 @@ def test_a_lock_file_that_is_a_link_or_a_folder_is_one_clear_line(tmp_path):
     (root / ".eleatt-lock.world-7").mkdir()  # not a lock file: no split of 7 is running
     with shard_lock(root, "flow --shard 1/2", 1, 2):
         pass
+
+
+def test_a_shards_progress_bar_names_the_shard(tmp_path, monkeypatch):
+    import preprocessing.flow as flowmod
+
+    descs: list[str] = []
+    real = flowmod.tqdm
+    monkeypatch.setattr(flowmod, "tqdm", lambda *a, **k: descs.append(k["desc"]) or real(*a, **{**k, "disable": True}))
+    (tmp_path / "list.txt").write_text("")
+    for shard in ("2/4", "0/1"):
+        assert flowmod.main(["--list", str(tmp_path / "list.txt"), "--root", str(tmp_path), "--out",
+                             str(tmp_path / "flow"), "--workers", "1", "--shard", shard]) == 0
+    assert descs == ["flow 2/4", "flow"]

@@ -167,7 +167,7 @@ def test_ranks_racing_to_write_the_settings_agree_or_are_refused(tmp_path, bound
 def _translating(frames: int) -> np.ndarray:
     import cv2
 
-    noise = np.random.default_rng(3).random((160, 200, 3)).astype(np.float32)
+    noise = np.random.default_rng(3).random((240, 280, 3)).astype(np.float32)
     tex = (cv2.GaussianBlur(noise, (0, 0), 3) * 255).astype(np.uint8)
     return np.stack([tex[40 + t:104 + t, 40 + 2 * t:120 + 2 * t] for t in range(frames)])
 
@@ -196,7 +196,7 @@ def _manifest_videos(out: Path) -> dict[str, int]:
 
 def test_three_ranks_one_killed_then_two_ranks_do_every_video_once(tmp_path):
     root, out = tmp_path / "videos", tmp_path / "flow"
-    names = _copies(root, _translating(40), 24)  # 24 videos, 8 per rank of 3, 12 per rank of 2
+    names = _copies(root, _translating(60), 24)  # 24 videos, 8 per rank of 3, 12 per rank of 2
     args = ["--list", str(root / "list.txt"), "--root", str(root), "--out", str(out), "--short-side", "0",
             "--workers", "1", "--no-progress"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SLURM_PROCID")}
@@ -236,7 +236,7 @@ def test_three_ranks_one_killed_then_two_ranks_do_every_video_once(tmp_path):
     folder = FlowFolder(out)  # one folder, read as a whole
     assert set(folder.finished()) == set(names) and not folder.failed()
     reference = load_quantized(out / "v000.flow.zip")[0]
-    assert reference.shape == (39, 2, 64, 80)
+    assert reference.shape == (59, 2, 64, 80)
     for name in names:
         assert np.array_equal(load_quantized(folder.feature_path(name))[0], reference), name
 

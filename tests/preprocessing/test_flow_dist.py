@@ -384,3 +384,27 @@ def test_a_shards_progress_bar_names_the_shard(tmp_path, monkeypatch):
         assert flowmod.main(["--list", str(tmp_path / "list.txt"), "--root", str(tmp_path), "--out",
                              str(tmp_path / "flow"), "--workers", "1", "--shard", shard]) == 0
     assert descs == ["flow 2/4", "flow"]
+
+
+def test_the_flow_stream_reads_a_sharded_flow_folder_as_one(tmp_path, capsys):
+    from pipeline.data.features import FeatureFolder
+    from preprocessing.extract import main as extract_main
+
+    out = tmp_path / "flow"
+    rng = np.random.default_rng(4)
+    names = [f"c{i % 2}/v{i}.mp4" for i in range(5)]
+    for i, name in enumerate(names):  # written by shards i % 3 of 3, one by a plain run
+        folder = FlowFolder(out) if i == 4 else FlowFolder(out, i % 3, 3)
+        folder.check_settings(flow_folder_settings(FlowOptions()))
+        folder.write_quantized(name, rng.integers(0, 256, (4 + i, 2, 32, 32), dtype=np.uint8), 20.0,
+                               source_fps=25.0)
+    assert sorted(p.name for p in out.glob("manifest*")) == ["manifest.jsonl", "manifest.rank0.jsonl",
+                                                            "manifest.rank1.jsonl", "manifest.rank2.jsonl"]
+    (tmp_path / "list.txt").write_text("".join(f"{n} 0\n" for n in names))
+    features = tmp_path / "features"
+    assert extract_main(["--modality", "flow", "--stack", "2", "--root", str(out), "--list", str(tmp_path / "list.txt"),
+                         "--out", str(features), "--backbone", "test_resnet", "--weights", "none", "--device", "cpu",
+                         "--workers", "0", "--no-progress"]) == 0
+    assert "5 done, 0 skipped, 0 failed of 5 videos" in capsys.readouterr().out
+    done = FeatureFolder(features).finished()
+    assert {v: r["frames"] for v, r in done.items()} == {n: 4 + i for i, n in enumerate(names)}  # a step per pair

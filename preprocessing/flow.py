@@ -21,6 +21,7 @@ none) does every unfinished video exactly once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import os
 import signal
@@ -364,6 +365,9 @@ def _compute(list_path, out, method: str, preset: str, short_side: int | None, b
     with folder.lock(f"flow --shard {sharded[0]}/{sharded[1]}" if sharded else "flow"):
         summary = _compute_locked(folder, videos, method, preset, short_side, bound, workers, weights, variant,
                                   config, pool, progress)
+        if sharded:  # a shard's temporary folder goes when it ends empty (not after a second Ctrl-C abandoned work)
+            with contextlib.suppress(OSError):
+                folder.tmp_dir.rmdir()
     summary.shard = sharded
     return summary
 

@@ -734,21 +734,25 @@ class FeatureFolder:
             elif entry.is_dir() and not entry.is_symlink():
                 parsed = parse_shard_name(entry.name)
                 if self.world is None or parsed is None or entry == self.tmp_dir:
-                    count += _remove_files(entry)
+                    count += _remove_files(entry, rmdir=parsed is not None and entry != self.tmp_dir)
                 else:
                     with _try_flock(self.root / shard_lock_name(*parsed)) as free:
                         if free:
-                            count += _remove_files(entry)
+                            count += _remove_files(entry, rmdir=True)
         return count
 
 
-def _remove_files(folder: Path) -> int:
-    """Deletes the plain files directly inside `folder` (nothing below it, no link followed); the count."""
+def _remove_files(folder: Path, rmdir: bool = False) -> int:
+    """Deletes the plain files directly inside `folder` (nothing below it, no link followed), and with `rmdir` the
+    folder when that leaves it empty; the count of files."""
     count = 0
     for entry in folder.iterdir():
         if entry.is_file():
             entry.unlink(missing_ok=True)
             count += 1
+    if rmdir:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
     return count
 
 

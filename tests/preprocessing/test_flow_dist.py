@@ -129,9 +129,10 @@ def test_a_shard_removes_stale_temporaries_but_not_a_running_shards(tmp_path):
         with mine.lock("flow --shard 1/3"):
             assert mine.remove_stale_temporaries() == 4
     assert sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*.part")) == ["shard-0-of-3/.eleatt-tmp.x.part"]
+    assert sorted(p.name for p in tmp.iterdir()) == ["shard-0-of-3", "shard-1-of-3"]  # the dead shards' folders go
     with FlowFolder(root).lock("flow"):  # unsharded: nobody else runs, everything goes
         assert FlowFolder(root).remove_stale_temporaries() == 1
-    assert not list(tmp.rglob("*.part"))
+    assert not list(tmp.rglob("*.part")) and not list(tmp.iterdir())
 
 
 # ------------------------------------------------------------------------------------------------ settings.json
@@ -233,6 +234,7 @@ def test_three_ranks_one_killed_then_two_ranks_do_every_video_once(tmp_path):
 
     assert _manifest_videos(out) == {n: 1 for n in names}  # every video once over all the shards
     assert not [p for p in (out / ".eleatt-tmp").rglob("*") if p.is_file()]  # the killed rank's partial file went
+    assert not list((out / ".eleatt-tmp").iterdir())  # shards remove their temporary folders (a killed one's too)
     folder = FlowFolder(out)  # one folder, read as a whole
     assert set(folder.finished()) == set(names) and not folder.failed()
     reference = load_quantized(out / "v000.flow.zip")[0]

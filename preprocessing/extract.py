@@ -520,8 +520,9 @@ def extract(list_path: str | os.PathLike, root: str | os.PathLike, out: str | os
                 close_readers()  # this process's decoding processes (DataLoader workers stop their own)
             stats = writer.stats
 
-        after = FeatureFolder(out).finished()
-        failed_now = FeatureFolder(out).failed()
+        # Each file is checked once per run: those found whole before it are not checked again, only the new ones.
+        after = folder.finished(known=before)
+        failed_now = folder.failed(finished=after)
     return Summary(
         total=len(videos),
         done=sum(1 for v in remaining if v in after),

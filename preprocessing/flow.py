@@ -8,10 +8,20 @@ appends manifest records, after the worker has renamed the finished file into pl
 leaves each video either finished (file and record) or redone on the next run. One run writes a folder at a time:
 `--out` (and the `--export-jpg` folder) is locked while it runs, and a second run into it is refused naming the
 holder; no output may be one of the run's inputs.
+
+**Several machines** (`--shard I/N`, or the ranks of torchrun / srun): shard I takes the videos at positions
+I, I + N, I + 2N, ... of the list (deduplicated, in list order) and skips those finished, so its share depends on the
+list alone, never on what other shards did; it appends to its own manifest and failure shards
+(``manifest.rank<I>.jsonl``, ``failed.rank<I>.jsonl``; the folder reads all of them as one), writes its temporary
+files in a folder of its own and holds its shard's lock (`pipeline.data.features.shard_lock`): shards of one split
+run side by side, a second copy of a shard, an unsharded run or a split into another number of shards is refused
+while they run. A killed shard leaves only what a killed single run leaves, so a rerun with any number of shards (or
+none) does every unfinished video exactly once.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import os
 import signal
@@ -110,7 +120,7 @@ def _estimator():
 def _work(video: str) -> tuple[str, dict | None, str | None]:
     """Computes and commits one video's flow file in this process; (video, extra record fields, error)."""
     config = _STATE["config"]
-    folder = FlowFolder(config["out"])
+    folder = FlowFolder(config["out"], config.get("rank"), config.get("world"))  # a shard's own temporary folder
     start = time.perf_counter()
     try:
         from pipeline.data.video import probe
@@ -131,6 +141,58 @@ def _work(video: str) -> tuple[str, dict | None, str | None]:
 # --------------------------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------------------------
+def _rank_from(environ, rank_key: str, world_key: str) -> tuple[int, int] | None:
+    """(rank, world) from two environment variables; None when the world is absent or 1; UsageError when not counts."""
+    rank, world = environ.get(rank_key), environ.get(world_key)
+    if world is None or rank is None:
+        return None
+    try:
+        rank_i, world_i = int(rank), int(world)
+    except ValueError:
+        raise UsageError(f"environment {rank_key}={rank!r} {world_key}={world!r}: not whole numbers; unset them, or "
+                         "pass --shard I/N") from None
+    if world_i == 1 and rank_i == 0:
+        return None
+    if not 0 <= rank_i < world_i:
+        raise UsageError(f"environment {rank_key}={rank} {world_key}={world}: the rank must be in 0..{world_i - 1}; "
+                         "fix the launcher's variables, or pass --shard I/N")
+    return rank_i, world_i
+
+
+def resolve_shard(shard: str | None = None, environ=None) -> tuple[int, int, str] | None:
+    """This process's share of a sharded run: (I, N, where it came from), or None for a run of its own.
+
+    `--shard I/N` first (job arrays: `--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT`; 0 <= I < N); else
+    torchrun's RANK/WORLD_SIZE; else srun's SLURM_PROCID/SLURM_STEP_NUM_TASKS (set for the tasks of an srun step,
+    not in the batch script itself, whose SLURM_NTASKS would otherwise split a plain run). N = 1 is a run of its own.
+    """
+    environ = os.environ if environ is None else environ
+    if shard is not None:
+        text = str(shard).strip()
+        rank, sep, world = text.partition("/")
+        if not (sep and rank.isdigit() and world.isdigit() and rank.isascii() and world.isascii()):
+            raise UsageError(f"--shard {shard!r}: expected I/N, two whole numbers with 0 <= I < N (e.g. --shard 0/4 "
+                             "for the first of 4 shards)")
+        rank_i, world_i = int(rank), int(world)
+        if not 0 <= rank_i < world_i:
+            raise UsageError(f"--shard {shard}: I must be in 0..N-1 (0 <= I < N, shards are counted from 0), got "
+                             f"I = {rank_i}, N = {world_i}")
+        return None if world_i == 1 else (rank_i, world_i, "--shard")
+    for rank_key, world_key in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS")):
+        found = _rank_from(environ, rank_key, world_key)
+        if found is not None:
+            return (*found, f"{rank_key}/{world_key}")
+        if environ.get(world_key) is not None and environ.get(rank_key) is not None:
+            return None  # a world of one from this launcher
+    return None
+
+
+def share(videos: list[str], rank: int, world: int) -> list[str]:
+    """Shard `rank` of `world`'s videos: those at list positions rank, rank + world, ... (every video in exactly
+    one share for a given `world`, whatever is finished)."""
+    return videos[rank::world]
+
+
 @dataclass
 class Summary:
     total: int = 0
@@ -140,6 +202,7 @@ class Summary:
     pairs: int = 0
     seconds: float = 0.0
     interrupted: bool = False
+    shard: tuple[int, int, str] | None = None  # (I, N, where from) of a sharded run: the counts are its share's
 
     @property
     def exit_code(self) -> int:
@@ -245,8 +308,12 @@ def _wanted_pool(workers: int, config: dict) -> ProcessPoolExecutor | None:
 def compute(list_path: str | os.PathLike, root: str | os.PathLike, out: str | os.PathLike, method: str = "dis",
             preset: str = DEFAULT_PRESET, short_side: int | None = DEFAULT_SHORT_SIDE, bound: float = DEFAULT_BOUND,
             workers: int = 1, weights: str | None = None, backend: str = DEFAULT_BACKEND,
-            progress: bool | None = None) -> Summary:
-    """Computes the flow of every video of ``list_path`` not yet in ``out``; see ``eleatt flow --help``."""
+            progress: bool | None = None, shard: str | None = None) -> Summary:
+    """Computes the flow of every video of ``list_path`` not yet in ``out``; see ``eleatt flow --help``.
+
+    ``shard``: ``"I/N"`` computes shard I of N only (see the module's "Several machines"); without it, the ranks of
+    torchrun or srun where they are set (`resolve_shard`)."""
+    sharded = resolve_shard(shard)
     if method not in METHODS:
         raise UsageError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
     if preset not in PRESETS:
@@ -268,11 +335,12 @@ def compute(list_path: str | os.PathLike, root: str | os.PathLike, out: str | os
         OpenCVFlow("tvl1")  # the clear message when contrib is missing
     config = {"method": method, "preset": preset, "short_side": short_side or None, "bound": float(bound),
               "weights_path": str(weights) if weights else None, "root": str(root), "out": str(out),
-              "backend": backend, "parent_pid": os.getpid()}
+              "backend": backend, "parent_pid": os.getpid(),
+              "rank": sharded[0] if sharded else None, "world": sharded[1] if sharded else None}
     pool = _wanted_pool(workers, config)
     try:
         return _compute(list_path, out, method, preset, short_side, bound, workers, weights, variant, config, pool,
-                        progress)
+                        progress, sharded)
     finally:
         if pool is not None:  # a no-op after a run (already shut down); after an error, idle workers are told to end
             pool.shutdown(wait=False, cancel_futures=True)
@@ -280,20 +348,28 @@ def compute(list_path: str | os.PathLike, root: str | os.PathLike, out: str | os
 
 def _compute(list_path, out, method: str, preset: str, short_side: int | None, bound: float, workers: int,
              weights: str | None, variant: str | None, config: dict, pool: ProcessPoolExecutor | None,
-             progress: bool | None) -> Summary:
+             progress: bool | None, sharded: tuple[int, int, str] | None = None) -> Summary:
     """`compute` once the options are checked and (with fork) the workers are starting."""
     videos = list(dict.fromkeys(e.path for e in read_list(list_path)))  # list order, each once
-    folder = FlowFolder(out)
+    folder = FlowFolder(out, *sharded[:2]) if sharded else FlowFolder(out)
     owners: dict[Path, str] = {}
     for video in videos:  # a path leaving the root, or two videos sharing one flow file, is a usage error
         other = owners.setdefault(folder.feature_path(video), video)
         if other != video:
             raise UsageError(f"'{other}' and '{video}' in {list_path} would both be stored as "
                              f"'{folder.feature_path(video)}' (the extension is dropped); rename one of them")
-    # One writer per flow folder: a second run would delete this one's files in progress and redo its videos.
-    with folder.lock("flow"):
-        return _compute_locked(folder, videos, method, preset, short_side, bound, workers, weights, variant, config,
-                               pool, progress)
+    # One writer per flow folder (per shard of a sharded run): a second run would delete this one's files in progress
+    # and redo its videos.
+    if sharded:
+        videos = share(videos, *sharded[:2])  # the list's share, before anything is skipped (see the docstring)
+    with folder.lock(f"flow --shard {sharded[0]}/{sharded[1]}" if sharded else "flow"):
+        summary = _compute_locked(folder, videos, method, preset, short_side, bound, workers, weights, variant,
+                                  config, pool, progress)
+        if sharded:  # a shard's temporary folder goes when it ends empty (not after a second Ctrl-C abandoned work)
+            with contextlib.suppress(OSError):
+                folder.tmp_dir.rmdir()
+    summary.shard = sharded
+    return summary
 
 
 def _compute_locked(folder: FlowFolder, videos: list[str], method: str, preset: str, short_side: int | None,
@@ -305,7 +381,8 @@ def _compute_locked(folder: FlowFolder, videos: list[str], method: str, preset: 
     finished = folder.finished()
     remaining = [v for v in videos if v not in finished]
     summary = Summary(total=len(videos), skipped=len(videos) - len(remaining))
-    bar = tqdm(total=len(remaining), unit="video", desc="flow", file=sys.stderr,
+    shard = f" {config['rank']}/{config['world']}" if config.get("world") else ""  # a shard's bar says which
+    bar = tqdm(total=len(remaining), unit="video", desc=f"flow{shard}", file=sys.stderr,
                disable=True if progress is False else None)
     start = time.perf_counter()
 
@@ -466,6 +543,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantisation bound in pixels: flow is clipped to +-bound and stored as 0..255 (default 20)")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="processes computing flow, one video each at a time (default min(2, CPUs))")
+    p.add_argument("--shard", metavar="I/N",
+                   help="compute shard I of N (0 <= I < N): the videos at list positions I, I+N, ... (job arrays: "
+                        "--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT); shards run side by side into one "
+                        "folder and a rerun with any N resumes. Default: the ranks of torchrun (RANK/WORLD_SIZE) or "
+                        "srun (SLURM_PROCID/SLURM_STEP_NUM_TASKS) where set, else the whole list")
     p.add_argument("--weights", help="--method raft: a local torchvision raft_large/raft_small state dict")
     p.add_argument("--backend", choices=[b for b in backend_names() if b != "rawframes"], default=DEFAULT_BACKEND,
                    help="video decoder (default pyav: exact frames, no per-file check); a read that does not finish "
@@ -487,6 +569,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.import_jpg and args.export_jpg:
             raise UsageError("--import-jpg and --export-jpg exclude each other; run them one at a time")
+        if args.shard is not None and (args.import_jpg or args.export_jpg):
+            raise UsageError("--shard splits the list of a flow computation; --import-jpg and --export-jpg run "
+                             "whole (drop --shard)")
         if args.export_jpg:
             ensure_writable_dir(args.export_jpg, "--export-jpg folder")
         else:
@@ -500,15 +585,19 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError("--list and --root are required to compute flow (or pass --import-jpg / "
                                  "--export-jpg)")
             summary = compute(args.list, args.root, args.out, args.method, args.preset, args.short_side, args.bound,
-                              args.workers, args.weights, args.backend, progress)
+                              args.workers, args.weights, args.backend, progress, shard=args.shard)
             what = "done"
     except (ValueError, FileNotFoundError) as err:
         kind = "refused" if isinstance(err, SettingsMismatchError) else "error"
         print(f"eleatt flow: {kind}: {err}", file=sys.stderr)
         return EXIT_USAGE
     rate = f"; {summary.pairs / summary.seconds:.0f} frame pairs/s" if summary.seconds > 0 and summary.pairs else ""
-    print(f"flow: {summary.done} {what}, {summary.skipped} skipped, {len(summary.failed)} failed of {summary.total} "
-          f"videos -> {args.export_jpg or args.out}{rate}")
+    part = ""
+    if summary.shard:  # the counts are the shard's share of the list
+        rank, world, where = summary.shard
+        part = f" (shard {rank}/{world}{'' if where == '--shard' else ' from ' + where})"
+    print(f"flow{part}: {summary.done} {what}, {summary.skipped} skipped, {len(summary.failed)} failed of "
+          f"{summary.total} videos -> {args.export_jpg or args.out}{rate}")
     for video, error in summary.failed.items():
         print(f"  failed: {video}: {error}")
     if summary.interrupted:

@@ -29,6 +29,7 @@ import json
 import math
 import os
 import socket
+import stat as stat_module
 import tempfile
 import time
 import tokenize
@@ -366,17 +367,22 @@ class FeatureFolder:
     suffix = ".npy"  # the per-video file's extension (a flow folder stores `.flow.zip` files)
     kind = "feature folder"  # in messages
 
-    def __init__(self, root: str | os.PathLike, rank: int | None = None):
+    def __init__(self, root: str | os.PathLike, rank: int | None = None, world: int | None = None):
         self.root = Path(root)
         self.rank = rank
+        self.world = world  # with `rank`: shard `rank` of `world` of a sharded run (`eleatt flow --shard I/N`)
         suffix = "" if rank is None else f".rank{int(rank)}"
         self.manifest_path = self.root / f"manifest{suffix}.jsonl"
         self.failed_path = self.root / f"failed{suffix}.jsonl"
+        # A shard's temporary files live in a folder of its own, which only the holder of its shard lock touches;
+        # other writers (and extract's ranks, under one folder lock) share `<root>/.eleatt-tmp/`.
+        self.tmp_dir = self.root / TMP_DIR / (shard_name(rank, world) if world is not None else "")
         self._repaired: set[Path] = set()
         self._settings: FeatureSettings | None = None
+        self._dirs: dict | None = None  # during `finished`: the folders found inside the root (`record_path`)
 
     def __repr__(self) -> str:
-        return f"FeatureFolder({str(self.root)!r}, rank={self.rank})"
+        return f"FeatureFolder({str(self.root)!r}, rank={self.rank}, world={self.world})"
 
     # --- settings -------------------------------------------------------------------------------------------
     @property
@@ -426,9 +432,12 @@ class FeatureFolder:
                 return new
             except FileExistsError:
                 pass
+            except OSError:  # no hard links on this file system (some network mounts): create it exclusively
+                if self._create_settings(new):
+                    return new
             finally:
                 os.unlink(tmp)
-        old = self.settings
+        old = self._stored_settings()
         diffs = old.differences(new)
         if not diffs:
             return old
@@ -436,6 +445,33 @@ class FeatureFolder:
             f"feature folder '{self.root}' was made with other settings ({'; '.join(diffs)}); "
             f"write into a new folder (--out), or rerun with the stored settings ({self.settings_path})"
         )
+
+    def _create_settings(self, new: FeatureSettings) -> bool:
+        """Writes settings.json if it does not exist (O_EXCL: one process wins); False when another made it."""
+        try:
+            fd = os.open(self.settings_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, file_mode())
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(new.to_json(), indent=2, sort_keys=True) + "\n")  # one write
+        return True
+
+    def _stored_settings(self, tries: int = 10) -> FeatureSettings:
+        """The stored settings. A file written in the last seconds that does not parse is read again for a moment:
+        on a file system without hard links another rank may be writing it (`_create_settings`); an older one, or
+        one still unreadable after that, is the clear error."""
+        for attempt in range(tries):
+            try:
+                return self.settings
+            except SettingsFormatError:
+                try:
+                    young = time.time() - self.settings_path.stat().st_mtime < 5
+                except OSError:
+                    young = False
+                if attempt == tries - 1 or not young:
+                    raise
+                time.sleep(0.1)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     @property
     def dtype(self) -> np.dtype:
@@ -445,6 +481,10 @@ class FeatureFolder:
     # --- paths ----------------------------------------------------------------------------------------------
     def feature_path(self, video: str) -> Path:
         """`<root>/<list path without extension><suffix>` (`.npy`) for a list path (relative, '/'-separated)."""
+        return self.root / self._feature_name(video)
+
+    def _feature_name(self, video: str) -> str:
+        """`feature_path` relative to the root, '/'-separated; UsageError for a path leaving the root."""
         rel = PurePosixPath(video.replace("\\", "/"))
         if rel.is_absolute() or ".." in rel.parts or not rel.parts:
             raise UsageError(f"video path {video!r} must be relative to the root and stay under it (no '..')")
@@ -452,7 +492,7 @@ class FeatureFolder:
             raise UsageError(f"video path {video!r} starts with {rel.parts[0]!r}, the name of the feature folder's "
                              "own temporary folder/lock; rename that folder of videos")
         stem, _ = os.path.splitext(rel.as_posix())
-        return self.root / f"{stem}{self.suffix}"
+        return f"{stem}{self.suffix}"
 
     what, command = "features", "eleatt extract"  # in the messages of `existing`
 
@@ -471,22 +511,37 @@ class FeatureFolder:
     def relative(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
 
-    def record_path(self, record: Mapping[str, Any]) -> Path | None:
+    def record_path(self, record: Mapping[str, Any], _dirs: dict | None = None) -> Path | None:
         """The file of a manifest record, or None when the record is not one this folder writes: its `feature` must
         be the path its `video` is stored at (`feature_path`), and that file must resolve inside the folder (no
         symbolic link out of it). A manifest is read from disk, so a record naming `../x` or `/etc/x` is damage
-        or an attack: its video counts as not finished, and nothing outside the folder is read through it."""
+        or an attack: its video counts as not finished, and nothing outside the folder is read through it.
+
+        `_dirs`: a cache of the folders found inside the root, for the records of one pass over a manifest (a
+        file that is not a link is inside when its folder is: one `lstat` per file, a `realpath` per folder)."""
         try:
-            path = self.feature_path(record["video"])
+            name = self._feature_name(record["video"])
         except (UsageError, KeyError, AttributeError, TypeError):
             return None
-        if record.get("feature", self.relative(path)) != self.relative(path):
+        if record.get("feature", name) != name:
             return None
-        if path.is_symlink() or path.exists():
-            root = self.root.resolve()
-            if root not in path.resolve().parents:
-                return None
-        return path
+        path = self.root / name
+        try:
+            mode = os.lstat(path).st_mode
+        except (OSError, ValueError):  # nothing there (nothing is read through it), or a name the system refuses
+            return path
+        dirs = {} if _dirs is None else _dirs
+        if "" not in dirs:
+            dirs[""] = os.path.realpath(self.root)
+        root = dirs[""]
+        if stat_module.S_ISLNK(mode):  # the link's target must be inside
+            target = os.path.realpath(path)
+            return path if target.startswith(root.rstrip(os.sep) + os.sep) else None
+        folder = os.path.dirname(name)
+        if folder not in dirs:
+            real = os.path.realpath(path.parent)
+            dirs[folder] = real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+        return path if dirs[folder] else None
 
     # --- records --------------------------------------------------------------------------------------------
     def _shards(self, kind: str) -> list[Path]:
@@ -494,19 +549,25 @@ class FeatureFolder:
             return []
         return sorted(self.root.glob(f"{kind}.jsonl")) + sorted(self.root.glob(f"{kind}.rank*.jsonl"))
 
-    def finished(self, verify: bool = True) -> dict[str, dict]:
+    def finished(self, verify: bool = True, known: Mapping[str, dict] | None = None) -> dict[str, dict]:
         """video -> its manifest record, over every shard.
 
         With `verify` (the default), only videos whose file is whole: it exists, its .npy header parses, its shape
         is the record's (views, frames, dim) with at least one frame, and its size is the header's. This reads the
         first bytes of each file, not the data; a file damaged since its record is thus redone by a rerun.
+        `known`: an earlier `finished()` of this run; a record found there unchanged is not checked again (each
+        file is checked once per run, not once per question).
         """
         records = self.manifest_records()
-        if verify:
-            records = {v: r for v, r in records.items() if self._whole(r)}
-        else:  # unverified records still name their own file, inside the folder
-            records = {v: r for v, r in records.items() if self.record_path(r) is not None}
-        return records
+        self._dirs: dict = {}  # this pass's folders found inside the root (`record_path`)
+        try:
+            if verify:
+                known = known or {}
+                return {v: r for v, r in records.items() if known.get(v) == r or self._whole(r)}
+            # unverified records still name their own file, inside the folder
+            return {v: r for v, r in records.items() if self.record_path(r, self._dirs) is not None}
+        finally:
+            self._dirs = None
 
     def manifest_records(self) -> dict[str, dict]:
         """video -> its last manifest record, over every shard, as written: not checked against the folder (see
@@ -519,7 +580,7 @@ class FeatureFolder:
 
     def _whole(self, record: dict) -> bool:
         """True when the file of a manifest record is whole and has the record's shape (see `finished`)."""
-        path = self.record_path(record)
+        path = self.record_path(record, self._dirs)
         if path is None:
             return False
         try:
@@ -532,15 +593,17 @@ class FeatureFolder:
         expected = (record.get("views", views), record.get("frames", frames), record.get("dim", dim))
         return (views, frames, dim) == tuple(expected) and frames >= 1
 
-    def failed(self) -> dict[str, str]:
-        """video -> its last error, over every shard, without the videos that are finished (record and file)."""
+    def failed(self, finished: Mapping[str, dict] | None = None) -> dict[str, str]:
+        """video -> its last error, over every shard, without the videos that are finished (record and file).
+
+        `finished`: this folder's `finished()` where the caller has it (not computed, nor any file checked, again)."""
         errors: dict[str, str] = {}
         for shard in self._shards("failed"):
             for record in _read_jsonl(shard):
                 errors[record["video"]] = str(record.get("error", ""))
         if errors:
             # Verified: a video whose file has gone since its record and that then failed on a rerun is failed.
-            done = self.finished()
+            done = self.finished() if finished is None else finished
             errors = {v: e for v, e in errors.items() if v not in done}
         return errors
 
@@ -587,7 +650,7 @@ class FeatureFolder:
         target.parent.mkdir(parents=True, exist_ok=True)
         # The temporary file lives in our own folder (same file system, so the rename is atomic), never beside
         # the user's files; it gets the umask's permissions so that a shared folder stays readable.
-        with atomic_write(target, "wb", tmp_dir=self.root / TMP_DIR) as f:
+        with atomic_write(target, "wb", tmp_dir=self.tmp_dir) as f:
             np.save(f, np.ascontiguousarray(stored), allow_pickle=False)
         record = {
             "video": video,
@@ -656,24 +719,142 @@ class FeatureFolder:
 
     def lock(self, command: str = "a writer"):
         """`with folder.lock("extract"):` holds the folder for this process; a second process is refused at once
-        with FolderLockedError naming the holder (pid, host, command, start time). See `folder_lock`."""
+        with FolderLockedError naming the holder (pid, host, command, start time). See `folder_lock`; a sharded
+        folder (`world` given) takes its shard's lock instead (`shard_lock`): other shards of the run go on."""
+        if self.world is not None:
+            return shard_lock(self.root, command, int(self.rank or 0), int(self.world), self.kind)
         return folder_lock(self.root, command, self.kind)
 
     def remove_stale_temporaries(self) -> int:
         """Deletes temporary files left by killed writers (only inside `<root>/.eleatt-tmp/`, which holds nothing
-        else: a user's file is never touched); call only while no writer runs. Returns the count."""
-        count = 0
+        else: a user's file is never touched); call only while holding `lock()`. Returns the count.
+
+        Unsharded, the lock keeps every other writer out: all of them go. A shard removes its own, those of the
+        unsharded runs (none can run beside it), and those of every other shard whose lock it can take (a shard
+        killed earlier); a shard that runs keeps its files."""
         tmp_dir = self.root / TMP_DIR
-        if tmp_dir.is_dir():
-            for tmp in tmp_dir.iterdir():
-                if tmp.is_file():
-                    tmp.unlink(missing_ok=True)
-                    count += 1
+        if not tmp_dir.is_dir():
+            return 0
+        count = 0
+        for entry in tmp_dir.iterdir():
+            if entry.is_file():
+                entry.unlink(missing_ok=True)
+                count += 1
+            elif entry.is_dir() and not entry.is_symlink():
+                parsed = parse_shard_name(entry.name)
+                if self.world is None or parsed is None or entry == self.tmp_dir:
+                    count += _remove_files(entry, rmdir=parsed is not None and entry != self.tmp_dir)
+                else:
+                    with _try_flock(self.root / shard_lock_name(*parsed)) as free:
+                        if free:
+                            count += _remove_files(entry, rmdir=True)
         return count
 
 
+def _remove_files(folder: Path, rmdir: bool = False) -> int:
+    """Deletes the plain files directly inside `folder` (nothing below it, no link followed), and with `rmdir` the
+    folder when that leaves it empty; the count of files."""
+    count = 0
+    for entry in folder.iterdir():
+        if entry.is_file():
+            entry.unlink(missing_ok=True)
+            count += 1
+    if rmdir:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+    return count
+
+
+def shard_name(rank: int, world: int) -> str:
+    """`shard-I-of-N`: the name of shard I of N's temporary folder and lock."""
+    return f"shard-{int(rank)}-of-{int(world)}"
+
+
+def parse_shard_name(name: str) -> tuple[int, int] | None:
+    """(I, N) from `shard-I-of-N`, or None for any other name."""
+    parts = name.split("-")
+    if len(parts) == 4 and parts[0] == "shard" and parts[2] == "of" and all(p.isdigit() and p.isascii()
+                                                                          for p in parts[1::2]):
+        return int(parts[1]), int(parts[3])
+    return None
+
+
+def shard_lock_name(rank: int, world: int) -> str:
+    return f"{LOCK}.{shard_name(rank, world)}"
+
+
+def _lock_fd(path: Path) -> int:
+    """The lock file `path` open for flock; one clear line when it cannot be (a folder or a link in its place, no
+    permission)."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    except OSError as err:
+        raise FolderLockedError(f"lock file '{path}' cannot be opened ({err.strerror}); it is this tool's own: "
+                                "remove it if it is not a plain file, or fix the folder's permissions") from None
+
+
+def _flock(fd: int, how: int) -> bool:
+    """Takes flock `how` (LOCK_SH / LOCK_EX, never waiting) on `fd`: False when another process holds a conflicting
+    one; True when taken, or when the file system has no flock (some network mounts: then no lock, as before)."""
+    if fcntl is None:  # pragma: no cover
+        return True
+    try:
+        fcntl.flock(fd, how | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _flock_soon(fd: int, how: int, tries: int = 5) -> bool:
+    """`_flock`, tried `tries` times 50 ms apart."""
+    for _ in range(tries):
+        if _flock(fd, how):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _holder(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            return f.read(400).decode("utf-8", "replace").strip() or "another process"
+    except OSError:
+        return "another process"
+
+
+def _sign(fd: int, command: str) -> None:
+    """Writes who holds a lock into its file (named by the refusals of others)."""
+    os.ftruncate(fd, 0)
+    os.write(fd, (f"`eleatt {command}` (pid {os.getpid()} on {socket.gethostname()}, since "
+                  f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n").encode())
+
+
+def _running_shard(root: Path, world: int | str = "*") -> str | None:
+    """A running shard (of a run split into `world` shards), as its lock file names it; None when none runs. (Asked
+    only to word a refusal: the probe holds a free shard's lock for an instant, which a shard starting then waits
+    out, see `shard_lock`.)"""
+    for path in sorted(p for p in root.glob(f"{LOCK}.shard-*-of-{world}") if p.is_file()):
+        with _try_flock(path) as free:
+            if not free:
+                return _holder(path)
+    return None
+
+
 @contextlib.contextmanager
-def folder_lock(root: str | os.PathLike, command: str = "a writer", kind: str = "folder", fix: str = "--out"):
+def _try_flock(path: Path):
+    """`with _try_flock(path) as free:` an exclusive lock on `path` if nobody holds it (free), released after."""
+    fd = _lock_fd(path)
+    try:
+        yield _flock(fd, fcntl.LOCK_EX if fcntl is not None else 0)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def folder_lock(root: str | os.PathLike, command: str = "a writer", kind: str = "folder", fix: str = "--out",
+                shared: bool = False):
     """`with folder_lock(root, "flow"):` holds the folder `root` (created if needed) for this process while it writes
     there; a second process is refused at once with FolderLockedError naming `kind`, the folder and the holder
     (command, pid, host, start time), and the fix (wait, or the option `fix` naming another folder).
@@ -681,30 +862,82 @@ def folder_lock(root: str | os.PathLike, command: str = "a writer", kind: str = 
     The lock is an flock on `<root>/.eleatt-lock`: the system drops it when its process ends however it ends, so a
     crashed run never leaves a stale lock. (On file systems without flock, and on Windows, no lock.) Only a process
     holds it: threads of one process share it, and several `with` of one process on one folder refuse each other.
+    `shared`: the shards of a sharded run hold it together (`shard_lock`), which still refuses every exclusive
+    holder (an unsharded run) and is refused by one.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     path = root / LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    fd = _lock_fd(path)
     try:
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                with open(path, "rb") as f:
-                    holder = f.read(400).decode("utf-8", "replace").strip() or "another process"
-                raise FolderLockedError(
-                    f"{kind} '{root}' is being written by {holder}; wait for it to finish (a second run would redo "
-                    f"its work), or write into another folder ({fix})"
-                ) from None
-            except OSError:  # no flock on this file system (some network mounts): go on unlocked
-                pass
-        os.ftruncate(fd, 0)
-        os.write(fd, (f"`eleatt {command}` (pid {os.getpid()} on {socket.gethostname()}, since "
-                      f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n").encode())
+        if fcntl is not None and not _flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX):
+            # refused by the shards of a sharded run: one that runs (the file names the last to start)
+            holder = (None if shared else _running_shard(root)) or _holder(path)
+            raise FolderLockedError(
+                f"{kind} '{root}' is being written by {holder}; wait for it to finish (a second run would redo "
+                f"its work), or write into another folder ({fix})"
+            )
+        if not shared:  # a shard signs once it holds its shard too (`shard_lock`)
+            _sign(fd, command)
         yield root
     finally:
         os.close(fd)  # releases the flock
+
+
+@contextlib.contextmanager
+def shard_lock(root: str | os.PathLike, command: str, rank: int, world: int, kind: str = "folder",
+               fix: str = "--out"):
+    """`with shard_lock(root, "flow --shard 1/3", 1, 3):` holds shard `rank` of `world` of the folder `root`.
+
+    Shards of one run coexist; everything else that would write the same videos is refused at once with
+    FolderLockedError naming the holder and the fix:
+      - an unsharded run while any shard runs, and any shard while an unsharded run runs (the folder lock,
+        `<root>/.eleatt-lock`: shared by the shards, exclusive otherwise);
+      - a second run of the same shard (`<root>/.eleatt-lock.shard-I-of-N`, exclusive);
+      - a shard of another split (M shards) while shards of N run: their shares overlap (`.eleatt-lock.world-N`,
+        shared by the shards of N, probed for each other split M; two splits starting at the same instant may
+        both be refused, never both run).
+    Locks are flocks: the system drops them when a process ends however it ends.
+    """
+    root = Path(root)
+    rank, world = int(rank), int(world)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(folder_lock(root, command, kind, fix, shared=True))
+        world_fd = _lock_fd(root / f"{LOCK}.world-{world}")
+        stack.callback(os.close, world_fd)
+        if fcntl is not None:
+            # Blocking: another split holds this file exclusively only for the instant it probes it.
+            try:
+                fcntl.flock(world_fd, fcntl.LOCK_SH)
+            except OSError:  # no flock on this file system: unlocked, as the folder lock
+                pass
+        for other in root.glob(f"{LOCK}.world-*"):
+            suffix = other.name[len(f"{LOCK}.world-"):]
+            if not (suffix.isdigit() and suffix.isascii()) or int(suffix) == world or not other.is_file():
+                continue
+            with _try_flock(other) as free:
+                if not free:
+                    raise FolderLockedError(
+                        f"{kind} '{root}' is being written by a run split into {int(suffix)} shards (e.g. "
+                        f"{_running_shard(root, int(suffix)) or 'another process'}); its shares overlap those of "
+                        f"{world} shards: wait for it to finish, or run the missing shards as --shard I/{int(suffix)}"
+                    )
+        path = root / shard_lock_name(rank, world)
+        fd = _lock_fd(path)
+        stack.callback(os.close, fd)
+        # Tried a few times: another run probing which shards run holds a free shard's lock for an instant.
+        if fcntl is not None and not _flock_soon(fd, fcntl.LOCK_EX):
+            raise FolderLockedError(
+                f"shard {rank}/{world} of {kind} '{root}' is being written by {_holder(path)}; each shard runs "
+                "once at a time: wait for it to finish, or run another shard"
+            )
+        _sign(fd, command)
+        main = _lock_fd(root / LOCK)  # the folder lock names a shard to an unsharded run it refuses
+        try:
+            _sign(main, command)
+        finally:
+            os.close(main)
+        yield root
 
 
 def read_settings(root: str | os.PathLike) -> FeatureSettings:

@@ -40,7 +40,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from pipeline.data.features import TMP_DIR, FeatureFolder, FeatureSettings, SettingsFormatError, number_in
+from pipeline.data.features import FeatureFolder, FeatureSettings, SettingsFormatError, number_in
 from pipeline.paths import atomic_write
 from pipeline.errors import InputNotFoundError, UsageError
 
@@ -553,7 +553,7 @@ class FlowFolder(FeatureFolder):
         folder's temporary folder, as every feature file is) or not at all; the manifest record comes after."""
         target = self.feature_path(video)
         target.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(target, "wb", tmp_dir=self.root / TMP_DIR) as f:
+        with atomic_write(target, "wb", tmp_dir=self.tmp_dir) as f:
             with FlowWriter(f, bound, fps=fps) as w:
                 yield w
             if w.pairs == 0:
@@ -563,8 +563,10 @@ class FlowFolder(FeatureFolder):
         """Appends the manifest record of a committed video: ``video``, ``feature``, ``pairs``, ... (from the file)."""
         target = self.feature_path(video)
         meta = flow_info(target)
+        stat = target.stat()  # what a resume compares instead of reading the file again (see `_whole`)
         record = {"video": video, "feature": self.relative(target), "pairs": int(meta["pairs"]),
-                  "height": int(meta["height"]), "width": int(meta["width"]), **extra}
+                  "height": int(meta["height"]), "width": int(meta["width"]), **extra,
+                  "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
         self._append(self.manifest_path, record)
         return record
 
@@ -578,10 +580,24 @@ class FlowFolder(FeatureFolder):
     def _whole(self, record: dict) -> bool:
         """A flow file is whole when its zip directory reads, validates (`_open`: every pair's member, in range)
         and counts the pairs of its record (a truncated or overwritten file is redone by a rerun, as the feature
-        folder's .npy checks do)."""
-        path = self.record_path(record)
+        folder's .npy checks do).
+
+        That full check reads the zip's directory (a member per pair). A file whose size and modification time are
+        the ones its record noted when it was written (`bytes`, `mtime_ns`) has not been written since: it is
+        whole without being opened, so that a resume costs a `stat` per file, not a read of every pair's name.
+        Any other file (deleted, truncated, rewritten, copied elsewhere, or recorded before these fields) gets the
+        full check."""
+        path = self.record_path(record, self._dirs)
         if path is None:
             return False
+        try:
+            stat = path.stat()
+        except OSError:
+            return False
+        size, mtime = record.get("bytes"), record.get("mtime_ns")
+        if (type(size) is int and type(mtime) is int and stat.st_size == size and stat.st_mtime_ns == mtime
+                and type(record.get("pairs")) is int and record["pairs"] >= 1):
+            return True
         try:
             zf, meta = _open(path)
             zf.close()

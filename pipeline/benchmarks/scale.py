@@ -134,7 +134,7 @@ def make_feature_folder(root: Path, n: int) -> tuple[Path, Path]:
 
 def make_flow_folder(root: Path, n: int) -> Path:
     """A finished flow folder of n videos: one real .flow.zip (FLOW_PAIRS pairs), its bytes copied to every video,
-    each with its manifest record."""
+    each with its manifest record (with the copy's size and time, as a run writes them)."""
     from pipeline.data.flow_files import FlowFolder
 
     folder = FlowFolder(root / "flow")
@@ -148,8 +148,9 @@ def make_flow_folder(root: Path, n: int) -> Path:
         for video in names[1:]:
             path = folder.feature_path(video)
             path.write_bytes(data)
-            manifest.write(json.dumps({**record, "video": video, "feature": folder.relative(path)},
-                                      sort_keys=True) + "\n")
+            stat = path.stat()  # as `FlowFolder.record` notes it: a resume then compares, not opens, the file
+            manifest.write(json.dumps({**record, "video": video, "feature": folder.relative(path),
+                                       "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}, sort_keys=True) + "\n")
     return folder.root
 
 

@@ -29,3 +29,18 @@ def test_a_tiny_run_prints_every_row(tmp_path, capsys):
     table = {line[:32].strip(): line[32:].split() for line in out[2:]}
     assert table["files read in full before it"] == ["0"]
     assert float(table["search / one fuse"][0]) > 0
+
+
+def test_the_generated_flow_folder_resumes_as_a_run_written_one(tmp_path, monkeypatch):
+    """Its records note each copy's size and time as `eleatt flow` writes them: a resume opens no zip (the row would
+    otherwise time the full check of files recorded before that)."""
+    import zipfile
+
+    from pipeline.data.flow_files import FlowFolder
+
+    root = scale.make_flow_folder(tmp_path, 5)
+    opened = []
+    real = zipfile.ZipFile
+    monkeypatch.setattr(zipfile, "ZipFile", lambda *a, **k: opened.append(a[0]) or real(*a, **k))
+    assert len(FlowFolder(root).finished()) == 5
+    assert opened == []

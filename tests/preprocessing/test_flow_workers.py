@@ -114,3 +114,28 @@ def test_a_forked_worker_ignores_ctrl_c_unblocked_and_starts_warm_without_torch(
     worker, parent = out.splitlines()
     assert worker.split() == ["True", "False", "False", "True", "medium"]
     assert parent.split() == ["False", "True", "False", "2", "True"]
+
+
+def test_the_pool_started_before_the_list_is_read_is_the_one_that_computes(tmp_path):
+    """Without torch loaded (as `eleatt flow` runs) the workers are forked before the list and the folder are read;
+    that pool computes the videos: no second pool is started once the folder's lock is held."""
+    root = tmp_path / "videos"
+    texture = np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    for i in range(3):
+        write_lossless_video(root / f"v{i}.mp4", np.stack([np.roll(texture, (t, t), (0, 1))[:40, :48] for t in range(6)]))
+    (root / "list.txt").write_text("".join(f"v{i}.mp4 0\n" for i in range(3)))
+    code = f"""
+import sys
+import preprocessing.flow as flow
+method = flow._start_method()  # as the command starts (threads come later)
+starts = []
+real = flow._start_pool
+flow._start_pool = lambda *a, **k: starts.append(a[0]) or real(*a, **k)
+summary = flow.compute({str(root / 'list.txt')!r}, {str(root)!r}, {str(tmp_path / 'out')!r}, short_side=0, workers=2,
+                       progress=False)
+print(method, starts, summary.done, "torch" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["fork", "[2]", "3", "False"]

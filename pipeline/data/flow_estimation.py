@@ -151,6 +151,24 @@ def build_raft(weights: str | os.PathLike | None, device: str = "cpu"):
     raise UsageError(f"'{path}' is not a torchvision raft_large or raft_small state dict (keys do not match)")
 
 
+def raft_device(environ=None, cuda_count: int | None = None) -> str:
+    """Where RAFT runs by default: the CPU without CUDA; on a node with several visible GPUs, the one of this process's
+    local rank when it is one of several (torchrun's ``LOCAL_RANK``, else srun's ``SLURM_LOCALID``; modulo the GPUs
+    visible), so that the shards of one node share its GPUs; else the current GPU (``cuda``)."""
+    if cuda_count is None:
+        import torch
+
+        cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if cuda_count < 1:
+        return "cpu"
+    environ = os.environ if environ is None else environ
+    for key in ("LOCAL_RANK", "SLURM_LOCALID"):
+        value = str(environ.get(key, "")).strip()
+        if value.isdigit():
+            return f"cuda:{int(value) % cuda_count}" if cuda_count > 1 else "cuda"
+    return "cuda"
+
+
 class RaftFlow:
     """torchvision RAFT on RGB frames, in batches of pairs, padded to a multiple of 8."""
 
@@ -158,7 +176,7 @@ class RaftFlow:
         import torch
 
         self.torch = torch
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = device or raft_device()
         self.variant, self.model = build_raft(weights, self.device)
         self.updates = _RAFT_UPDATES[preset]
 

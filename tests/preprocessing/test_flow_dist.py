@@ -410,3 +410,18 @@ def test_the_flow_stream_reads_a_sharded_flow_folder_as_one(tmp_path, capsys):
     assert "5 done, 0 skipped, 0 failed of 5 videos" in capsys.readouterr().out
     done = FeatureFolder(features).finished()
     assert {v: r["frames"] for v, r in done.items()} == {n: 4 + i for i, n in enumerate(names)}  # a step per pair
+
+
+@pytest.mark.parametrize("environ, gpus, device", [
+    ({"LOCAL_RANK": "3", "SLURM_LOCALID": "0"}, 4, "cuda:3"),  # torchrun's local rank first
+    ({"SLURM_LOCALID": "1"}, 2, "cuda:1"),
+    ({"LOCAL_RANK": "5"}, 4, "cuda:1"),  # more processes than GPUs: they share them in turn
+    ({"LOCAL_RANK": "2"}, 1, "cuda"),  # one GPU visible (srun --gpus-per-task 1, CUDA_VISIBLE_DEVICES)
+    ({}, 2, "cuda"),
+    ({"LOCAL_RANK": "x"}, 2, "cuda"),
+    ({"LOCAL_RANK": "1"}, 0, "cpu"),
+])
+def test_raft_takes_the_gpu_of_its_local_rank(environ, gpus, device):
+    from pipeline.data.flow_estimation import raft_device
+
+    assert raft_device(environ, gpus) == device

@@ -29,7 +29,8 @@ from tqdm import tqdm
 from pipeline.data.features import FeatureFolder, FeatureSettings
 from pipeline.data.lists import ListEntry, read_classes, read_text_lines
 from pipeline.data.skeleton import (
-    CENTRE_JOINT, FEATURE_DIM, NOISE_MAX_FRAMES, NOISE_SPREAD, NOISE_SPREAD_FRACTION, NUM_BODIES, NUM_JOINTS, STREAMS,
+    BONES_BY_JOINTS, CENTRE_JOINT, FEATURE_DIM, NOISE_MAX_FRAMES, NOISE_SPREAD, NOISE_SPREAD_FRACTION, NUM_BODIES,
+    NUM_JOINTS, STREAMS,
     NoiseCounts, derive_stream, skeleton_features,
 )
 from pipeline.errors import EXIT_INTERRUPTED, InputNotFoundError, UsageError
@@ -362,10 +363,10 @@ def run_pyskl(args: argparse.Namespace) -> int:
         raise UsageError(f"annotation file '{args.annotations}' mixes keypoint layouts ({sorted(map(str, layouts))});"
                          " the samples of one feature folder need one")
     layout = layouts.pop() if layouts else None
-    if layout is not None and layout.joints != NUM_JOINTS and any(s.startswith("bone") for s in args.streams):
-        raise UsageError(f"--streams {' '.join(args.streams)}: bone streams need the NTU {NUM_JOINTS}-joint layout "
-                         f"(its bone pairs), and '{args.annotations}' has {layout.joints} joints; use joint and "
-                         "joint_motion")
+    if layout is not None and layout.joints not in BONES_BY_JOINTS and any(s.startswith("bone") for s in args.streams):
+        raise UsageError(f"--streams {' '.join(args.streams)}: bone streams need the NTU 25-joint or the COCO "
+                         f"17-keypoint layout (their bone pairs), and '{args.annotations}' has {layout.joints} joints; "
+                         "use joint and joint_motion")
     lists = args.out / "lists" / (f"{train_split}_{test_split}" if args.splits else args.protocol)
     prepared = Prepared(
         title=f"pyskl {args.annotations.name} {train_split}/{test_split}", classes=classes,

@@ -34,6 +34,14 @@ NTU_BONES: tuple[tuple[int, int], ...] = tuple((a - 1, b - 1) for a, b in (
     (13, 1), (14, 13), (15, 14), (16, 15), (17, 1), (18, 17), (19, 18), (20, 19), (22, 23), (23, 8), (24, 25),
     (25, 12),
 ))
+# The 16 bones of the COCO-17 keypoints (2D pose estimators: HRNet, pyskl's *_hrnet.pkl) as (joint, parent),
+# 0-based: 0 nose, 1/2 eyes, 3/4 ears, 5/6 shoulders, 7/8 elbows, 9/10 wrists, 11/12 hips, 13/14 knees, 15/16 ankles
+# (left, right); the nose is the root (zero), shoulders and hips hang from it, as pyskl's COCO graph.
+COCO_BONES: tuple[tuple[int, int], ...] = (
+    (1, 0), (2, 0), (3, 1), (4, 2), (5, 0), (6, 0), (7, 5), (8, 6), (9, 7), (10, 8), (11, 0), (12, 0), (13, 11),
+    (14, 12), (15, 13), (16, 14),
+)
+BONES_BY_JOINTS: dict[int, tuple[tuple[int, int], ...]] = {25: NTU_BONES, 17: COCO_BONES}
 BODY_INFO_VALUES = 10
 JOINT_VALUES = 12
 # Reading bounds (a file is untrusted): NTU's files are at most a few MB and a few hundred frames; coordinates are
@@ -416,7 +424,8 @@ def skeleton_features(path: str | os.PathLike, allow_truncated: bool = False,
 # ----------------------------------------------------------------------------------------------- streams
 # The streams of the multi-stream ensembles (2s-AGCN, CTR-GCN, pyskl), each derived from the joint sequence:
 #   joint         the stored coordinates;
-#   bone          per joint v, joint v minus its parent in NTU_BONES (the centre joint 21 has no parent: zero);
+#   bone          per joint v, joint v minus its parent in NTU_BONES (the centre joint 21 has no parent: zero),
+#                 or in COCO_BONES for 17 COCO keypoints (the nose is the root);
 #   joint_motion  x[t+1] - x[t] over the stored frames, the last step zero (T steps, aligned with the joints);
 #   bone_motion   the same of the bones.
 # A body absent at t or t+1 (its values all zero) has zero motion at t, not the jump from or to the origin.
@@ -432,16 +441,20 @@ def _bodies(feats: np.ndarray, joints: int, channels: int) -> np.ndarray:
     return feats.astype(np.float64).reshape(len(feats), -1, joints, channels)  # (T, B, V, C)
 
 
-def bones(feats: np.ndarray, channels: int = 3, score: bool = False) -> np.ndarray:
-    """Joint sequence float (T, B x 25 x C), body-major -> the bone sequence of the same shape, float32.
+def bones(feats: np.ndarray, channels: int = 3, score: bool = False, joints: int = NUM_JOINTS) -> np.ndarray:
+    """Joint sequence float (T, B x V x C), body-major -> the bone sequence of the same shape, float32.
 
-    Bone of joint v = joint v - its parent (NTU_BONES) on the coordinates; the centre joint 21 is zero. With
-    `score` (2D keypoints with a confidence as last channel, pyskl's convention), a bone's score is the mean of
-    its two joints' scores.
+    Bone of joint v = joint v - its parent on the coordinates: NTU_BONES for the 25 Kinect joints (the centre joint
+    21 is zero), COCO_BONES for 17 COCO keypoints (the nose is zero). With `score` (2D keypoints with a confidence as
+    last channel, pyskl's convention), a bone's score is the mean of its two joints' scores.
     """
-    x = _bodies(feats, NUM_JOINTS, channels)
+    pairs = BONES_BY_JOINTS.get(joints)
+    if pairs is None:
+        raise UsageError(f"bone streams know the NTU 25-joint and COCO 17-keypoint layouts (their bone pairs); these "
+                         f"skeletons have {joints} joints: use the joint and joint_motion streams")
+    x = _bodies(feats, joints, channels)
     out = np.zeros_like(x)
-    child, parent = (list(v) for v in zip(*NTU_BONES))
+    child, parent = (list(v) for v in zip(*pairs))
     coords = channels - 1 if score else channels
     out[:, :, child, :coords] = x[:, :, child, :coords] - x[:, :, parent, :coords]
     if score:
@@ -469,10 +482,10 @@ def derive_stream(feats: np.ndarray, stream: str, joints: int = NUM_JOINTS, chan
     """The `stream` (one of STREAMS) of a joint sequence float (T, B x V x C), float32 of the same shape."""
     if stream not in STREAMS:
         raise UsageError(f"skeleton stream {stream!r}: choose one of {', '.join(STREAMS)}")
-    if stream.startswith("bone") and joints != NUM_JOINTS:
-        raise UsageError(f"the {stream} stream needs the NTU {NUM_JOINTS}-joint layout (its bone pairs); these "
-                         f"skeletons have {joints} joints: use the joint and joint_motion streams")
+    if stream.startswith("bone") and joints not in BONES_BY_JOINTS:
+        raise UsageError(f"the {stream} stream needs the NTU 25-joint or the COCO 17-keypoint layout (their bone "
+                         f"pairs); these skeletons have {joints} joints: use the joint and joint_motion streams")
     if stream == "joint":
         return np.asarray(feats, dtype=np.float32)
-    base = bones(feats, channels, score) if stream.startswith("bone") else feats
+    base = bones(feats, channels, score, joints) if stream.startswith("bone") else feats
     return motion(base, joints, channels, score) if stream.endswith("motion") else base

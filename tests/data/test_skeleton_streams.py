@@ -85,8 +85,23 @@ def test_bone_motion_is_the_motion_of_the_bones_and_streams_keep_their_shape():
     np.testing.assert_array_equal(derive_stream(feats, "joint_motion"), motion(feats))
     with pytest.raises(ValueError, match="stream 'velocity'"):
         derive_stream(feats, "velocity")
-    with pytest.raises(ValueError, match="needs the NTU 25-joint layout.*17 joints"):
-        derive_stream(np.zeros((2, 2 * 17 * 3)), "bone", joints=17)
+    with pytest.raises(ValueError, match="needs the NTU 25-joint or the COCO 17-keypoint layout.*18 joints"):
+        derive_stream(np.zeros((2, 2 * 18 * 3)), "bone", joints=18)
+
+
+def test_coco_bones_by_hand():
+    """17 COCO keypoints, 2 bodies, (x, y): joint v of body b at (v + 100 b, 2 v); each bone is the child minus its
+    parent, written out: eyes - nose, ears - eyes, shoulders and hips - nose, elbows - shoulders, wrists - elbows,
+    knees - hips, ankles - knees; the nose (root) is zero."""
+    parent = {1: 0, 2: 0, 3: 1, 4: 2, 5: 0, 6: 0, 7: 5, 8: 6, 9: 7, 10: 8, 11: 0, 12: 0, 13: 11, 14: 12, 15: 13, 16: 14}
+    v = np.arange(17, dtype=np.float32)
+    feats = np.stack([np.stack([v + 100 * b, 2 * v], -1) for b in range(2)]).reshape(1, 2 * 17 * 2)
+    got = derive_stream(feats, "bone", joints=17, channels=2).reshape(2, 17, 2)
+    want = np.zeros((17, 2), np.float32)
+    for child, p in parent.items():
+        want[child] = [child - p, 2 * (child - p)]
+    np.testing.assert_array_equal(got[0], want)
+    np.testing.assert_array_equal(got[1], want)  # the body offset cancels
 
 
 def test_2d_streams_carry_the_mean_score_as_pyskl_does():

@@ -222,32 +222,47 @@ def test_other_splits_protocols_and_refusals(both, tmp_path, capsys):
     assert "builds only plain data" in capsys.readouterr().out.replace("\n", " ").replace("  ", " ")
 
 
-def test_2d_keypoints_are_prepared_and_bone_streams_refused_for_17_joints(tmp_path, capsys):
+def _pyskl_2d(path: Path, joints: int) -> list[dict]:
     rng = np.random.default_rng(3)
     annotations = []
     for i in range(8):
-        keypoint = rng.uniform(0, 640, size=(1, 10, 17, 2)).astype(np.float32)
+        keypoint = rng.uniform(0, 640, size=(1, 10, joints, 2)).astype(np.float32)
         annotations.append({"frame_dir": f"v_clip_{i:02d}", "label": i % 2, "keypoint": keypoint,
-                            "keypoint_score": np.full((1, 10, 17), 0.8, np.float32), "img_shape": (480, 640)})
+                            "keypoint_score": np.full((1, 10, joints), 0.8, np.float32), "img_shape": (480, 640)})
     split = {"train1": [f"v_clip_{i:02d}" for i in range(6)], "test1": ["v_clip_06", "v_clip_07"]}
-    pkl = tmp_path / "hmdb_2d.pkl"
-    pkl.write_bytes(pickle.dumps({"split": split, "annotations": annotations}, protocol=5))
+    path.write_bytes(pickle.dumps({"split": split, "annotations": annotations}, protocol=5))
+    return annotations
+
+
+def test_2d_coco_keypoints_are_prepared_with_their_bones_and_other_layouts_refused_bones(tmp_path, capsys):
+    """17 COCO keypoints: joint, bone (COCO's 16 bones: left ear 3 - left eye 1, right ankle 16 - right knee 14, the
+    nose 0 the root) and motion streams; an 18-joint layout (OpenPose) has no known bone pairs: refused, one line."""
+    annotations = _pyskl_2d(tmp_path / "hmdb_2d.pkl", 17)
     out = tmp_path / "out"
-    assert prepare("pyskl", "--annotations", str(pkl), "--out", str(out), "--splits", "train1", "test1",
-                   "--streams", "joint", "bone") == 2
-    assert "bone streams need the NTU 25-joint layout" in capsys.readouterr().err
-    assert not (out / "features").exists()
-    assert prepare("pyskl", "--annotations", str(pkl), "--out", str(out), "--splits", "train1", "test1",
-                   "--streams", "joint", "joint_motion") == 0
+    assert prepare("pyskl", "--annotations", str(tmp_path / "hmdb_2d.pkl"), "--out", str(out), "--splits", "train1",
+                   "test1", "--streams", "joint", "bone", "joint_motion") == 0
     folder = FeatureFolder(out / "features")
     assert folder.settings.dim == 2 * 17 * 3 and folder.settings.options["channels"] == "x, y, score"
     feats = folder.load("v_clip_00.skeleton")
     kp = annotations[0]["keypoint"][0, 0, 0]
     np.testing.assert_allclose(feats[0, :3], [(kp[0] - 320) / 320, (kp[1] - 240) / 240, 0.8], atol=1e-6)
+    joint = feats[0, :51].reshape(17, 3)
+    bone = FeatureFolder(out / "features_bone").load("v_clip_00.skeleton")[0, :51].reshape(17, 3)
+    np.testing.assert_allclose(bone[0], [0, 0, 0])  # the nose: the root
+    np.testing.assert_allclose(bone[3], [*(joint[3, :2] - joint[1, :2]), 0.8], atol=1e-6)  # left ear - left eye
+    np.testing.assert_allclose(bone[16], [*(joint[16, :2] - joint[14, :2]), 0.8], atol=1e-6)  # right ankle - knee
+    np.testing.assert_allclose(bone[11], [*(joint[11, :2] - joint[0, :2]), 0.8], atol=1e-6)  # left hip - nose
     motion = FeatureFolder(out / "features_joint_motion").load("v_clip_00.skeleton")
     np.testing.assert_allclose(motion[0, :2], feats[1, :2] - feats[0, :2], atol=1e-6)
     np.testing.assert_allclose(motion[0, 2], 0.8, atol=1e-6)
     assert (out / "lists" / "train1_test1" / "classes.txt").read_text().splitlines() == ["0", "1"]
+    capsys.readouterr()
+    _pyskl_2d(tmp_path / "openpose.pkl", 18)
+    assert prepare("pyskl", "--annotations", str(tmp_path / "openpose.pkl"), "--out", str(tmp_path / "op"),
+                   "--splits", "train1", "test1", "--streams", "joint", "bone") == 2
+    err = capsys.readouterr().err
+    assert "bone streams need the NTU 25-joint or the COCO 17-keypoint layout" in err and "has 18 joints" in err
+    assert err.count("\n") == 1 and not (tmp_path / "op" / "features").exists()
 
 
 def test_rotation_is_refused_on_2d_keypoints_and_kept_on_derived_3d_streams(both, tmp_path):

@@ -44,3 +44,12 @@ def test_the_generated_flow_folder_resumes_as_a_run_written_one(tmp_path, monkey
     monkeypatch.setattr(zipfile, "ZipFile", lambda *a, **k: opened.append(a[0]) or real(*a, **k))
     assert len(FlowFolder(root).finished()) == 5
     assert opened == []
+
+
+def test_a_work_folder_that_is_a_file_is_one_line_and_kept(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("keep me")
+    assert scale.main(["--quick", "--work", str(tmp_path / "notes.txt")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"scale benchmark: --work folder '{tmp_path / 'notes.txt'}' is an existing file, not a folder; "
+                   "choose a folder path\n")
+    assert (tmp_path / "notes.txt").read_text() == "keep me"

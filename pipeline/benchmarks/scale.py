@@ -33,7 +33,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from pipeline.errors import quiet_broken_pipe
+from pipeline.errors import UserError, quiet_broken_pipe
+from pipeline.paths import ensure_writable_dir
 
 SIZES = (1_000, 10_000, 100_000)
 FUSE_SIZES = (*SIZES, 1_000_000)
@@ -349,8 +350,11 @@ def main(argv: list[str] | None = None) -> int:
 
     with contextlib.ExitStack() as stack:
         if args.work:
-            work = Path(args.work)
-            work.mkdir(parents=True, exist_ok=True)
+            try:
+                work = ensure_writable_dir(args.work, "--work folder", create=True)
+            except UserError as err:
+                print(f"scale benchmark: {err}", file=sys.stderr)
+                return 2
         else:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="eleatt-scale-")))
         rows = run(sorted(set(sizes)), sorted(set(fuse_sizes)), work, log)

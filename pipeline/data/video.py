@@ -409,27 +409,21 @@ def read_frames(
     if is_dir and backend not in ("auto", "rawframes"):
         raise VideoReadError(f"{path}: is a folder; backend {backend!r} reads video files; use backend='auto' or "
                              f"'rawframes' for raw-frame folders")
-    if not decode_guard.enabled():
-        if is_dir:
-            return _load_rawframes(path, idx)
-        index, key = _index(path)
-        _check_range(idx, index.num_frames, path)
-        wanted = np.unique(idx)
-        info = index.info()
-        if len(wanted) == 0:
-            return np.empty((0, info.height, info.width, 3), dtype=np.uint8)
-        return _gather(_load_local(path, wanted, backend), wanted, idx)
-    info = probe(path)
+    guarded = decode_guard.enabled()
+    if is_dir and not guarded:
+        return _load_rawframes(path, idx)
+    info = probe(path)  # unguarded: in this process, cached per file
     _check_range(idx, info.num_frames, path)
     wanted = np.unique(idx)  # sorted, distinct
     if len(wanted) == 0:
         return np.empty((0, info.height, info.width, 3), dtype=np.uint8)
+    if not guarded:
+        return _gather(_load_local(path, wanted, backend, _PLUGINS.get(backend)), wanted, idx)
     decode_guard.check_read_size(path, len(wanted), info.height, info.width, VideoReadError)
-    frames = decode_guard.call("pipeline.data.video:_load_local", (path, wanted, backend, _PLUGINS.get(backend)), path,
-                               decode_guard.read_deadline(int(wanted[-1]), info.height, info.width), "read",
-                               VideoReadError, shape=(len(wanted), info.height, info.width, 3),
-                               pos=np.searchsorted(wanted, idx))
-    return frames
+    return decode_guard.call("pipeline.data.video:_load_local", (path, wanted, backend, _PLUGINS.get(backend)), path,
+                             decode_guard.read_deadline(int(wanted[-1]), info.height, info.width), "read",
+                             VideoReadError, shape=(len(wanted), info.height, info.width, 3),
+                             pos=np.searchsorted(wanted, idx))
 
 
 def _probe_local(path: Path, fps: float | None = None) -> VideoInfo:

@@ -39,3 +39,8 @@ def misbehaving(path: str, indices: np.ndarray) -> np.ndarray:
         time.sleep(30)
         del hog
     return _frames(path, indices)
+
+
+def inverted(path: str, indices: np.ndarray) -> np.ndarray:
+    """PyAV's frames, inverted (255 - value): a backend whose frames tell it was the one used."""
+    return 255 - _frames(path, indices)

@@ -253,3 +253,15 @@ def test_a_read_in_a_buffer_of_its_own_comes_back_in_the_order_asked(videos, mon
     monkeypatch.setattr(G, "_KEEP_BUFFER", 0)
     got = load_frames(videos / "a.mp4", asked, "misbehaving").numpy()
     np.testing.assert_array_equal(got, frames_of(0)[asked])
+
+
+@pytest.mark.parametrize("timeout", [str(FLOOR), "off"])
+def test_a_registered_backend_reads_with_the_guard_on_and_off(videos, monkeypatch, timeout):
+    """With ELEATT_DECODE_TIMEOUT=off the read runs in this process, through the same backend (it fell back to PyAV)."""
+    monkeypatch.setenv(G.ENV_TIMEOUT, timeout)
+    V.register_backend("inverted", "tests.data.fake_backends:inverted")
+    try:
+        got = load_frames(videos / "a.mp4", [4, 0, 4], "inverted").numpy()
+    finally:
+        V.register_backend("inverted", None)
+    np.testing.assert_array_equal(got, 255 - frames_of(0)[[4, 0, 4]])

@@ -27,7 +27,8 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from pipeline.data.features import MAX_STACK, PRECISIONS, FeatureFolder, FeatureSettings, SettingsMismatchError
+from pipeline.data.features import (MAX_STACK, PRECISIONS, FeatureFolder, FeatureSettings, SettingsMismatchError,
+                                    number_in)
 from pipeline.data.flow_files import FlowFile, FlowFolder, FlowOptions, flow_data_config
 from pipeline.data.video import backend_names, close_readers
 from pipeline.data.views import DECODE_CHUNK, video_views
@@ -120,9 +121,7 @@ class FrameBatches(IterableDataset):
             # Flow files written before they recorded the frame rate: the flow folder's manifest has it (a value
             # that is not a positive frame rate is damage, and ignored: the file's own or none).
             records = FlowFolder(self.root).finished(verify=False)
-            self.flow_fps = {v: float(r["source_fps"]) for v, r in records.items()
-                             if isinstance(r.get("source_fps"), (int, float)) and not isinstance(r["source_fps"], bool)
-                             and 0 < r["source_fps"] < float("inf")}
+            self.flow_fps = {v: float(r["source_fps"]) for v, r in records.items() if number_in(r.get("source_fps"), 0)}
             # A position reads `stack` flow fields: fewer positions per chunk for longer stacks, so that a chunk
             # holds as many fields (and images as many values) as DECODE_CHUNK positions of TSN's 5.
             self.chunk = max(1, min(DECODE_CHUNK, DECODE_CHUNK * DEFAULT_STACK // settings.stack))

@@ -149,6 +149,13 @@ def derive_streams(out: Path, streams, entries: list[ListEntry], progress: bool 
     joint = FeatureFolder(out / "features")
     layout = _layout(joint.settings)
     sources = joint.finished()
+    stats: dict[str, list[int]] = {}  # video -> [size, mtime_ns] of its joint file, what a derived file records
+    for e in entries:
+        try:
+            st = (joint.root / sources[e.path]["feature"]).stat()
+        except (KeyError, OSError):  # no joint file (failed, or gone since): nothing to derive
+            continue
+        stats[e.path] = [st.st_size, st.st_mtime_ns]
     failures: dict[str, str] = {}
     for stream in (s for s in STREAMS if s in streams and s != "joint"):
         folder = FeatureFolder(out / f"features_{stream}")
@@ -156,15 +163,7 @@ def derive_streams(out: Path, streams, entries: list[ListEntry], progress: bool 
             folder.check_settings(stream_settings(joint.settings, stream))
             folder.remove_stale_temporaries()
             done = folder.finished()
-            todo = []
-            for e in entries:
-                try:
-                    stat = (joint.root / sources[e.path]["feature"]).stat()
-                except (KeyError, OSError):  # no joint file (failed, or gone since): nothing to derive
-                    continue
-                source = [stat.st_size, stat.st_mtime_ns]
-                if done.get(e.path, {}).get("source") != source:
-                    todo.append((e.path, source))
+            todo = [(video, source) for video, source in stats.items() if done.get(video, {}).get("source") != source]
 
             def derived(job, stream=stream) -> Result:
                 video, source = job

@@ -680,7 +680,8 @@ def finish(
     ensure_writable_dir(out, "--out")
     for name, entries in lists.items():
         write_list(out / f"{name}.txt", entries)
-    write_list(out / ALL_LIST, _union(lists.values()))
+    everything = _union(lists.values())
+    write_list(out / ALL_LIST, everything)
     write_classes(out / "classes.txt", p.classes)
 
     print(f"eleatt prepare {p.title}: {len(p.classes)} classes")
@@ -688,7 +689,7 @@ def finish(
         labelled = sum(e.label >= 0 for e in entries)
         extra = "" if labelled == len(entries) else f"  ({len(entries) - labelled} unlabeled, -1)"
         print(f"  {name + '.txt':<12}{len(entries):>8} videos{extra}")
-    print(f"  {ALL_LIST:<12}{len(_union(lists.values())):>8} videos  (train, val and test: for flow and extract)")
+    print(f"  {ALL_LIST:<12}{len(everything):>8} videos  (train, val and test: for flow and extract)")
     print(f"  {'classes.txt':<12}{len(p.classes):>8} names")
     for note in notes:
         print(f"  note: {note}")
@@ -733,9 +734,11 @@ def _finished_in(folder: Path) -> tuple[str, set[str], dict[str, str]]:
         raise InputNotFoundError(f"'{folder}' has no settings.json: not a flow folder or a feature folder (made "
                                  "by `eleatt flow` or `eleatt extract`)")
     if settings.modality == "flow" and not settings.backbone:
-        flow = FlowFolder(folder)
-        return "flow", set(flow.finished()), flow.failed()
-    return f"extract {settings.modality}", set(plain.finished()), plain.failed()
+        stage, store = "flow", FlowFolder(folder)
+    else:
+        stage, store = f"extract {settings.modality}", plain
+    done = store.finished()  # each file checked once: failed() is given it
+    return stage, set(done), store.failed(finished=done)
 
 
 def filter_lists(lists: str | os.PathLike, folders: Sequence[str | os.PathLike], out: str | os.PathLike

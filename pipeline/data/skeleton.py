@@ -430,7 +430,6 @@ def skeleton_features(path: str | os.PathLike, allow_truncated: bool = False,
 #   bone_motion   the same of the bones.
 # A body absent at t or t+1 (its values all zero) has zero motion at t, not the jump from or to the origin.
 STREAMS = ("joint", "bone", "joint_motion", "bone_motion")
-CENTRE_BONE_JOINT = 20  # 0-based index of NTU joint 21 (the spine at the shoulders), the root of NTU_BONES
 
 
 def _bodies(feats: np.ndarray, joints: int, channels: int) -> np.ndarray:

@@ -78,7 +78,6 @@ import importlib
 import os
 import re
 import stat
-import sys
 import struct
 import threading
 from collections import OrderedDict
@@ -211,13 +210,7 @@ _info_cache: OrderedDict[tuple, VideoInfo] = OrderedDict()
 def clear_cache() -> None:
     """Forget every cached index and verdict, here and in this thread's decoding process (benchmarks use it to
     time a first open)."""
-    with _lock:
-        _index_cache.clear()
-        _decord_ok.clear()
-        _torchcodec_ok.clear()
-        _no_seek.clear()
-        _info_cache.clear()
-        _tc_decoders.clear()
+    _clear_local()
     from pipeline.data import decode_guard
 
     decode_guard.clear_remote_cache("pipeline.data.video:_clear_local")
@@ -864,12 +857,6 @@ def _passes(name: str, path: Path, index: _Index, key: tuple) -> bool:
     return verdict
 
 
-def _use_decord(path: Path, index: _Index, key: tuple, num_wanted: int) -> bool:
-    """Whether ``auto`` reads these frames with decord (see ``_dense_backend``)."""
-    chosen = _dense_backend(path, index, key, num_wanted)
-    return chosen is not None and chosen[1] is _decord_ok
-
-
 def _verify(path: Path, index: _Index, key: tuple, decode: Any) -> bool:
     """The per-file check of a random-access backend: it reports the index's frame count (its reader checks) and
     returns the frames PyAV returns (mean absolute difference <= ``SAME_FRAME_TOL`` and no closer to the next frame)
@@ -895,10 +882,6 @@ def _verify(path: Path, index: _Index, key: tuple, decode: Any) -> bool:
         if d_same > SAME_FRAME_TOL or d_same > d_next:
             return False
     return True
-
-
-def _verify_decord(path: Path, index: _Index, key: tuple) -> bool:
-    return _decord() is not None and _verify(path, index, key, _DENSE["decord"][0])
 
 
 # ---------------------------------------------------------------------------------------------------------------------

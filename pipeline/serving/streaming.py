@@ -251,21 +251,24 @@ class FileSource:
 
     def blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray, float]]:
         """(frames uint8 (t, H, W, 3), times (t,), decode seconds) for consecutive blocks of frames."""
-        from pipeline.data.video import VideoReadError, load_frames
+        from pipeline.data.video import VideoReadError, read_frames
 
         n = self.info.num_frames
         for start in range(0, n, self.block):
             stop = min(start + self.block, n)
             began = time.perf_counter()
             try:
-                frames = load_frames(self.name, np.arange(start, stop), self.backend).numpy()
+                frames = read_frames(self.name, np.arange(start, stop), self.backend)
             except VideoReadError as err:
                 raise SourceError(f"stream source '{self.name}': decoding failed after {start} frames "
                                   f"({str(err).split(': ', 1)[-1]})") from None
             yield frames, self.times[start:stop], time.perf_counter() - began
 
     def close(self) -> None:
-        pass
+        """Stops this process's decoding process (the next read would start one again)."""
+        from pipeline.data.video import close_readers
+
+        close_readers()
 
 
 def open_stream(source: str, input_format: str | None = None, timeout: float = 10.0):
@@ -477,10 +480,6 @@ def main(argv: list[str] | None = None) -> int:
         code = EXIT_SOME_FAILED
     finally:
         container.close()
-        if isinstance(container, FileSource):
-            from pipeline.data.video import close_readers
-
-            close_readers()
     elapsed = time.perf_counter() - wall
     times_arr = np.asarray(times, dtype=np.float64)
     probs_arr = np.stack(probs) if probs else np.zeros((0, len(names)), np.float32)

@@ -243,7 +243,7 @@ class FeatureDataModule(ListDataModule):
         missing = self.folder.missing([e.path for e in entries])
         if not missing:
             return entries
-        failed = self.folder.failed()
+        failed = self.folder.failed(finished={})  # looked up for missing videos only: none is finished
         if self.drop_missing and len(missing) < len(entries):
             gone = set(missing)
             self._lists[name] = kept = [e for e in entries if e.path not in gone]

@@ -204,6 +204,7 @@ class RunMetricsLogger(Logger):
         self._resume_epoch = resume_epoch
         self._rows: list[dict[str, Any]] = []
         self._started = False
+        self._fields: list[str] = []  # metrics.csv's header once started
         self._hparams: dict[str, Any] = {}
 
     @property
@@ -250,12 +251,13 @@ class RunMetricsLogger(Logger):
         path = self.metrics_file
         if not self._started:
             self._start(path)
-        fields = self._header(path)
+        fields = self._fields  # the file's header, as this logger last wrote it (not read again at every step)
         new = sorted(set(fields).union(*self._rows))
         if new != fields:  # a metric logged for the first time (validation at the end of epoch 0): a wider header
             self._rewrite(path, new, self._read(path)[1] if fields else [])
         with open(path, "a", newline="", encoding="utf-8") as f:
             csv.DictWriter(f, fieldnames=new).writerows(self._rows)
+        self._fields = new
         self._rows = []
 
     @rank_zero_only
@@ -272,6 +274,7 @@ class RunMetricsLogger(Logger):
             kept = [row for row in rows if not _epoch_after(row, self._resume_epoch)]
             if len(kept) != len(rows):
                 self._rewrite(path, fields, kept)
+        self._fields = self._header(path)
 
     @staticmethod
     def _header(path: Path) -> list[str]:

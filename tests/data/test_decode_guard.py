@@ -178,6 +178,9 @@ def test_a_stream_file_source_reads_under_the_deadline(videos):
     np.testing.assert_array_equal(np.concatenate([g[0] for g in got]), frames_of(0))
     assert [len(g[0]) for g in got] == [2, 1, 2, 1, 2] and got[0][2] == 12.0  # blocks of 3, chunks of 2; its rate
     np.testing.assert_allclose(np.concatenate([g[1] for g in got]), np.arange(T) / 12)
+    assert len(children()) == 1
+    good.close()  # what the stream command does when it ends, whichever way
+    assert children() == []
     stuck = FileSource(str(videos / "hang.mp4"), backend="misbehaving")
     with pytest.raises(SourceError, match=r"stream source '.*hang\.mp4': decoding failed after 0 frames \(decoding "
                                           r"did not finish in 2 s"):
